@@ -1,0 +1,48 @@
+"""modelmerge: align (re-basin) and merge neural-network checkpoints.
+
+The public Python API is imported lazily so that ``modelmerge --help`` stays
+fast (it must not import torch)::
+
+    import modelmerge as mm
+    a = mm.load_checkpoint("a.safetensors")
+    b = mm.load_checkpoint("b.safetensors")
+    spec = mm.infer_spec(a.state)
+    perm, info = mm.weight_matching(a.state, b.state, spec, seed=0)
+    b_aligned = mm.apply_permutation(b.state, spec, perm)
+    merged = mm.interpolate(a.state, b_aligned, alpha=0.5)
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("modelmerge-align")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+local"
+
+_LAZY = {
+    "Checkpoint": "modelmerge.checkpoint",
+    "load_checkpoint": "modelmerge.checkpoint",
+    "save_checkpoint": "modelmerge.checkpoint",
+    "PermutationSpec": "modelmerge.spec",
+    "infer_spec": "modelmerge.spec",
+    "infer_chain": "modelmerge.spec",
+    "apply_permutation": "modelmerge.permutation",
+    "invert_permutation": "modelmerge.permutation",
+    "compose_permutations": "modelmerge.permutation",
+    "random_permutation": "modelmerge.permutation",
+    "identity_permutation": "modelmerge.permutation",
+    "weight_matching": "modelmerge.matching",
+    "interpolate": "modelmerge.merge",
+    "ModelMergeError": "modelmerge.errors",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'modelmerge' has no attribute {name!r}")

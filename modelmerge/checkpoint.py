@@ -1,0 +1,369 @@
+"""Reading and writing checkpoints.
+
+Reads state dicts (parameter name -> tensor) from ``.safetensors`` (memory
+mapped), ``.pt``/``.pth``/``.bin`` (``torch.load(weights_only=True)`` only:
+modelmerge never unpickles code) and Hugging Face hub ids. Writes safetensors
+only, atomically (a temporary file in the target folder, then a rename), never
+over an input and never over an existing file unless asked to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from modelmerge.errors import CheckpointError, OutputError
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+# Tried in order when a hub id names a repository but no file.
+HUB_DEFAULT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt")
+# Wrappers seen in training checkpoints saved by other code: {"state_dict": {...}, "epoch": 3}.
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "weights")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[^\s]+)?$")
+
+META_PREFIX = "modelmerge."
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded state dict and where it came from.
+
+    Attributes:
+        state: parameter name -> tensor, in the file's order.
+        metadata: the file's string metadata (safetensors header), possibly empty.
+        path: the local file read (for hub ids, the cached file).
+        source: what the user passed (a path or a hub id).
+    """
+
+    state: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+    path: Path | None = None
+    source: str = ""
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the file that was read (hex)."""
+        return file_sha256(self.path) if self.path is not None else ""
+
+    @property
+    def arch(self) -> dict | None:
+        """The architecture record stored in the metadata, if any."""
+        raw = self.metadata.get(META_PREFIX + "arch")
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(
+                f"{self.source}: the architecture record in its metadata is not valid JSON ({e}); "
+                "remove the 'modelmerge.arch' metadata entry or re-save the checkpoint"
+            ) from None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Return the hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    """A hub id is ``user/repo`` or ``user/repo/path/in/repo``.
+
+    A string that names something on disk, starts like a path, or whose first
+    component is an existing folder is a local path, so that a typo in a local
+    path gives "file not found" instead of a network request.
+    """
+    if source.startswith("hf://"):
+        return True
+    if source.startswith((".", "/", "~")) or "\\" in source or not _HUB_ID.match(source):
+        return False
+    parts = source.split("/")
+    if Path(parts[0]).exists():
+        return False
+    # "dir/file.safetensors" with two parts is far more likely a missing local file.
+    return not (len(parts) == 2 and parts[1].endswith(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES))
+
+
+def _hub_download(repo_id: str, filename: str, revision: str | None) -> str:
+    """Fetch one file through huggingface_hub (cache, token, HF_HUB_OFFLINE apply)."""
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(repo_id=repo_id, filename=filename, revision=revision)
+
+
+def resolve_source(source: str, revision: str | None = None) -> Path:
+    """Turn a path or hub id into a local file path.
+
+    Args:
+        source: a local path, ``user/repo``, ``user/repo/file`` or ``hf://user/repo[/file]``.
+        revision: hub revision (branch, tag or commit); only for hub ids.
+
+    Returns:
+        The local file (for hub ids, the file in the huggingface_hub cache).
+
+    Raises:
+        CheckpointError: the file does not exist or the hub cannot provide it.
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise CheckpointError(f"{source} is a folder, not a checkpoint file; pass the file inside it")
+    if not _looks_like_hub_id(source):
+        raise CheckpointError(f"{source}: no such file; check the path")
+    from huggingface_hub import errors as hub_errors
+
+    parts = source.removeprefix("hf://").split("/")
+    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    candidates = (filename,) if filename else HUB_DEFAULT_FILES
+    for name in candidates:
+        try:
+            return Path(_hub_download(repo_id, name, revision))
+        except hub_errors.EntryNotFoundError:
+            continue
+        except hub_errors.RepositoryNotFoundError:
+            raise CheckpointError(
+                f"{source}: not a local file and no hub repository {repo_id!r} "
+                "(check the spelling, or log in with `hf auth login` for a private repo)"
+            ) from None
+        except hub_errors.RevisionNotFoundError:
+            raise CheckpointError(
+                f"{source}: hub repository {repo_id!r} has no revision {revision!r}"
+            ) from None
+        except hub_errors.LocalEntryNotFoundError:
+            raise CheckpointError(
+                f"{source}: not a local file, and hub file {repo_id}/{name} is not in the local "
+                "cache while offline (unset HF_HUB_OFFLINE or download it first)"
+            ) from None
+        except (OSError, hub_errors.HfHubHTTPError) as e:
+            raise CheckpointError(f"{source}: hub download failed ({_one_line(e)})") from None
+    raise CheckpointError(
+        f"{source}: hub repository {repo_id!r} has none of {', '.join(candidates)}; "
+        f"name the file, e.g. {repo_id}/weights.safetensors"
+    )
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:200] or type(e).__name__
+
+
+def _read_safetensors(path: Path, source: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{source}: cannot read as safetensors, the file is truncated or corrupt "
+            f"({_one_line(e)}); re-download or re-save it"
+        ) from None
+    return state, metadata
+
+
+def _unwrap_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return {str(k): v for k, v in obj.items()}
+        for key in _WRAPPER_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner:
+                return _unwrap_state_dict(inner, source)
+        tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors and len(tensors) >= len(obj) - 1:
+            # e.g. a state dict carrying an "_metadata"-like extra entry
+            return tensors
+    kind = type(obj).__name__
+    raise CheckpointError(
+        f"{source}: holds a {kind}, not a state dict of tensors; save `model.state_dict()` "
+        "(or a dict with a 'state_dict' entry)"
+    )
+
+
+def _read_torch(path: Path, source: str) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if "weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
+            raise CheckpointError(
+                f"{source}: contains pickled Python objects, which modelmerge never unpickles; "
+                "re-save it as `torch.save(model.state_dict(), ...)` or as safetensors"
+            ) from None
+        raise CheckpointError(
+            f"{source}: cannot read as a PyTorch checkpoint, the file is truncated or corrupt "
+            f"({_one_line(e)}); re-download or re-save it"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
+        raise CheckpointError(
+            f"{source}: cannot read as a PyTorch checkpoint, the file is truncated or corrupt "
+            f"({_one_line(e)}); re-download or re-save it"
+        ) from None
+    return _unwrap_state_dict(obj, source)
+
+
+def _sniff_format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        return "safetensors"
+    if suffix in TORCH_SUFFIXES:
+        return "torch"
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    raise CheckpointError(
+        f"{path}: unknown checkpoint format (expected .safetensors, .pt, .pth or .bin)"
+    )
+
+
+def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise CheckpointError naming the first tensor with NaN or infinite values."""
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(
+                f"{source}: tensor {name!r} contains NaN or infinite values; "
+                "use a checkpoint from before training diverged"
+            )
+
+
+def load_checkpoint(source: str | os.PathLike, revision: str | None = None) -> Checkpoint:
+    """Load a state dict from a file or a hub id.
+
+    Args:
+        source: ``.safetensors``, ``.pt``/``.pth``/``.bin`` path, or a hub id
+            (``user/repo``, ``user/repo/file.safetensors``, ``hf://...``).
+        revision: hub revision; ignored for local files.
+
+    Returns:
+        A :class:`Checkpoint` whose ``state`` maps names to CPU tensors.
+
+    Raises:
+        CheckpointError: missing, unreadable, corrupt or non-finite checkpoint,
+            or a file that would need unpickling code.
+    """
+    source = str(source)
+    path = resolve_source(source, revision)
+    fmt = _sniff_format(path)
+    if fmt == "safetensors":
+        state, metadata = _read_safetensors(path, source)
+    else:
+        state, metadata = _read_torch(path, source), {}
+    if not state:
+        raise CheckpointError(f"{source}: holds no tensors; pass a model checkpoint")
+    check_finite(state, source)
+    return Checkpoint(state=state, metadata=metadata, path=path, source=source)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def check_output_path(
+    output: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike | None] = (),
+    force: bool = False,
+    suffix: str = ".safetensors",
+) -> Path:
+    """Check, before any work, that ``output`` can be written safely.
+
+    Raises:
+        OutputError: ``output`` is an input, exists without ``force``, is a folder,
+            or its folder does not exist or is not writable.
+    """
+    out = Path(output).expanduser()
+    for inp in inputs:
+        if inp is not None and _same_file(out, Path(inp)):
+            raise OutputError(
+                f"output {out} is also an input; write to a new file (inputs are never overwritten)"
+            )
+    if out.is_dir():
+        raise OutputError(f"output {out} is a folder; give a file name such as {out}/out.safetensors")
+    if out.exists() and not force:
+        raise OutputError(f"output {out} already exists; pass --force to overwrite it")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {out}: folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {out}: folder {parent} is not writable; choose another folder")
+    if out.suffix.lower() != suffix:
+        what = "modelmerge writes checkpoints as safetensors only" if suffix == ".safetensors" else "a JSON file"
+        raise OutputError(f"output {out} must end in {suffix} ({what})")
+    return out
+
+
+def save_checkpoint(
+    state: Mapping[str, torch.Tensor],
+    output: str | os.PathLike,
+    metadata: Mapping[str, str] | None = None,
+    inputs: Sequence[str | os.PathLike | None] = (),
+    force: bool = False,
+) -> Path:
+    """Write a state dict as safetensors, atomically.
+
+    The tensors go to a temporary file in the output's folder which is renamed
+    over the output only once complete, so a failure never leaves a partial file.
+
+    Args:
+        state: name -> tensor (made contiguous; shared storage is copied).
+        output: target ``.safetensors`` path.
+        metadata: string metadata for the header (e.g. provenance).
+        inputs: paths that must never be overwritten.
+        force: allow replacing an existing (non-input) file.
+
+    Returns:
+        The written path.
+
+    Raises:
+        OutputError: the path is unsafe or the write fails.
+    """
+    from safetensors.torch import save_file
+
+    out = check_output_path(output, inputs, force)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise OutputError(f"cannot write {out}: {e.strerror or e}; check free space and permissions") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def provenance(method: str, *checkpoints: Checkpoint, **extra: object) -> dict[str, str]:
+    """Metadata recording how an output was made: version, method, input hashes."""
+    from modelmerge import __version__
+
+    meta = {META_PREFIX + "version": __version__, META_PREFIX + "method": method}
+    for label, ck in zip("ab", checkpoints):
+        meta[f"{META_PREFIX}input_{label}"] = ck.source
+        meta[f"{META_PREFIX}input_{label}_sha256"] = ck.sha256
+    for key, value in extra.items():
+        meta[META_PREFIX + key] = value if isinstance(value, str) else json.dumps(value)
+    return meta

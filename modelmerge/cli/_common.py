@@ -1,0 +1,108 @@
+"""Option types and helpers shared by the commands.
+
+Modules here import typer and rich only at the top; torch and the library are
+imported inside command bodies so that ``modelmerge --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, TypeVar
+
+import typer
+
+from modelmerge.errors import ModelMergeError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+Force = Annotated[bool, typer.Option("--force", help="Overwrite existing output files (never inputs).")]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed (group visiting order, verification inputs).")]
+SpecFile = Annotated[
+    Path | None,
+    typer.Option("--spec", help="Permutation spec JSON (see docs/spec-format.md); inferred when omitted.",
+                 dir_okay=False),
+]
+Revision = Annotated[
+    str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit) for hub ids.")
+]
+Threads = Annotated[
+    int | None,
+    typer.Option("--threads", min=1,
+                 help="Torch CPU threads (default: env MODELMERGE_THREADS, else 1; see docs/benchmarks.md)."),
+]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout instead of a table.")]
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print one line to stderr and exit."""
+    sys.stderr.write("modelmerge: error: " + " ".join(str(message).split()) + "\n")
+    raise typer.Exit(code)
+
+
+def handle_errors(fn: F) -> F:
+    """Turn ModelMergeError into one stderr line and exit code 1 (traceback with MODELMERGE_DEBUG=1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ModelMergeError as e:
+            if os.environ.get("MODELMERGE_DEBUG") == "1":
+                raise
+            fail(str(e))
+        except KeyboardInterrupt:
+            fail("interrupted; no output was written unless reported above", code=130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's CPU thread count: the option, else MODELMERGE_THREADS, else 1.
+
+    One thread is the default because the small matrices of alignment run
+    several times faster with one thread than with two on a shared 2-core machine
+    (docs/benchmarks.md).
+    """
+    import torch
+
+    if threads is None:
+        env = os.environ.get("MODELMERGE_THREADS", "")
+        threads = int(env) if env.isdigit() and int(env) > 0 else 1
+    torch.set_num_threads(threads)
+    return threads
+
+
+def console():
+    """A rich console on stderr (stdout is kept for --json)."""
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def write_json(path: Path, data: Any, inputs: list[str], force: bool) -> None:
+    """Write JSON atomically with the same safety rules as checkpoints."""
+    import tempfile
+
+    from modelmerge.checkpoint import check_output_path
+    from modelmerge.errors import OutputError
+
+    out = check_output_path(path, inputs, force, suffix=".json")
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, out)
+    except OSError as e:
+        raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,43 @@
+"""The Typer application: one module per command, registered here."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from modelmerge.cli.align import EXAMPLES as ALIGN_EXAMPLES
+from modelmerge.cli.align import align_command
+from modelmerge.cli.inspect import inspect_command
+from modelmerge.cli.interpolate import interpolate_command
+
+app = typer.Typer(
+    name="modelmerge",
+    help="Align (re-basin) and merge neural-network checkpoints.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from modelmerge import __version__
+
+        typer.echo(f"modelmerge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """Align (re-basin) and merge neural-network checkpoints."""
+
+
+app.command("align", epilog=ALIGN_EXAMPLES)(align_command)
+app.command("interpolate")(interpolate_command)
+app.command("inspect")(inspect_command)

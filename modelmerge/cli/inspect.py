@@ -1,0 +1,47 @@
+"""``modelmerge inspect CKPT``: the permutation spec modelmerge sees in a checkpoint."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from modelmerge.cli._common import JsonOut, Revision, SpecFile, console, handle_errors, print_json
+
+
+@handle_errors
+def inspect_command(
+    checkpoint: Annotated[str, typer.Argument(help="Checkpoint file or hub id.")],
+    spec: SpecFile = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the spec as JSON (the --spec file format) on stdout.")
+    ] = False,
+    revision: Revision = None,
+) -> None:
+    """Show the permutation groups, their sizes, the parameters each touches, and what is fixed."""
+    from modelmerge.align import choose_spec
+    from modelmerge.checkpoint import load_checkpoint
+    from modelmerge.spec import PermutationSpec
+
+    ck = load_checkpoint(checkpoint, revision)
+    choice = choose_spec(ck.state, PermutationSpec.load(spec) if spec is not None else None)
+    s = choice.spec
+    if json_out:
+        print_json(s.to_dict())
+        return
+    from rich.table import Table
+
+    n_params = sum(t.numel() for t in ck.state.values())
+    con = console()
+    con.print(f"[bold]{ck.source}[/]: {len(ck.state)} tensors, {n_params:,} values; spec {choice.source}"
+              + (f", chain of {len(choice.chain.layers)} layers" if choice.chain else ""))
+    table = Table("group", "size", "acts on (parameter:axis, xk = blocks of k)")
+    for g, n in s.groups.items():
+        members = []
+        for p, ax in s.members(g):
+            k = ck.state[p].shape[ax] // n
+            members.append(f"{p}:{ax}" + (f" x{k}" if k > 1 else ""))
+        table.add_row(g, str(n), ", ".join(members))
+    con.print(table)
+    con.print(f"fixed (no group): {', '.join(s.fixed) or 'none'}")
+    con.print("input and output units are never permuted")

@@ -1,0 +1,38 @@
+"""The one user-facing error type of modelmerge.
+
+Every problem a user can fix (a missing file, a corrupt checkpoint, mismatched
+architectures, an output that would overwrite an input, ...) is raised as a
+:class:`ModelMergeError` whose message is a single line naming the problem and
+the fix. The command line turns it into that line on stderr and exit code 1;
+anything else escaping is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class ModelMergeError(Exception):
+    """A problem with the user's input or environment, with a one-line message."""
+
+
+class CheckpointError(ModelMergeError):
+    """A checkpoint cannot be found, read, or holds unusable values."""
+
+
+class SpecError(ModelMergeError):
+    """A permutation spec cannot be inferred, read, or does not fit a state dict."""
+
+
+class MismatchError(ModelMergeError):
+    """Two checkpoints do not share an architecture (keys or shapes differ)."""
+
+
+class OutputError(ModelMergeError):
+    """An output path is unsafe or cannot be written."""
+
+
+class VerificationError(ModelMergeError):
+    """A permuted model does not compute the same function as the original."""
+
+
+class DataError(ModelMergeError):
+    """A dataset name or data file is unknown or malformed."""

@@ -1,0 +1,72 @@
+"""Merging aligned checkpoints by linear interpolation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from modelmerge.errors import MismatchError, ModelMergeError
+
+
+def check_same_architecture(
+    a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], names: tuple[str, str] = ("A", "B")
+) -> None:
+    """Raise MismatchError, naming the offending keys, unless a and b have equal keys and shapes."""
+    only_a = sorted(set(a) - set(b))
+    only_b = sorted(set(b) - set(a))
+    if only_a or only_b:
+        parts = []
+        if only_a:
+            parts.append(f"only in {names[0]}: {_preview(only_a)}")
+        if only_b:
+            parts.append(f"only in {names[1]}: {_preview(only_b)}")
+        raise MismatchError(
+            f"{names[0]} and {names[1]} have different parameters ({'; '.join(parts)}); "
+            "pass two checkpoints of the same architecture"
+        )
+    bad = [f"{k} {list(a[k].shape)} vs {list(b[k].shape)}" for k in a if a[k].shape != b[k].shape]
+    if bad:
+        raise MismatchError(
+            f"{names[0]} and {names[1]} differ in shape at {_preview(bad, 3)}; "
+            "pass two checkpoints of the same architecture and widths"
+        )
+
+
+def _preview(items: list[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def interpolate(
+    a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], alpha: float
+) -> dict[str, torch.Tensor]:
+    """``(1 - alpha) * A + alpha * B`` per tensor.
+
+    Integer and boolean buffers (e.g. BatchNorm's ``num_batches_tracked``) are
+    copied from A. ``alpha = 0`` returns A's values and ``alpha = 1`` B's, exactly.
+
+    Args:
+        a, b: state dicts with equal keys and shapes (B already aligned to A).
+        alpha: weight of B, usually in [0, 1] (values outside extrapolate).
+
+    Returns:
+        A new state dict in A's key order and dtypes.
+
+    Raises:
+        MismatchError: keys or shapes differ.
+        ModelMergeError: alpha is not finite.
+    """
+    if not float("-inf") < float(alpha) < float("inf"):
+        raise ModelMergeError(f"alpha must be a finite number, got {alpha}")
+    check_same_architecture(a, b)
+    out = {}
+    for k, ta in a.items():
+        tb = b[k]
+        if ta.is_floating_point():
+            # (1-α)·a + α·b rather than lerp: exact at both ends
+            work = torch.promote_types(ta.dtype, torch.float32)  # half precision mixes in fp32
+            mixed = (1.0 - alpha) * ta.to(work) + alpha * tb.to(work)
+            out[k] = mixed.to(ta.dtype)
+        else:
+            out[k] = ta.clone()
+    return out

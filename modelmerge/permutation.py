@@ -1,0 +1,108 @@
+"""Permutations of hidden units: apply, invert, compose, random.
+
+A permutation is ``dict[group, LongTensor]`` with one index vector per group
+of a :class:`~modelmerge.spec.PermutationSpec`. Convention: unit ``i`` of the
+permuted model is unit ``perm[group][i]`` of the original, so applying it is
+``index_select(axis, perm)`` on every axis the group acts on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from modelmerge.errors import SpecError
+from modelmerge.spec import PermutationSpec
+
+Permutation = dict[str, torch.Tensor]
+
+
+def axis_index(perm: torch.Tensor, length: int) -> torch.Tensor:
+    """Gather indices for an axis of ``length`` permuted by ``perm`` in equal blocks.
+
+    An axis ``k`` times longer than the permutation (a flattened ``[C, H*W]``
+    feature map read by a linear layer) moves whole blocks of ``k``.
+
+    Shapes: perm ``[n]`` -> ``[length]`` with ``length = n * k``.
+    """
+    n = perm.numel()
+    k = length // n
+    if k == 1:
+        return perm
+    return (perm[:, None] * k + torch.arange(k)).reshape(-1)  # (n, k) -> (n*k,)
+
+
+def permute_param(
+    tensor: torch.Tensor, axes: tuple[str | None, ...], perm: Mapping[str, torch.Tensor],
+    except_axis: int | None = None,
+) -> torch.Tensor:
+    """Permute one tensor along every axis its spec entry names (skipping ``except_axis``)."""
+    out = tensor
+    for i, g in enumerate(axes):
+        if g is None or i == except_axis:
+            continue
+        out = out.index_select(i, axis_index(perm[g], out.shape[i]))
+    return out
+
+
+def check_permutation(spec: PermutationSpec, perm: Mapping[str, torch.Tensor]) -> None:
+    """Raise SpecError unless ``perm`` has a valid index vector for every group of ``spec``."""
+    for g, n in spec.groups.items():
+        if g not in perm:
+            raise SpecError(f"permutation has no entry for group {g!r}")
+        p = perm[g]
+        if p.shape != (n,) or not torch.equal(torch.sort(p).values, torch.arange(n)):
+            raise SpecError(f"permutation for group {g!r} is not a permutation of {n} units")
+
+
+def apply_permutation(
+    state: Mapping[str, torch.Tensor], spec: PermutationSpec, perm: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Return a new state dict with every grouped axis permuted; ``state`` is untouched.
+
+    Args:
+        state: name -> tensor, covered by ``spec``.
+        spec: which group acts on which axis.
+        perm: group -> LongTensor ``[size]``.
+
+    Returns:
+        name -> permuted tensor (same keys and order; unpermuted tensors are shared).
+
+    Raises:
+        SpecError: ``spec`` does not fit ``state`` or ``perm`` is not valid.
+    """
+    spec.check(state)
+    check_permutation(spec, perm)
+    return {k: permute_param(v, spec.axes[k], perm) for k, v in state.items()}
+
+
+def identity_permutation(spec: PermutationSpec) -> Permutation:
+    """The permutation that changes nothing."""
+    return {g: torch.arange(n) for g, n in spec.groups.items()}
+
+
+def random_permutation(spec: PermutationSpec, generator: torch.Generator | None = None) -> Permutation:
+    """A uniformly random permutation of every group (seed it with ``generator``)."""
+    return {g: torch.randperm(n, generator=generator) for g, n in spec.groups.items()}
+
+
+def invert_permutation(perm: Mapping[str, torch.Tensor]) -> Permutation:
+    """The inverse: applying ``perm`` then ``invert_permutation(perm)`` changes nothing."""
+    return {g: torch.argsort(p) for g, p in perm.items()}
+
+
+def compose_permutations(
+    outer: Mapping[str, torch.Tensor], inner: Mapping[str, torch.Tensor]
+) -> Permutation:
+    """Applying ``inner`` then ``outer`` equals applying ``compose_permutations(outer, inner)``.
+
+    Unit ``i`` after both is unit ``outer[i]`` of the intermediate, which is unit
+    ``inner[outer[i]]`` of the original.
+    """
+    return {g: inner[g][outer[g]] for g in outer}
+
+
+def permutation_to_lists(perm: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:
+    """JSON-ready form of a permutation."""
+    return {g: [int(i) for i in p.tolist()] for g, p in perm.items()}

@@ -1,0 +1,378 @@
+"""Permutation specs: which permutation group acts on which axis of which parameter.
+
+A :class:`PermutationSpec` is plain data. It names, for every parameter, the
+group acting on each axis (``None`` for a fixed axis), and each group's size.
+An axis whose length is ``k`` times its group's size is permuted in contiguous
+blocks of ``k`` (a linear layer reading a flattened ``[C, H, W]`` feature map:
+``k = H * W``). Everything else (the gather indices, the weight-matching cost
+terms) is derived from it.
+
+Specs come from (a) a JSON file (:meth:`PermutationSpec.load`), (b) inference
+over a bare state dict for chains of Linear/Conv layers (:func:`infer_chain`,
+:func:`infer_spec`), and later from an architecture record or a traced model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+import torch
+
+from modelmerge.errors import SpecError
+
+SPEC_FORMAT = "modelmerge.spec/1"
+Axes = tuple[str | None, ...]
+_SPEC_HINT = "write a spec file (format: docs/spec-format.md) and pass --spec FILE.json"
+
+
+@dataclass(frozen=True, eq=False)
+class PermutationSpec:
+    """Parameter -> permutation group per axis, plus each group's size.
+
+    Args:
+        groups: group name -> number of units it permutes.
+        axes: parameter name -> one entry per tensor axis: a group name or None.
+
+    Raises:
+        SpecError: an axis names an unknown group, or a group has size < 1.
+    """
+
+    groups: Mapping[str, int]
+    axes: Mapping[str, Axes]
+
+    def __post_init__(self) -> None:
+        groups = {str(g): int(n) for g, n in self.groups.items()}
+        axes = {str(p): tuple(None if a is None else str(a) for a in ax) for p, ax in self.axes.items()}
+        for g, n in groups.items():
+            if n < 1:
+                raise SpecError(f"spec group {g!r} has size {n}; sizes must be at least 1")
+        for p, ax in axes.items():
+            for a in ax:
+                if a is not None and a not in groups:
+                    raise SpecError(f"spec parameter {p!r} names unknown group {a!r}; declare it in 'groups'")
+        object.__setattr__(self, "groups", MappingProxyType(groups))
+        object.__setattr__(self, "axes", MappingProxyType(axes))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PermutationSpec):
+            return NotImplemented
+        return dict(self.groups) == dict(other.groups) and dict(self.axes) == dict(other.axes)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def members(self, group: str) -> list[tuple[str, int]]:
+        """The (parameter, axis) pairs a group acts on, in spec order."""
+        return [(p, i) for p, ax in self.axes.items() for i, a in enumerate(ax) if a == group]
+
+    @property
+    def fixed(self) -> list[str]:
+        """Parameters no group touches (input/output layers' outer axes aside)."""
+        return [p for p, ax in self.axes.items() if all(a is None for a in ax)]
+
+    def check(self, state: Mapping[str, torch.Tensor], what: str = "checkpoint") -> None:
+        """Check that the spec covers ``state`` exactly, with consistent sizes.
+
+        Raises:
+            SpecError: keys missing on either side, wrong number of axes, or an
+                axis length that is not a multiple of its group's size.
+        """
+        missing = sorted(set(state) - set(self.axes))
+        extra = sorted(set(self.axes) - set(state))
+        if missing:
+            raise SpecError(
+                f"the spec does not cover {len(missing)} parameter(s) of the {what}: "
+                f"{_preview(missing)}; add them (null axes hold them fixed)"
+            )
+        if extra:
+            raise SpecError(
+                f"the spec names {len(extra)} parameter(s) the {what} lacks: {_preview(extra)}; "
+                "is it the spec of another architecture?"
+            )
+        for p, ax in self.axes.items():
+            shape = tuple(state[p].shape)
+            if len(shape) != len(ax):
+                raise SpecError(f"spec gives {len(ax)} axes for {p!r}, which has shape {list(shape)}")
+            for i, g in enumerate(ax):
+                if g is not None and shape[i] % self.groups[g] != 0:
+                    raise SpecError(
+                        f"axis {i} of {p!r} has length {shape[i]}, not a multiple of group "
+                        f"{g!r}'s size {self.groups[g]}"
+                    )
+
+    def to_dict(self) -> dict:
+        """JSON-ready form: ``{"format", "groups", "params"}``."""
+        return {
+            "format": SPEC_FORMAT,
+            "groups": dict(self.groups),
+            "params": {p: list(ax) for p, ax in self.axes.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> PermutationSpec:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            SpecError: the mapping is not a spec of this format.
+        """
+        if not isinstance(data, Mapping) or "groups" not in data or "params" not in data:
+            raise SpecError(f"not a modelmerge spec: expected keys 'groups' and 'params' ({_SPEC_HINT})")
+        fmt = data.get("format", SPEC_FORMAT)
+        if fmt != SPEC_FORMAT:
+            raise SpecError(f"unsupported spec format {fmt!r}; this version reads {SPEC_FORMAT!r}")
+        groups, params = data["groups"], data["params"]
+        if not isinstance(groups, Mapping) or not isinstance(params, Mapping):
+            raise SpecError("spec 'groups' and 'params' must be JSON objects")
+        for p, ax in params.items():
+            if not isinstance(ax, list) or not all(a is None or isinstance(a, str) for a in ax):
+                raise SpecError(f"spec entry for {p!r} must be a list of group names or null")
+        for g, n in groups.items():
+            if isinstance(n, bool) or not isinstance(n, int):
+                raise SpecError(f"spec group {g!r} must have an integer size, got {n!r}")
+        return cls(groups=groups, axes={p: tuple(ax) for p, ax in params.items()})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> PermutationSpec:
+        """Read a spec JSON file.
+
+        Raises:
+            SpecError: missing file, invalid JSON, or not a spec.
+        """
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except FileNotFoundError:
+            raise SpecError(f"spec file {p} not found; check the --spec path") from None
+        except OSError as e:
+            raise SpecError(f"cannot read spec file {p}: {e.strerror}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SpecError(f"spec file {p} is not valid JSON (line {e.lineno}: {e.msg})") from None
+        return cls.from_dict(data)
+
+
+def _preview(names: list[str], n: int = 5) -> str:
+    shown = ", ".join(names[:n])
+    return shown + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+# --------------------------------------------------------------------------- chains
+
+_LEAVES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+@dataclass(frozen=True)
+class Norm:
+    """A per-channel module (BatchNorm, LayerNorm, affine) after a layer.
+
+    Attributes:
+        module: module path, e.g. ``"features.1"``.
+        params: role (weight, bias, running_mean, running_var, num_batches_tracked) -> key.
+    """
+
+    module: str
+    params: Mapping[str, str]
+
+    @property
+    def is_batchnorm(self) -> bool:
+        return "running_mean" in self.params
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A Linear or Conv layer of a chain, with the per-channel modules after it."""
+
+    module: str
+    kind: str  # "linear" | "conv"
+    weight: str
+    bias: str | None
+    norms: tuple[Norm, ...] = ()
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A feed-forward chain of layers inferred from a state dict.
+
+    ``blocks[i]`` is how many input features of layer ``i`` belong to each
+    output channel of layer ``i-1`` (1 between like layers; ``H*W`` where a
+    linear layer reads a flattened conv feature map).
+    """
+
+    layers: tuple[Layer, ...]
+    blocks: tuple[int, ...]
+
+    def group(self, i: int) -> str:
+        """Name of the group permuting the outputs of hidden layer ``i``."""
+        return f"{self.layers[i].module or 'layer'}.out"
+
+    def spec(self, state: Mapping[str, torch.Tensor]) -> PermutationSpec:
+        """The permutation spec of this chain: every hidden layer's outputs are a group."""
+        groups: dict[str, int] = {}
+        axes: dict[str, Axes] = {}
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            w = state[layer.weight]
+            out_g = self.group(i) if i < last else None
+            in_g = self.group(i - 1) if i > 0 else None
+            if out_g is not None:
+                groups[out_g] = int(w.shape[0])
+            axes[layer.weight] = (out_g, in_g) + (None,) * (w.ndim - 2)
+            if layer.bias is not None:
+                axes[layer.bias] = (out_g,)
+            for norm in layer.norms:
+                for role, key in norm.params.items():
+                    t = state[key]
+                    per_channel = role != "num_batches_tracked" and t.ndim == 1 and t.numel() == w.shape[0]
+                    axes[key] = (out_g,) if per_channel else (None,) * t.ndim
+        # keep the state dict's key order, which readers of `inspect` expect
+        ordered = {k: axes[k] for k in state if k in axes}
+        return PermutationSpec(groups=groups, axes=ordered)
+
+
+def _split(key: str) -> tuple[str, str]:
+    module, _, leaf = key.rpartition(".")
+    return module, leaf
+
+
+def _natural_key(module: str) -> tuple:
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"[.]", module))
+
+
+def _modules(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, str]]:
+    modules: dict[str, dict[str, str]] = {}
+    for key in state:
+        module, leaf = _split(key)
+        modules.setdefault(module, {})[leaf] = key
+    return modules
+
+
+def _classify(module: str, params: Mapping[str, str], state: Mapping[str, torch.Tensor]) -> str:
+    unknown = sorted(set(params) - set(_LEAVES))
+    if unknown:
+        raise SpecError(
+            f"cannot infer a spec: module {module or '<root>'!r} has parameter(s) "
+            f"{', '.join(unknown)} of a kind inference does not know; {_SPEC_HINT}"
+        )
+    w = state[params["weight"]] if "weight" in params else None
+    if w is not None and w.ndim == 2:
+        return "linear"
+    if w is not None and w.ndim in (3, 4, 5):
+        return "conv"
+    if "running_mean" in params or (w is not None and w.ndim == 1):
+        return "norm"
+    if w is None and "bias" in params and len(params) == 1:
+        return "norm"  # a bias-only affine module
+    raise SpecError(
+        f"cannot infer a spec: module {module or '<root>'!r} is neither a Linear, Conv nor "
+        f"normalisation layer; {_SPEC_HINT}"
+    )
+
+
+def _link(order: list[str], kinds: Mapping[str, str], modules, state) -> tuple[Chain | None, str]:
+    """Try to read ``order`` as a chain; return (chain, "") or (None, why not)."""
+    layers: list[Layer] = []
+    blocks: list[int] = []
+    pending_norms: list[Norm] = []
+    for m in order:
+        params = modules[m]
+        kind = kinds[m]
+        if kind == "norm":
+            if not layers:
+                return None, f"normalisation module {m!r} comes before any layer"
+            channels = state[layers[-1].weight].shape[0]
+            for role, key in params.items():
+                t = state[key]
+                if role == "num_batches_tracked" or t.numel() == 1:
+                    continue
+                if t.ndim != 1 or t.shape[0] != channels:
+                    return None, (
+                        f"{key} has shape {list(t.shape)} but follows {layers[-1].module!r} "
+                        f"with {channels} outputs"
+                    )
+            pending_norms.append(Norm(module=m, params=dict(params)))
+            continue
+        w = state[params["weight"]]
+        bias = params.get("bias")
+        if bias is not None and (state[bias].ndim != 1 or state[bias].shape[0] != w.shape[0]):
+            return None, f"{bias} has shape {list(state[bias].shape)}, not [{w.shape[0]}]"
+        if layers:
+            prev = layers[-1]
+            layers[-1] = Layer(prev.module, prev.kind, prev.weight, prev.bias, tuple(pending_norms))
+            c = state[prev.weight].shape[0]
+            fan_in = w.shape[1]
+            if prev.kind == kind and fan_in == c:
+                blocks.append(1)
+            elif prev.kind == "conv" and kind == "linear" and fan_in % c == 0:
+                blocks.append(fan_in // c)
+            else:
+                return None, (
+                    f"{params['weight']} takes {fan_in} inputs but {prev.module!r} gives {c} "
+                    f"({prev.kind} -> {kind})"
+                )
+        else:
+            blocks.append(1)
+        pending_norms = []
+        layers.append(Layer(m, kind, params["weight"], bias))
+    if not layers:
+        return None, "no Linear or Conv layer found"
+    last = layers[-1]
+    layers[-1] = Layer(last.module, last.kind, last.weight, last.bias, tuple(pending_norms))
+    return Chain(tuple(layers), tuple(blocks)), ""
+
+
+def _candidate_orders(modules: list[str]) -> Iterable[list[str]]:
+    yield list(modules)
+    natural = sorted(modules, key=_natural_key)
+    yield natural
+    # VGG-style names ("features.*" then "classifier.*") sort the wrong way round:
+    # try the top-level blocks in every order, each block in natural order.
+    tops = list(dict.fromkeys(m.split(".")[0] for m in natural))
+    if 1 < len(tops) <= 6:
+        for perm in itertools.permutations(tops):
+            yield [m for t in perm for m in natural if m.split(".")[0] == t]
+
+
+def infer_chain(state: Mapping[str, torch.Tensor]) -> Chain:
+    """Infer a Linear/Conv chain (with BatchNorm/LayerNorm after layers) from a state dict.
+
+    Layer order is taken from the file's order, the modules' natural name order
+    (``fc2`` < ``fc10``; ``0`` < ``2``), or an order of top-level blocks, the first
+    in which every layer's inputs match the previous layer's outputs.
+
+    Raises:
+        SpecError: the state dict is not such a chain; the message points to ``--spec``.
+    """
+    modules = _modules(state)
+    kinds = {m: _classify(m, p, state) for m, p in modules.items()}
+    reasons: list[str] = []
+    seen: set[tuple[str, ...]] = set()
+    for order in _candidate_orders(list(modules)):
+        if tuple(order) in seen:
+            continue
+        seen.add(tuple(order))
+        chain, why = _link(order, kinds, modules, state)
+        if chain is not None:
+            return chain
+        reasons.append(why)
+    raise SpecError(f"cannot infer a spec: the layers do not form a chain ({reasons[0]}); {_SPEC_HINT}")
+
+
+def infer_spec(state: Mapping[str, torch.Tensor]) -> PermutationSpec:
+    """Infer the permutation spec of a chain-shaped state dict (see :func:`infer_chain`).
+
+    Raises:
+        SpecError: inference is impossible; pass a spec file instead.
+    """
+    return infer_chain(state).spec(state)
