@@ -130,9 +130,14 @@ def resolve_source(source: str, revision: str | None = None) -> Path:
     parts = source.removeprefix("hf://").split("/")
     repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
     candidates = (filename,) if filename else HUB_DEFAULT_FILES
+    offline_misses = []
     for name in candidates:
         try:
             return Path(_hub_download(repo_id, name, revision))
+        # LocalEntryNotFoundError subclasses EntryNotFoundError in recent hub versions
+        except hub_errors.LocalEntryNotFoundError:
+            offline_misses.append(name)
+            continue
         except hub_errors.EntryNotFoundError:
             continue
         except hub_errors.RepositoryNotFoundError:
@@ -144,13 +149,13 @@ def resolve_source(source: str, revision: str | None = None) -> Path:
             raise CheckpointError(
                 f"{source}: hub repository {repo_id!r} has no revision {revision!r}"
             ) from None
-        except hub_errors.LocalEntryNotFoundError:
-            raise CheckpointError(
-                f"{source}: not a local file, and hub file {repo_id}/{name} is not in the local "
-                "cache while offline (unset HF_HUB_OFFLINE or download it first)"
-            ) from None
         except (OSError, hub_errors.HfHubHTTPError) as e:
             raise CheckpointError(f"{source}: hub download failed ({_one_line(e)})") from None
+    if offline_misses:
+        raise CheckpointError(
+            f"{source}: not a local file, and {repo_id}/{offline_misses[0]} is not in the local "
+            "hub cache while offline (unset HF_HUB_OFFLINE or download it first)"
+        )
     raise CheckpointError(
         f"{source}: hub repository {repo_id!r} has none of {', '.join(candidates)}; "
         f"name the file, e.g. {repo_id}/weights.safetensors"
@@ -305,8 +310,14 @@ def check_output_path(
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"cannot write {out}: folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write {out}: folder {parent} is not writable; choose another folder")
+    try:  # a real probe: os.access says yes to root even on read-only mounts
+        fd, probe = tempfile.mkstemp(prefix=".modelmerge-probe.", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(
+            f"cannot write {out}: folder {parent} is not writable ({e.strerror}); choose another folder"
+        ) from None
     if out.suffix.lower() != suffix:
         what = "modelmerge writes checkpoints as safetensors only" if suffix == ".safetensors" else "a JSON file"
         raise OutputError(f"output {out} must end in {suffix} ({what})")

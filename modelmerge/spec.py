@@ -156,6 +156,8 @@ class PermutationSpec:
             raise SpecError(f"spec file {p} not found; check the --spec path") from None
         except OSError as e:
             raise SpecError(f"cannot read spec file {p}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise SpecError(f"spec file {p} is not valid JSON (it is a binary file)") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:

@@ -1,0 +1,3 @@
+from modelmerge.cli import main
+
+main()

@@ -1,0 +1,81 @@
+"""Tiny seeded models shared by the tests (no network, no files outside tmp_path)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+torch.set_num_threads(1)
+
+
+def mlp(widths=(12, 16, 16, 5), seed=0, layernorm=False):
+    torch.manual_seed(seed)
+    layers = []
+    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(widths) - 2:
+            if layernorm:
+                layers.append(nn.LayerNorm(n_out))
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class NamedMLP(nn.Module):
+    """fc1..fc3 naming, as hand-written models do."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(10, 24), nn.Linear(24, 20), nn.Linear(20, 3)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class VGGish(nn.Module):
+    """conv+BN blocks, pooling, flatten into a linear head (features.* / classifier.*)."""
+
+    def __init__(self, seed=0, conv1d=False):
+        super().__init__()
+        torch.manual_seed(seed)
+        Conv, BN, Pool = (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d) if conv1d else (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)
+        self.features = nn.Sequential(
+            Conv(1, 6, 3, padding=1), BN(6), nn.ReLU(), Pool(2),
+            Conv(6, 8, 3, padding=1), BN(8), nn.ReLU(), Pool(2),
+        )
+        spatial = 2 if conv1d else 4  # 8 -> 2 (1d) ; 8x8 -> 2x2 (2d)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(8 * spatial, 12), nn.ReLU(), nn.Linear(12, 4))
+        # non-trivial running statistics, so that permuting them matters
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.running_mean.normal_()
+                    m.running_var.uniform_(0.5, 2.0)
+                    m.weight.normal_()
+                    m.bias.normal_()
+        self.eval()
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def vgg_input(conv1d=False, n=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, 1, 8) if conv1d else (n, 1, 8, 8), generator=g)
+
+
+@pytest.fixture
+def save_sd(tmp_path):
+    """Save a state dict as safetensors (or .pt) in tmp_path and return the path."""
+    from safetensors.torch import save_file
+
+    def _save(state, name="m.safetensors", metadata=None):
+        path = tmp_path / name
+        if name.endswith(".safetensors"):
+            save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata)
+        else:
+            torch.save(state, path)
+        return path
+
+    return _save

@@ -1,0 +1,142 @@
+"""Loading from every format, refusing unsafe or broken files, and safe atomic writes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import mlp
+
+from modelmerge import checkpoint as ckpt
+from modelmerge.checkpoint import check_output_path, load_checkpoint, save_checkpoint
+from modelmerge.errors import CheckpointError, OutputError
+
+
+@pytest.fixture
+def state():
+    return mlp((6, 8, 3)).state_dict()
+
+
+def _equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", ["m.safetensors", "m.pt", "m.pth", "m.bin"])
+def test_round_trip_formats(save_sd, state, name):
+    ck = load_checkpoint(save_sd(state, name))
+    assert _equal(ck.state, state)
+    assert len(ck.sha256) == 64
+
+
+@pytest.mark.parametrize("wrapper", ["state_dict", "model_state_dict", "model"])
+def test_training_checkpoint_wrappers(save_sd, state, wrapper):
+    path = save_sd({wrapper: state, "epoch": 3, "optimizer": {"lr": 0.1}}, "ckpt.pt")
+    assert _equal(load_checkpoint(path).state, state)
+
+
+def test_pickled_code_is_never_loaded(tmp_path):
+    path = tmp_path / "full_model.pt"
+    torch.save(mlp(), path)  # a whole nn.Module: loading it would run pickled code
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("name", ["m.safetensors", "m.pt"])
+def test_truncated_files(save_sd, state, name):
+    path = save_sd(state, name)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(path)
+
+
+def test_garbage_file(tmp_path):
+    path = tmp_path / "junk.safetensors"
+    path.write_bytes(os.urandom(64))
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(path)
+
+
+def test_nan_weights_are_refused(save_sd, state):
+    state = dict(state)
+    state["0.weight"] = state["0.weight"].clone()
+    state["0.weight"][0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match="'0.weight' contains NaN"):
+        load_checkpoint(save_sd(state))
+
+
+def test_missing_local_file_never_reaches_the_hub(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the hub must not be contacted for a local path")
+
+    monkeypatch.setattr(ckpt, "_hub_download", no_network)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "zoo").mkdir()
+    for missing in ["nope.safetensors", "zoo/a.safetensors", "runs/a.safetensors", "./x/y/z.pt"]:
+        with pytest.raises(CheckpointError, match="no such file"):
+            load_checkpoint(missing)
+
+
+def test_hub_ids_go_through_the_patched_download(save_sd, state, monkeypatch):
+    local = save_sd(state, "model.safetensors")
+    calls = []
+
+    def fake_download(repo_id, filename, revision):
+        calls.append((repo_id, filename, revision))
+        if filename != "model.safetensors":
+            from huggingface_hub.errors import EntryNotFoundError
+
+            raise EntryNotFoundError("no such file")
+        return str(local)
+
+    monkeypatch.setattr(ckpt, "_hub_download", fake_download)
+    ck = load_checkpoint("someone/mlp-zoo", revision="v1")
+    assert _equal(ck.state, state) and calls == [("someone/mlp-zoo", "model.safetensors", "v1")]
+    load_checkpoint("someone/mlp-zoo/model.safetensors")
+    assert calls[-1] == ("someone/mlp-zoo", "model.safetensors", None)
+
+
+def test_hub_offline_cache_miss_is_one_clear_error(monkeypatch):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(repo_id, filename, revision):
+        raise LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(ckpt, "_hub_download", offline)
+    with pytest.raises(CheckpointError, match="not in the local hub cache while offline"):
+        load_checkpoint("someone/repo/weights.safetensors")
+
+
+def test_atomic_save_keeps_metadata_and_leaves_no_temp(tmp_path, state):
+    out = save_checkpoint(state, tmp_path / "o.safetensors", {"modelmerge.method": "x"})
+    ck = load_checkpoint(out)
+    assert _equal(ck.state, state) and ck.metadata["modelmerge.method"] == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.safetensors"]
+
+
+def test_failed_write_leaves_nothing(tmp_path, state, monkeypatch):
+    import safetensors.torch
+
+    def boom(*args, **kwargs):
+        with open(args[1], "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OutputError, match="No space left"):
+        save_checkpoint(state, tmp_path / "o.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_rules(tmp_path, save_sd, state):
+    a = save_sd(state, "a.safetensors")
+    with pytest.raises(OutputError, match="also an input"):
+        check_output_path(a, [a], force=True)
+    with pytest.raises(OutputError, match="already exists"):
+        check_output_path(a, [])
+    assert check_output_path(a, [], force=True) == a
+    with pytest.raises(OutputError, match="does not exist"):
+        check_output_path(tmp_path / "no" / "o.safetensors", [])
+    with pytest.raises(OutputError, match="must end in .safetensors"):
+        check_output_path(tmp_path / "o.pt", [])

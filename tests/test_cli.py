@@ -1,0 +1,187 @@
+"""The command line: real app, real files, every bad input gives one line and exit 1."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import VGGish, mlp
+from typer.testing import CliRunner
+
+from modelmerge.checkpoint import load_checkpoint
+from modelmerge.cli.app import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def pair(save_sd):
+    a = save_sd(mlp((12, 16, 16, 5), seed=0).state_dict(), "a.safetensors")
+    b = save_sd(mlp((12, 16, 16, 5), seed=1).state_dict(), "b.pt")
+    return a, b
+
+
+def test_align_writes_verified_permuted_b_and_report(pair, tmp_path):
+    a, b = pair
+    out, merged, report = tmp_path / "out.safetensors", tmp_path / "m.safetensors", tmp_path / "r.json"
+    r = run("align", a, b, "-o", out, "--merged", merged, "--report", report, "--seed", 3)
+    assert r.exit_code == 0, r.output
+    data = json.loads(report.read_text())
+    assert {"method", "permutations", "objective", "iterations", "seconds", "verified"} <= set(data)
+    assert data["objective"]["after"] >= data["objective"]["before"]
+    assert data["verified"]["forward"] == "chain" and data["verified"]["coverage"]
+    assert set(data["seconds"]) >= {"align", "total"}
+    b_state, out_ck = load_checkpoint(b).state, load_checkpoint(out)
+    # unit i of OUT is unit perm[i] of B
+    perm = torch.tensor(data["permutations"]["0.out"])
+    assert torch.equal(out_ck.state["0.weight"], b_state["0.weight"][perm])
+    assert out_ck.metadata["modelmerge.input_b_sha256"] == _digest(b)
+    assert out_ck.metadata["modelmerge.method"] == "weight-matching"
+    m = load_checkpoint(merged).state
+    a_state = load_checkpoint(a).state
+    torch.testing.assert_close(m["0.weight"], 0.5 * a_state["0.weight"] + 0.5 * out_ck.state["0.weight"])
+
+
+def test_align_json_goes_to_stdout(pair, tmp_path):
+    a, b = pair
+    r = run("align", a, b, "-o", tmp_path / "o.safetensors", "--json")
+    assert r.exit_code == 0
+    assert json.loads(r.stdout)["method"] == "weight-matching"
+
+
+def test_align_cnn_with_spec_file(save_sd, tmp_path):
+    a = save_sd(VGGish(seed=0).state_dict(), "a.safetensors")
+    b = save_sd(VGGish(seed=1).state_dict(), "b.safetensors")
+    spec = tmp_path / "spec.json"
+    r = run("inspect", a, "--json")
+    assert r.exit_code == 0
+    spec.write_text(r.stdout)
+    r = run("align", a, b, "-o", tmp_path / "o.safetensors", "--spec", spec, "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["spec"]["source"] == "file" and data["verified"]["forward"] == "chain"
+
+
+@pytest.mark.parametrize("alpha, end", [(0.0, "a"), (1.0, "b")])
+def test_interpolate_ends_are_exact(pair, tmp_path, alpha, end):
+    a, b = pair
+    out = tmp_path / "i.safetensors"
+    r = run("interpolate", a, b, "-o", out, "--alpha", alpha)
+    assert r.exit_code == 0, r.output
+    got, want = load_checkpoint(out).state, load_checkpoint(a if end == "a" else b).state
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_interpolate_copies_integer_buffers_from_a(save_sd, tmp_path):
+    sa, sb = VGGish(seed=0).state_dict(), VGGish(seed=1).state_dict()
+    sa["features.1.num_batches_tracked"].fill_(7)
+    sb["features.1.num_batches_tracked"].fill_(100)
+    out = tmp_path / "i.safetensors"
+    r = run("interpolate", save_sd(sa, "a.safetensors"), save_sd(sb, "b.safetensors"), "-o", out)
+    assert r.exit_code == 0
+    assert int(load_checkpoint(out).state["features.1.num_batches_tracked"]) == 7
+
+
+def test_inspect_table_lists_groups_and_fixed(save_sd):
+    r = run("inspect", save_sd(VGGish().state_dict(), "v.safetensors"))
+    assert r.exit_code == 0
+    assert "features.0.out" in r.output and "x4" in r.output and "num_batches_tracked" in r.output
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _bad_cases(tmp_path, save_sd):
+    a = save_sd(mlp((12, 16, 16, 5), seed=0).state_dict(), "a.safetensors")
+    b = save_sd(mlp((12, 16, 16, 5), seed=1).state_dict(), "b.safetensors")
+    other = save_sd(mlp((12, 20, 16, 5), seed=1).state_dict(), "other.safetensors")
+    trunc = tmp_path / "trunc.safetensors"
+    trunc.write_bytes(b.read_bytes()[:100])
+    nan_state = mlp((12, 16, 16, 5), seed=2).state_dict()
+    nan_state["2.bias"][3] = float("nan")
+    nan = save_sd(nan_state, "nan.safetensors")
+    exists = tmp_path / "exists.safetensors"
+    exists.write_bytes(b"keep me")
+    out = tmp_path / "out.safetensors"
+    return a, {
+        "missing file": (["align", a, tmp_path / "nope.safetensors", "-o", out], "no such file"),
+        "truncated file": (["align", a, trunc, "-o", out], "truncated or corrupt"),
+        "nan weights": (["align", a, nan, "-o", out], "NaN"),
+        "mismatched architectures": (["align", a, other, "-o", out], "differ in shape"),
+        "output is an input": (["align", a, b, "-o", b, "--force"], "also an input"),
+        "existing output": (["align", a, b, "-o", exists], "--force"),
+        "missing folder": (["align", a, b, "-o", tmp_path / "no" / "o.safetensors"], "does not exist"),
+        "interpolate mismatch": (["interpolate", a, other, "-o", out], "differ in shape"),
+        "bad spec file": (["align", a, b, "-o", out, "--spec", trunc], "not valid JSON"),
+        "unknown method": (["align", a, b, "-o", out, "--method", "magic"], "unknown --method"),
+        "non-safetensors output": (["align", a, b, "-o", tmp_path / "o.pt"], "must end in .safetensors"),
+    }
+
+
+CASES = [
+    "missing file", "truncated file", "nan weights", "mismatched architectures", "output is an input",
+    "existing output", "missing folder", "interpolate mismatch", "bad spec file", "unknown method",
+    "non-safetensors output",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_gives_one_line_and_exit_1(case, tmp_path, save_sd):
+    _, cases = _bad_cases(tmp_path, save_sd)
+    args, needle = cases[case]
+    before = {p.name: _digest(p) for p in tmp_path.iterdir() if p.is_file()}
+    r = run(*args)
+    assert r.exit_code == 1, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("modelmerge: error:"), r.stderr
+    assert needle in lines[0]
+    assert "Traceback" not in r.output
+    after = {p.name: _digest(p) for p in tmp_path.iterdir() if p.is_file()}
+    assert after == before  # no partial file, inputs untouched
+
+
+def test_unwritable_folder(tmp_path, save_sd, monkeypatch):
+    a, _ = _bad_cases(tmp_path, save_sd)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    import modelmerge.checkpoint as ckpt
+
+    real = ckpt.tempfile.mkstemp
+
+    def deny(*args, dir=None, **kwargs):  # root ignores chmod, so deny like a read-only mount
+        if dir is not None and str(dir) == str(locked):
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(ckpt.tempfile, "mkstemp", deny)
+    r = run("align", a, a, "-o", locked / "o.safetensors")
+    assert r.exit_code == 1 and "not writable" in r.stderr and list(locked.iterdir()) == []
+
+
+def test_debug_env_shows_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELMERGE_DEBUG", "1")
+    r = run("inspect", tmp_path / "nope.safetensors")
+    assert r.exit_code != 0 and r.exception is not None
+
+
+def test_help_does_not_import_torch():
+    code = "import sys, modelmerge.cli.app; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_console_script_main_exit_code(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "modelmerge", "inspect", str(tmp_path / "x.safetensors")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "no such file" in r.stderr

@@ -1,0 +1,127 @@
+"""Spec inference over bare state dicts, JSON round trip, and clear failures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import NamedMLP, VGGish, mlp
+from torch import nn
+
+from modelmerge.errors import SpecError
+from modelmerge.spec import PermutationSpec, infer_chain, infer_spec
+
+
+def test_sequential_mlp_spec():
+    spec = infer_spec(mlp((12, 16, 8, 5)).state_dict())
+    assert dict(spec.groups) == {"0.out": 16, "2.out": 8}
+    assert spec.axes["0.weight"] == ("0.out", None)  # input units fixed
+    assert spec.axes["2.weight"] == ("2.out", "0.out")
+    assert spec.axes["4.weight"] == (None, "2.out")  # output units fixed
+    assert spec.fixed == ["4.bias"]
+
+
+def test_batchnorm_follows_its_layer_and_counter_stays_fixed():
+    state = VGGish().state_dict()
+    spec = infer_spec(state)
+    for leaf in ("weight", "bias", "running_mean", "running_var"):
+        assert spec.axes[f"features.1.{leaf}"] == ("features.0.out",)
+    assert spec.axes["features.1.num_batches_tracked"] == ()
+    assert "features.1.num_batches_tracked" in spec.fixed
+
+
+def test_conv_flatten_linear_permutes_in_blocks():
+    state = VGGish().state_dict()
+    spec = infer_spec(state)
+    # classifier.1 reads 8 channels x (2x2) positions
+    assert spec.axes["classifier.1.weight"] == ("classifier.1.out", "features.4.out")
+    assert state["classifier.1.weight"].shape[1] // spec.groups["features.4.out"] == 4
+
+
+def test_named_layers_sort_naturally():
+    state = NamedMLP().state_dict()
+    reordered = {k: state[k] for k in sorted(state, reverse=True)}  # safetensors-like reordering
+    chain = infer_chain(reordered)
+    assert [layer.module for layer in chain.layers] == ["fc1", "fc2", "fc3"]
+
+
+def test_ten_layers_sort_numerically():
+    widths = (4,) + (6,) * 10 + (2,)
+    state = mlp(widths).state_dict()
+    alphabetical = {k: state[k] for k in sorted(state)}  # "10.weight" < "2.weight"
+    assert infer_spec(alphabetical) == infer_spec(state)
+
+
+def test_block_order_found_when_names_sort_wrong():
+    state = VGGish().state_dict()
+    alphabetical = {k: state[k] for k in sorted(state)}  # classifier.* before features.*
+    assert infer_spec(alphabetical) == infer_spec(state)
+
+
+def test_json_round_trip(tmp_path):
+    spec = infer_spec(VGGish().state_dict())
+    path = tmp_path / "spec.json"
+    spec.save(path)
+    assert PermutationSpec.load(path) == spec
+    assert json.loads(path.read_text())["format"] == "modelmerge.spec/1"
+
+
+@pytest.mark.parametrize(
+    "state, match",
+    [
+        ({"attn.in_proj_weight": torch.zeros(6, 2)}, "in_proj_weight"),
+        ({"0.weight": torch.zeros(4, 3), "1.weight": torch.zeros(2, 5)}, "takes 5 inputs"),
+        ({"norm.weight": torch.ones(3)}, "comes before any layer"),
+    ],
+)
+def test_uninferable_state_points_to_spec(state, match):
+    with pytest.raises(SpecError, match=match) as e:
+        infer_spec(state)
+    assert "--spec" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"groups": {"g": 0}, "params": {}}, "at least 1"),
+        ({"groups": {}, "params": {"w": ["g"]}}, "unknown group"),
+        ({"params": {}}, "not a modelmerge spec"),
+        ({"format": "other/9", "groups": {}, "params": {}}, "unsupported spec format"),
+        ({"groups": {"g": "4"}, "params": {}}, "integer size"),
+    ],
+)
+def test_bad_spec_dicts(data, match):
+    with pytest.raises(SpecError, match=match):
+        PermutationSpec.from_dict(data)
+
+
+def test_check_names_missing_and_misfit_parameters():
+    state = mlp((12, 16, 5)).state_dict()
+    spec = infer_spec(state)
+    with pytest.raises(SpecError, match="does not cover 1 parameter"):
+        spec.check({**state, "extra.weight": torch.zeros(2)})
+    with pytest.raises(SpecError, match="not a multiple"):
+        spec.check({**state, "0.weight": torch.zeros(15, 12), "0.bias": torch.zeros(15)})
+
+
+def test_spec_is_frozen():
+    spec = infer_spec(mlp().state_dict())
+    with pytest.raises((TypeError, AttributeError)):
+        spec.groups["0.out"] = 3  # type: ignore[index]
+
+
+def test_missing_and_invalid_spec_files(tmp_path):
+    with pytest.raises(SpecError, match="not found"):
+        PermutationSpec.load(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(SpecError, match="not valid JSON"):
+        PermutationSpec.load(bad)
+
+
+def test_layernorm_mlp_spec_and_conv_without_bias():
+    m = nn.Sequential(nn.Conv2d(3, 5, 3, bias=False), nn.ReLU(), nn.Conv2d(5, 4, 1))
+    spec = infer_spec(m.state_dict())
+    assert spec.axes["0.weight"] == ("0.out", None, None, None)
+    assert spec.axes["2.weight"] == (None, "0.out", None, None)
