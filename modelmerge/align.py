@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from modelmerge.errors import ModelMergeError, SpecError
+from modelmerge.forward import Forward, chain_forward_of, record_forward_of
 from modelmerge.matching import MatchInfo, weight_matching
 from modelmerge.merge import check_same_architecture
 from modelmerge.permutation import Permutation, apply_permutation, permutation_to_lists
@@ -23,33 +24,46 @@ METHODS = ("auto", "weight-matching")
 
 @dataclass(frozen=True)
 class SpecChoice:
-    """A spec, where it came from, and the chain it describes (if one is known)."""
+    """A spec, where it came from, and the forward it can be verified with (if known)."""
 
     spec: PermutationSpec
     source: str  # "inferred" | "file"
     chain: Chain | None = None
+    forward: Forward | None = None
 
 
 def choose_spec(
-    state: Mapping[str, torch.Tensor], spec: PermutationSpec | None = None
+    state: Mapping[str, torch.Tensor],
+    spec: PermutationSpec | None = None,
+    record: Mapping | None = None,
 ) -> SpecChoice:
     """The given spec (checked against ``state``) or one inferred from the state dict.
 
-    A given spec that equals the inferred chain's spec keeps the chain, so the
-    permuted model can still be verified with a forward pass.
+    The forward used for verification is the record's real model when an
+    architecture record is given, else the inferred chain's generic forward; a
+    given spec that differs from the inferred chain's gets no generic forward.
 
     Raises:
         SpecError: inference fails (and no spec was given), or the spec does not fit.
+        ArchError: the record does not fit the state dict.
     """
+    forward = None
+    if record is not None:
+        from modelmerge.zoo.archs import module_from_state
+
+        module_from_state(record, state)  # fails early, naming keys, if the record does not fit
+        forward = record_forward_of(record)
     if spec is None:
         chain = infer_chain(state)
-        return SpecChoice(chain.spec(state), "inferred", chain)
+        return SpecChoice(chain.spec(state), "inferred", chain, forward or chain_forward_of(chain, state))
     spec.check(state)
     try:
         chain = infer_chain(state)
     except SpecError:
-        return SpecChoice(spec, "file")
-    return SpecChoice(spec, "file", chain if chain.spec(state) == spec else None)
+        return SpecChoice(spec, "file", None, forward)
+    if chain.spec(state) != spec:
+        return SpecChoice(spec, "file", None, forward)
+    return SpecChoice(spec, "file", chain, forward or chain_forward_of(chain, state))
 
 
 @dataclass(frozen=True)
@@ -87,6 +101,7 @@ def align(
     b: Mapping[str, torch.Tensor],
     *,
     spec: PermutationSpec | None = None,
+    record: Mapping | None = None,
     method: str = "auto",
     seed: int = 0,
     max_iter: int = 100,
@@ -96,6 +111,7 @@ def align(
     Args:
         a, b: state dicts of one architecture.
         spec: the permutation spec; inferred from A when None.
+        record: A's architecture record, if known: verification then runs the real model.
         method: ``"auto"`` or ``"weight-matching"``.
         seed: seeds the method's randomness.
         max_iter: weight-matching sweeps at most.
@@ -112,7 +128,7 @@ def align(
     if method not in METHODS:
         raise ModelMergeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     check_same_architecture(a, b)
-    choice = choose_spec(a, spec)
+    choice = choose_spec(a, spec, record)
     notes = []
     if method == "auto":
         notes.append("auto: no learned aligner is bundled for this network, using weight matching")
@@ -120,7 +136,7 @@ def align(
     perm, info = weight_matching(a, b, choice.spec, seed=seed, max_iter=max_iter)
     t2 = time.perf_counter()
     aligned = apply_permutation(b, choice.spec, perm)
-    verification = verify_permuted(b, aligned, choice.spec, choice.chain, seed=seed)
+    verification = verify_permuted(b, aligned, choice.spec, choice.forward, seed=seed)
     t3 = time.perf_counter()
     seconds = {"align": t2 - t1, "verify": t3 - t2, "total": t3 - t0}
     return AlignResult("weight-matching", perm, aligned, choice, info, verification, seconds, notes)

@@ -58,16 +58,21 @@ class Checkpoint:
 
     @property
     def arch(self) -> dict | None:
-        """The architecture record stored in the metadata, if any."""
+        """The architecture record stored in the metadata (validated), if any.
+
+        Raises:
+            CheckpointError: the stored record is malformed.
+        """
         raw = self.metadata.get(META_PREFIX + "arch")
         if not raw:
             return None
+        from modelmerge.zoo.archs import ArchError, record_from_json
+
         try:
-            return json.loads(raw)
-        except json.JSONDecodeError as e:
+            return record_from_json(raw)
+        except ArchError as e:
             raise CheckpointError(
-                f"{self.source}: the architecture record in its metadata is not valid JSON ({e}); "
-                "remove the 'modelmerge.arch' metadata entry or re-save the checkpoint"
+                f"{self.source}: its 'modelmerge.arch' metadata is unusable ({e}); re-save it without that entry"
             ) from None
 
 

@@ -13,7 +13,8 @@ real network.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -81,3 +82,41 @@ def chain_forward(chain: Chain, state: Mapping[str, torch.Tensor], x: torch.Tens
         if i < last:
             x = F.relu(x)
     return x
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A known forward pass: ``run(state, x)`` and random inputs for it.
+
+    Attributes:
+        kind: ``"record"`` (the real model from an architecture record) or
+            ``"chain"`` (the generic forward of an inferred chain).
+        run: state dict, inputs -> outputs.
+        make_input: (n, generator) -> ``[n, *input_shape]`` float32 inputs.
+    """
+
+    kind: str
+    run: Callable[[Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor]
+    make_input: Callable[[int, torch.Generator], torch.Tensor]
+
+
+def chain_forward_of(chain: Chain, state: Mapping[str, torch.Tensor]) -> Forward:
+    """The generic forward of an inferred chain (see the module docstring)."""
+    return Forward(
+        "chain",
+        lambda st, x: chain_forward(chain, st, x),
+        lambda n, g: chain_input(chain, state, n, generator=g),
+    )
+
+
+def record_forward_of(record: Mapping) -> Forward:
+    """The real forward of the model an architecture record describes."""
+    from modelmerge.zoo.archs import input_shape, module_from_state
+
+    shape = input_shape(record)
+
+    def run(state, x):
+        with torch.no_grad():
+            return module_from_state(record, state)(x)
+
+    return Forward("record", run, lambda n, g: torch.randn((n, *shape), generator=g))

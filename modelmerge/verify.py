@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from modelmerge.errors import VerificationError
-from modelmerge.forward import chain_forward, chain_input
-from modelmerge.spec import Chain, PermutationSpec
+from modelmerge.forward import Forward
+from modelmerge.spec import PermutationSpec
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,8 @@ class Verification:
 
     Attributes:
         coverage: the spec covers every parameter with consistent sizes.
-        forward: which forward compared outputs: ``"chain"`` (the generic forward
+        forward: which forward compared outputs: ``"record"`` (the real model of
+            the checkpoint's architecture record), ``"chain"`` (the generic forward
             built from the state dict), or None when no forward is known.
         max_abs_diff: largest |output(B) - output(permuted B)| over the random inputs.
         tolerance: the largest difference accepted (float round-off).
@@ -42,7 +43,7 @@ def verify_permuted(
     original: Mapping[str, torch.Tensor],
     permuted: Mapping[str, torch.Tensor],
     spec: PermutationSpec,
-    chain: Chain | None = None,
+    forward: Forward | None = None,
     *,
     samples: int = 32,
     seed: int = 0,
@@ -50,7 +51,7 @@ def verify_permuted(
 ) -> Verification:
     """Check ``permuted`` is ``original`` with hidden units reordered.
 
-    Always checks the spec covers ``permuted``. With a ``chain``, random inputs
+    Always checks the spec covers ``permuted``. With a ``forward``, random inputs
     (independent of any other model) go through both and the outputs must agree
     to float tolerance ``rtol * (1 + max|output|)``.
 
@@ -59,13 +60,12 @@ def verify_permuted(
         VerificationError: the outputs differ (the permutation or spec is wrong).
     """
     spec.check(permuted, "permuted checkpoint")
-    if chain is None:
+    if forward is None:
         return Verification(coverage=True)
-    g = torch.Generator().manual_seed(seed)
-    x = chain_input(chain, original, samples, generator=g)
+    x = forward.make_input(samples, torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        y0 = chain_forward(chain, original, x)
-        y1 = chain_forward(chain, permuted, x)
+        y0 = forward.run(original, x)
+        y1 = forward.run(permuted, x)
     diff = float((y0 - y1).abs().max())
     tol = rtol * (1.0 + float(y0.abs().max()))
     if not diff <= tol:
@@ -73,4 +73,4 @@ def verify_permuted(
             f"the permuted model's outputs differ from the original's by {diff:.3g} "
             f"(tolerance {tol:.3g}); the spec does not describe this network, pass a correct --spec"
         )
-    return Verification(coverage=True, forward="chain", max_abs_diff=diff, tolerance=tol)
+    return Verification(coverage=True, forward=forward.kind, max_abs_diff=diff, tolerance=tol)

@@ -70,7 +70,8 @@ def align_command(
     given_spec = PermutationSpec.load(spec) if spec is not None else None
     ck_a = load_checkpoint(a, revision)
     ck_b = load_checkpoint(b, revision)
-    result = align(ck_a.state, ck_b.state, spec=given_spec, method=method, seed=seed, max_iter=max_iter)
+    result = align(ck_a.state, ck_b.state, spec=given_spec, record=ck_a.arch, method=method, seed=seed,
+                   max_iter=max_iter)
 
     meta = provenance(result.method, ck_a, ck_b)
     if ck_b.arch is not None:

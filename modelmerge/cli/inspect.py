@@ -24,7 +24,7 @@ def inspect_command(
     from modelmerge.spec import PermutationSpec
 
     ck = load_checkpoint(checkpoint, revision)
-    choice = choose_spec(ck.state, PermutationSpec.load(spec) if spec is not None else None)
+    choice = choose_spec(ck.state, PermutationSpec.load(spec) if spec is not None else None, ck.arch)
     s = choice.spec
     if json_out:
         print_json(s.to_dict())

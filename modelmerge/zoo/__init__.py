@@ -1,0 +1,1 @@
+"""Built-in architectures, datasets and vectorised zoo training."""

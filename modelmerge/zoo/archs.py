@@ -1,0 +1,150 @@
+"""Architecture records: small JSON descriptions that turn into ``nn.Module`` s.
+
+A record is stored in a checkpoint's safetensors metadata under
+``modelmerge.arch``; with it every command knows the real forward, so
+verification and evaluation need no other input. Two families:
+
+* ``{"family": "mlp", "widths": [64, 128, 128, 128, 10], "activation": "relu"}``:
+  Linear layers ``widths[i] -> widths[i+1]`` with the activation between them.
+* ``{"family": "cnn", "input_shape": [1, 8, 8], "channels": [16, 32], "kernel": 3,
+  "batchnorm": false, "hidden": [64], "num_classes": 10, "activation": "relu"}``:
+  each conv (padding ``kernel // 2``) is followed by optional BatchNorm, the
+  activation and 2x max pooling (while the map is larger than 1), then
+  flatten, Linear layers of widths ``hidden`` and a Linear head.
+
+Builders return ``nn.Sequential`` so the state-dict keys (``0.weight``, ...)
+are the same whether a model was built here or inferred from a bare file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from modelmerge.errors import ModelMergeError
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "leaky_relu": nn.LeakyReLU}
+FAMILIES = ("mlp", "cnn")
+
+
+class ArchError(ModelMergeError):
+    """An architecture record is malformed."""
+
+
+def _ints(record: Mapping, key: str, min_len: int = 0) -> list[int]:
+    value = record.get(key)
+    if not isinstance(value, list) or len(value) < min_len or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
+    ):
+        raise ArchError(f"architecture record: {key!r} must be a list of at least {min_len} positive integers")
+    return value
+
+
+def validate_record(record: Mapping) -> dict:
+    """Check a record and return it with defaults filled in.
+
+    Raises:
+        ArchError: unknown family or activation, or malformed fields.
+    """
+    if not isinstance(record, Mapping):
+        raise ArchError("architecture record must be a JSON object")
+    family = record.get("family")
+    if family not in FAMILIES:
+        raise ArchError(f"unknown architecture family {family!r}; known: {', '.join(FAMILIES)}")
+    act = record.get("activation", "relu")
+    if act not in ACTIVATIONS:
+        raise ArchError(f"unknown activation {act!r}; known: {', '.join(ACTIVATIONS)}")
+    out = dict(record, activation=act)
+    if family == "mlp":
+        _ints(record, "widths", 2)
+    else:
+        shape = _ints(record, "input_shape", 2)
+        if len(shape) not in (2, 3):
+            raise ArchError("architecture record: cnn 'input_shape' must be [C, L] or [C, H, W]")
+        _ints(record, "channels", 1)
+        out.setdefault("kernel", 3)
+        out.setdefault("batchnorm", False)
+        out["hidden"] = _ints(record, "hidden") if "hidden" in record else []
+        if not isinstance(record.get("num_classes"), int) or record["num_classes"] < 1:
+            raise ArchError("architecture record: cnn needs a positive integer 'num_classes'")
+    return out
+
+
+def build(record: Mapping, seed: int | None = None) -> nn.Sequential:
+    """Build the module a record describes (initialised from ``seed`` if given).
+
+    Raises:
+        ArchError: the record is malformed.
+    """
+    r = validate_record(record)
+    if seed is not None:
+        torch.manual_seed(seed)
+    act = ACTIVATIONS[r["activation"]]
+    layers: list[nn.Module] = []
+    if r["family"] == "mlp":
+        widths = r["widths"]
+        for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+            layers.append(nn.Linear(n_in, n_out))
+            if i < len(widths) - 2:
+                layers.append(act())
+        return nn.Sequential(*layers)
+    c, *spatial = r["input_shape"]
+    conv, bn, pool = (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d) if len(spatial) == 1 else (
+        nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)
+    for ch in r["channels"]:
+        layers.append(conv(c, ch, r["kernel"], padding=r["kernel"] // 2))
+        if r["batchnorm"]:
+            layers.append(bn(ch))
+        layers.append(act())
+        if min(spatial) > 1:
+            layers.append(pool(2))
+            spatial = [s // 2 for s in spatial]
+        c = ch
+    layers.append(nn.Flatten())
+    n = c * int(torch.tensor(spatial).prod())
+    for h in r["hidden"]:
+        layers += [nn.Linear(n, h), act()]
+        n = h
+    layers.append(nn.Linear(n, r["num_classes"]))
+    return nn.Sequential(*layers)
+
+
+def input_shape(record: Mapping) -> tuple[int, ...]:
+    """Shape of one input sample for the record's model."""
+    r = validate_record(record)
+    return (r["widths"][0],) if r["family"] == "mlp" else tuple(r["input_shape"])
+
+
+def record_to_json(record: Mapping) -> str:
+    return json.dumps(validate_record(record), sort_keys=True)
+
+
+def record_from_json(text: str) -> dict:
+    try:
+        return validate_record(json.loads(text))
+    except json.JSONDecodeError as e:
+        raise ArchError(f"architecture record is not valid JSON ({e.msg})") from None
+
+
+def module_from_state(record: Mapping, state: Mapping[str, torch.Tensor]) -> nn.Sequential:
+    """Build the record's module and load ``state`` strictly, in eval mode.
+
+    Raises:
+        ArchError: the state dict does not fit the record (keys or shapes named).
+    """
+    model = build(record)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and expected[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        detail = "; ".join(
+            f"{label}: {', '.join(keys[:4])}" for label, keys in
+            (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys
+        )
+        raise ArchError(f"checkpoint does not fit its architecture record ({detail})")
+    model.load_state_dict(dict(state))
+    return model.eval()

@@ -1,0 +1,155 @@
+"""Datasets that exist offline: scikit-learn's digits, generated mnist1d, and user files.
+
+Every dataset comes as a :class:`Dataset` with a fixed train/test split, so a
+number measured today can be measured again tomorrow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from modelmerge.errors import DataError
+
+BUILTIN = ("digits", "mnist1d")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Inputs and integer labels, split once.
+
+    Attributes:
+        name: dataset name or file path.
+        x_train, x_test: float32 ``[N, *input_shape]``.
+        y_train, y_test: int64 ``[N]`` class labels in ``[0, num_classes)``.
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return int(max(self.y_train.max(), self.y_test.max())) + 1
+
+    def flat(self) -> Dataset:
+        """The same data with each input flattened (for MLPs)."""
+        return Dataset(self.name, self.x_train.flatten(1), self.y_train, self.x_test.flatten(1), self.y_test)
+
+
+def _split(name: str, x: np.ndarray, y: np.ndarray, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_test = int(round(len(x) * test_fraction))
+    test, train = order[:n_test], order[n_test:]
+    xt = torch.as_tensor(x, dtype=torch.float32)
+    yt = torch.as_tensor(y, dtype=torch.long)
+    return Dataset(name, xt[train], yt[train], xt[test], yt[test])
+
+
+def digits() -> Dataset:
+    """scikit-learn's 8x8 digits (1797 images, 10 classes) as ``[N, 1, 8, 8]`` in [0, 1].
+
+    Split: a fixed shuffle (seed 0), 20 % test (359 images), the rest train.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError(
+            "the digits dataset needs scikit-learn; install it with "
+            "pip install 'modelmerge-align[data]'"
+        ) from None
+    d = load_digits()
+    return _split("digits", (d.images / 16.0)[:, None], d.target)
+
+
+def mnist1d() -> Dataset:
+    """mnist1d (Greydanus), generated locally with its default settings: ``[N, 1, 40]``.
+
+    Uses ``mnist1d.data.make_dataset`` (never its download path); its own
+    train/test split (4000/1000) is kept.
+    """
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError:
+        raise DataError(
+            "the mnist1d dataset needs the mnist1d package; install it with "
+            "pip install 'modelmerge-align[data]'"
+        ) from None
+    d = make_dataset(get_dataset_args())
+    f = torch.float32
+    return Dataset(
+        "mnist1d",
+        torch.as_tensor(d["x"], dtype=f)[:, None], torch.as_tensor(d["y"], dtype=torch.long),
+        torch.as_tensor(d["x_test"], dtype=f)[:, None], torch.as_tensor(d["y_test"], dtype=torch.long),
+    )
+
+
+def from_file(path: str | Path) -> Dataset:
+    """Load ``x`` and ``y`` arrays from ``.npz`` or ``.safetensors``; split 80/20 (seed 0).
+
+    If the file also has ``x_test`` and ``y_test``, they are the test split.
+
+    Raises:
+        DataError: missing file, missing arrays, or arrays of the wrong shape.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file {p} not found; pass digits, mnist1d or an .npz/.safetensors file")
+    try:
+        if p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        elif p.suffix == ".safetensors":
+            from safetensors.numpy import load_file
+
+            arrays = load_file(str(p))
+        else:
+            raise DataError(f"data file {p} must be .npz or .safetensors with arrays 'x' and 'y'")
+    except DataError:
+        raise
+    except Exception as e:  # numpy/safetensors raise many types for corrupt files
+        raise DataError(f"cannot read data file {p} ({type(e).__name__}: {e}); is it corrupt?") from None
+    missing = [k for k in ("x", "y") if k not in arrays]
+    if missing:
+        raise DataError(f"data file {p} lacks array(s) {', '.join(missing)}; it needs 'x' (inputs) and 'y' (labels)")
+
+    def _check(x, y, what):
+        if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
+            raise DataError(
+                f"data file {p}: {what} must be [N, ...] inputs and [N] labels, got {list(x.shape)} and {list(y.shape)}"
+            )
+        if not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
+            raise DataError(f"data file {p}: {what} labels must be non-negative integers")
+
+    x, y = arrays["x"], arrays["y"]
+    _check(x, y, "x/y")
+    if "x_test" in arrays and "y_test" in arrays:
+        _check(arrays["x_test"], arrays["y_test"], "x_test/y_test")
+        f = torch.float32
+        return Dataset(str(p), torch.as_tensor(x, dtype=f), torch.as_tensor(y, dtype=torch.long),
+                       torch.as_tensor(arrays["x_test"], dtype=f), torch.as_tensor(arrays["y_test"], dtype=torch.long))
+    return _split(str(p), x, y)
+
+
+def load_dataset(name: str) -> Dataset:
+    """``digits``, ``mnist1d``, or a path to an ``.npz``/``.safetensors`` file with ``x`` and ``y``.
+
+    Raises:
+        DataError: unknown name or bad file.
+    """
+    if name == "digits":
+        return digits()
+    if name == "mnist1d":
+        return mnist1d()
+    if name.endswith((".npz", ".safetensors")) or Path(name).exists():
+        return from_file(name)
+    raise DataError(f"unknown dataset {name!r}; use digits, mnist1d, or an .npz/.safetensors file with x and y")
