@@ -106,3 +106,30 @@ def write_json(path: Path, data: Any, inputs: list[str], force: bool) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+class progress_bar:
+    """A rich progress bar on stderr: ``with progress_bar("x") as update: update(done, total, info)``."""
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+
+    def __enter__(self):
+        self._progress = None  # shown from the first update, so early errors print no empty bar
+        return self.update
+
+    def update(self, done: int, total: int, info: str = "") -> None:
+        if self._progress is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"), console=console(),
+            )
+            self._progress.__enter__()
+            self._task = self._progress.add_task(self.description, total=total, info="")
+        self._progress.update(self._task, completed=done, total=total, info=info)
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)

@@ -8,8 +8,13 @@ import typer
 
 from modelmerge.cli.align import EXAMPLES as ALIGN_EXAMPLES
 from modelmerge.cli.align import align_command
+from modelmerge.cli.demo import demo_command
+from modelmerge.cli.evaluate import EXAMPLES as EVALUATE_EXAMPLES
+from modelmerge.cli.evaluate import evaluate_command
 from modelmerge.cli.inspect import inspect_command
 from modelmerge.cli.interpolate import interpolate_command
+from modelmerge.cli.zoo import EXAMPLES as ZOO_EXAMPLES
+from modelmerge.cli.zoo import zoo_command
 
 app = typer.Typer(
     name="modelmerge",
@@ -41,3 +46,6 @@ def _root(
 app.command("align", epilog=ALIGN_EXAMPLES)(align_command)
 app.command("interpolate")(interpolate_command)
 app.command("inspect")(inspect_command)
+app.command("zoo", epilog=ZOO_EXAMPLES)(zoo_command)
+app.command("evaluate", epilog=EVALUATE_EXAMPLES)(evaluate_command)
+app.command("demo")(demo_command)

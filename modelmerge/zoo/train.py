@@ -176,3 +176,44 @@ def state_metric(
         return evaluate_model(model, x, y)
 
     return metric
+
+
+def metric_for(
+    state: Mapping[str, torch.Tensor], record: Mapping | None, data: Dataset, split: str = "test"
+) -> tuple[Callable[[Mapping[str, torch.Tensor]], tuple[float, float]], str | None]:
+    """A (loss, accuracy) metric for checkpoints shaped like ``state``.
+
+    With an architecture record the real model is used. Without one, a bare
+    Linear chain is run as a ReLU MLP (the returned note says so); anything
+    else needs a record.
+
+    Returns:
+        ``(metric, note)``; ``note`` is None when the forward is the record's.
+
+    Raises:
+        ModelMergeError: no forward is known for this checkpoint.
+    """
+    from modelmerge.errors import DataError, ModelMergeError
+    from modelmerge.forward import chain_forward
+    from modelmerge.spec import infer_chain
+
+    if record is not None:
+        return state_metric(record, data, split), None
+    chain = infer_chain(state)
+    if any(layer.kind != "linear" or layer.norms for layer in chain.layers):
+        raise ModelMergeError(
+            "this checkpoint has no architecture record, so its forward is unknown; evaluation runs "
+            "bare checkpoints only when they are plain Linear MLPs (save a record, see docs/usage.md)"
+        )
+    flat = data.flat()
+    x, y = (flat.x_test, flat.y_test) if split == "test" else (flat.x_train, flat.y_train)
+    n_in = state[chain.layers[0].weight].shape[1]
+    if x.shape[1] != n_in:
+        raise DataError(f"{data.name} inputs have {x.shape[1]} features but the model expects {n_in}")
+
+    @torch.no_grad()
+    def metric(st):
+        out = chain_forward(chain, st, x)
+        return float(F.cross_entropy(out, y)), float((out.argmax(1) == y).float().mean())
+
+    return metric, "no architecture record: evaluated as a Linear+ReLU MLP"

@@ -1,0 +1,106 @@
+"""``modelmerge evaluate A B --dataset …``: loss and accuracy along the interpolation A -> B."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from modelmerge.cli._common import Force, JsonOut, Revision, Threads, console, handle_errors, print_json, set_threads
+
+EXAMPLES = """
+Examples:
+
+  modelmerge evaluate a.safetensors b.safetensors --dataset digits
+
+  modelmerge evaluate a.safetensors b_aligned.safetensors --dataset digits --alphas 21 --plot curve.png
+"""
+
+
+@handle_errors
+def evaluate_command(
+    a: Annotated[str, typer.Argument(help="Checkpoint A (alpha = 0).")],
+    b: Annotated[str, typer.Argument(help="Checkpoint B (alpha = 1), aligned to A or not.")],
+    dataset: Annotated[str, typer.Option("--dataset", help="digits | mnist1d | FILE.npz/.safetensors with x, y")],
+    alphas: Annotated[int, typer.Option("--alphas", min=2, help="Evenly spaced alphas in [0, 1].")] = 11,
+    split: Annotated[str, typer.Option("--split", help="test | train")] = "test",
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of loss and accuracy curves.")] = None,
+    json_out: JsonOut = False,
+    revision: Revision = None,
+    threads: Threads = None,
+    force: Force = False,
+) -> None:
+    """Loss/accuracy of (1-alpha)*A + alpha*B over alpha, with the loss barrier and its AUC."""
+    from modelmerge.checkpoint import check_output_path, load_checkpoint
+    from modelmerge.errors import ModelMergeError
+    from modelmerge.evaluate import interpolation_curve
+    from modelmerge.merge import check_same_architecture
+    from modelmerge.zoo.data import load_dataset
+    from modelmerge.zoo.train import metric_for
+
+    if split not in ("test", "train"):
+        raise ModelMergeError(f"--split must be test or train, got {split!r}")
+    if plot is not None:
+        check_output_path(plot, [a, b], force, suffix=".png")
+        _require_matplotlib()
+    set_threads(threads)
+    ck_a, ck_b = load_checkpoint(a, revision), load_checkpoint(b, revision)
+    check_same_architecture(ck_a.state, ck_b.state)
+    metric, note = metric_for(ck_a.state, ck_a.arch, load_dataset(dataset), split)
+    curve = interpolation_curve(ck_a.state, ck_b.state, metric, alphas)
+    data = {"a": ck_a.source, "b": ck_b.source, "dataset": dataset, "split": split, **curve.to_dict(),
+            "notes": [note] if note else []}
+    if plot is not None:
+        save_plot(curve, plot, f"{Path(a).name} -> {Path(b).name} ({dataset}, {split})")
+        data["plot"] = str(plot)
+    if json_out:
+        print_json(data)
+        return
+    from rich.table import Table
+
+    table = Table("alpha", "loss", "accuracy", title=f"interpolation {ck_a.source} -> {ck_b.source} ({dataset} {split})")
+    for al, lo, ac in zip(curve.alphas, curve.losses, curve.accuracies):
+        table.add_row(f"{al:.2f}", f"{lo:.4f}", f"{ac:.4f}")
+    con = console()
+    con.print(table)
+    con.print(f"loss barrier {curve.barrier:.4f}   AUC {curve.auc:.4f}" + (f"   plot {plot}" if plot else ""))
+    if note:
+        con.print(f"note: {note}")
+
+
+def _require_matplotlib() -> None:
+    from modelmerge.errors import ModelMergeError
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ModelMergeError("--plot needs matplotlib; install it with pip install 'modelmerge-align[plot]'") from None
+
+
+def save_plot(curve, path: Path, title: str) -> None:
+    """Write loss and accuracy against alpha as a PNG (atomically)."""
+    import os
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax1.plot(curve.alphas, curve.losses, marker="o")
+    ax1.set(xlabel="alpha", ylabel="loss", title=f"barrier {curve.barrier:.3f}")
+    ax2.plot(curve.alphas, curve.accuracies, marker="o", color="tab:green")
+    ax2.set(xlabel="alpha", ylabel="accuracy")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=Path(path).parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
