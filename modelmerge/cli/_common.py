@@ -32,7 +32,8 @@ Revision = Annotated[
 Threads = Annotated[
     int | None,
     typer.Option("--threads", min=1,
-                 help="Torch CPU threads (default: env MODELMERGE_THREADS, else 1; see docs/benchmarks.md)."),
+                 help="Torch CPU threads (default: env MODELMERGE_THREADS, else the command's measured best; "
+                      "see docs/benchmarks.md)."),
 ]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout instead of a table.")]
 
@@ -60,18 +61,18 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def set_threads(threads: int | None) -> int:
-    """Set torch's CPU thread count: the option, else MODELMERGE_THREADS, else 1.
+def set_threads(threads: int | None, default: int | None = 1) -> int:
+    """Set torch's CPU thread count: the option, else MODELMERGE_THREADS, else ``default``.
 
-    One thread is the default because the small matrices of alignment run
-    several times faster with one thread than with two on a shared 2-core machine
-    (docs/benchmarks.md).
+    Alignment works on small matrices, where one thread is as fast as two and
+    cannot be slowed by a busy neighbour, so its default is 1; batched training
+    (``default=None``: all cores) gains from more (docs/benchmarks.md).
     """
     import torch
 
     if threads is None:
         env = os.environ.get("MODELMERGE_THREADS", "")
-        threads = int(env) if env.isdigit() and int(env) > 0 else 1
+        threads = int(env) if env.isdigit() and int(env) > 0 else (default or os.cpu_count() or 1)
     torch.set_num_threads(threads)
     return threads
 

@@ -58,7 +58,7 @@ def zoo_command(
     from modelmerge.zoo.store import make_zoo
     from modelmerge.zoo.train import TrainConfig
 
-    set_threads(threads)
+    set_threads(threads, default=None)
     data = load_dataset(dataset)
     if arch == "mlp":
         w = _int_list(widths, "widths")

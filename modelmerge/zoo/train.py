@@ -1,25 +1,26 @@
-"""Training many small models at once (vectorised over models with ``torch.func``).
+"""Training many small models at once (vectorised over models).
 
 All models of a zoo share an architecture, so their parameters are stacked
-into ``[N, ...]`` tensors and one ``vmap``-ed gradient step trains all N on
-their own mini-batches (each model has its own initialisation seed and its own
-data order). Adam is element-wise, so one optimiser over the stacked tensors
-is exactly N independent optimisers.
+into ``[N, ...]`` tensors and one batched forward/backward
+(:func:`modelmerge.zoo.stacked.stacked_forward`) trains all N on their own
+mini-batches (each model has its own initialisation seed and its own data
+order). The loss is the sum of the models' losses, so each model's gradient is
+its own; Adam is element-wise, so one optimiser over the stacked tensors is
+exactly N independent optimisers.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
 from modelmerge.zoo.archs import build, validate_record
 from modelmerge.zoo.data import Dataset
+from modelmerge.zoo.stacked import stacked_forward
 
 
 @dataclass(frozen=True)
@@ -56,17 +57,6 @@ def fit_inputs(record: Mapping, data: Dataset) -> Dataset:
     return data
 
 
-def _training_copy(model: nn.Module) -> nn.Module:
-    """A stateless copy whose BatchNorm layers use batch statistics only (vmap cannot
-    update running buffers in place); running statistics are recomputed after training."""
-    base = copy.deepcopy(model)
-    for m in base.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.track_running_stats = False
-            m.running_mean = m.running_var = m.num_batches_tracked = None
-    return base.train()
-
-
 @torch.no_grad()
 def reset_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> nn.Module:
     """Recompute every BatchNorm's running statistics as the average over ``x`` (REPAIR's "BN reset")."""
@@ -92,6 +82,14 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
         loss += float(F.cross_entropy(out, y[i:i + batch_size], reduction="sum"))
         correct += int((out.argmax(1) == y[i:i + batch_size]).sum())
     return loss / len(x), correct / len(x)
+
+
+def _adam(tensors: list[torch.Tensor], config: TrainConfig) -> torch.optim.Optimizer:
+    """Adam, fused where this torch supports it on CPU (about 1.5x faster steps here)."""
+    try:
+        return torch.optim.Adam(tensors, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(tensors, lr=config.lr, weight_decay=config.weight_decay)
 
 
 @dataclass(frozen=True)
@@ -127,15 +125,10 @@ def train_models(
     """
     data = fit_inputs(record, data)
     models = [build(record, seed=s) for s in seeds]
-    params, _ = stack_module_state(models)  # name -> [N, ...]
-    base = _training_copy(models[0])
-    params = {k: v.detach().clone() for k, v in params.items()}
-
-    def loss_fn(p, x, y):
-        return F.cross_entropy(functional_call(base, p, (x,)), y)
-
-    step_fn = vmap(grad_and_value(loss_fn))
-    opt = torch.optim.Adam(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
+    names = [k for k, v in models[0].state_dict().items() if v.is_floating_point()]
+    trainable = {k for k, _ in models[0].named_parameters()}
+    params = {k: torch.stack([m.state_dict()[k] for m in models]).requires_grad_(k in trainable) for k in names}
+    opt = _adam([params[k] for k in trainable], config)
     n, bs = len(data.x_train), min(config.batch_size, len(data.x_train))
     steps_per_epoch = n // bs
     total = steps_per_epoch * config.epochs
@@ -145,16 +138,18 @@ def train_models(
         order = torch.stack([torch.randperm(n, generator=g) for g in gens])  # [N, n]
         for s in range(steps_per_epoch):
             idx = order[:, s * bs:(s + 1) * bs]  # [N, B]
-            grads, losses = step_fn(params, data.x_train[idx], data.y_train[idx])
-            for k, p in params.items():
-                p.grad = grads[k]
+            logits = stacked_forward(record, params, data.x_train[idx], train=True)  # [N, B, classes]
+            losses = F.cross_entropy(logits.flatten(0, 1), data.y_train[idx].flatten(), reduction="none")
+            losses = losses.view(len(seeds), bs).mean(1)  # [N]
+            opt.zero_grad(set_to_none=True)
+            losses.sum().backward()  # sum over models: each model gets exactly its own gradient
             opt.step()
             step += 1
             if on_step is not None:
-                on_step(step, total, float(losses.mean()))
+                on_step(step, total, float(losses.detach().mean()))
     out = []
     for i, (seed, model) in enumerate(zip(seeds, models)):
-        model.load_state_dict({k: v[i] for k, v in params.items()}, strict=False)
+        model.load_state_dict({k: v[i].detach() for k, v in params.items()}, strict=False)
         reset_batchnorm(model, data.x_train)
         tr = evaluate_model(model, data.x_train, data.y_train)
         te = evaluate_model(model, data.x_test, data.y_test)

@@ -1,0 +1,65 @@
+"""Barrier definitions, the evaluate command, and the demo on the bundled examples."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from modelmerge.cli.app import app
+from modelmerge.evaluate import barrier_auc, loss_barrier
+from modelmerge.zoo.examples import example_paths
+
+runner = CliRunner()
+
+
+def test_barrier_and_auc_definitions():
+    alphas = [0.0, 0.5, 1.0]
+    assert loss_barrier(alphas, [1.0, 2.0, 3.0]) == 0.0  # on the line
+    assert loss_barrier(alphas, [1.0, 3.0, 1.0]) == pytest.approx(2.0)
+    assert barrier_auc(alphas, [1.0, 3.0, 1.0]) == pytest.approx(1.0)  # triangle of height 2
+
+
+def test_evaluate_model_with_itself_has_zero_barrier():
+    a, _ = example_paths()
+    r = runner.invoke(app, ["evaluate", str(a), str(a), "--dataset", "digits", "--alphas", "5", "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["barrier"] == pytest.approx(0.0, abs=1e-6)
+    assert max(data["losses"]) - min(data["losses"]) < 1e-6
+
+
+def test_aligned_pair_has_lower_barrier_than_naive(tmp_path):
+    a, b = example_paths()
+    out = tmp_path / "b_aligned.safetensors"
+    assert runner.invoke(app, ["align", str(a), str(b), "-o", str(out)]).exit_code == 0
+    barrier = {}
+    for name, other in (("naive", b), ("aligned", out)):
+        r = runner.invoke(app, ["evaluate", str(a), str(other), "--dataset", "digits", "--json"])
+        assert r.exit_code == 0, r.output
+        barrier[name] = json.loads(r.stdout)["barrier"]
+    assert barrier["aligned"] * 10 < barrier["naive"]
+
+
+def test_evaluate_plot(tmp_path):
+    a, b = example_paths()
+    png = tmp_path / "curve.png"
+    r = runner.invoke(app, ["evaluate", str(a), str(b), "--dataset", "digits", "--alphas", "3", "--plot", str(png)])
+    assert r.exit_code == 0, r.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_wrong_dataset_shape_is_one_line():
+    a, b = example_paths()
+    r = runner.invoke(app, ["evaluate", str(a), str(b), "--dataset", "mnist1d"])
+    assert r.exit_code == 1 and "expects" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_demo_shows_barrier_falling(tmp_path):
+    r = runner.invoke(app, ["demo", "--output-dir", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "cut the loss barrier" in r.output
+    factor = float(r.output.split("cut the loss barrier ")[1].split("x")[0])
+    assert factor >= 10
+    assert (tmp_path / "b_aligned.safetensors").is_file() and (tmp_path / "merged.safetensors").is_file()

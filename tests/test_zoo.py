@@ -1,0 +1,135 @@
+"""Architecture records, datasets, vectorised zoo training and the zoo folder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from modelmerge.checkpoint import load_checkpoint
+from modelmerge.cli.app import app
+from modelmerge.errors import DataError, ModelMergeError
+from modelmerge.spec import infer_spec
+from modelmerge.zoo.archs import ArchError, build, module_from_state, record_from_json, record_to_json
+from modelmerge.zoo.data import digits, from_file, load_dataset
+from modelmerge.zoo.train import TrainConfig, train_models
+
+MLP = {"family": "mlp", "widths": [64, 16, 16, 10], "activation": "relu"}
+CNN = {"family": "cnn", "input_shape": [1, 8, 8], "channels": [4, 6], "hidden": [12], "batchnorm": True,
+       "num_classes": 10}
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("record", [MLP, CNN, {**CNN, "input_shape": [1, 40], "activation": "gelu"}])
+def test_record_round_trip_and_builder_matches_checkpoint(record, tmp_path, save_sd):
+    again = record_from_json(record_to_json(record))
+    assert record_from_json(record_to_json(again)) == again
+    model = build(again, seed=3).eval()
+    path = save_sd(model.state_dict(), "m.safetensors", {"modelmerge.arch": record_to_json(record)})
+    ck = load_checkpoint(path)
+    loaded = module_from_state(ck.arch, ck.state)
+    x = torch.randn(4, *([64] if record["family"] == "mlp" else record["input_shape"]))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    infer_spec(ck.state)  # every built-in architecture is an inferable chain
+
+
+@pytest.mark.parametrize(
+    "record, match",
+    [({"family": "rnn"}, "unknown architecture family"), ({**MLP, "widths": [3]}, "widths"),
+     ({**MLP, "activation": "swishy"}, "unknown activation"), ({**CNN, "num_classes": 0}, "num_classes")],
+)
+def test_bad_records(record, match):
+    with pytest.raises(ArchError, match=match):
+        build(record)
+
+
+def test_record_that_does_not_fit_names_keys():
+    with pytest.raises(ArchError, match="wrong shape: 0.weight"):
+        module_from_state(MLP, build({**MLP, "widths": [64, 17, 16, 10]}).state_dict())
+
+
+def test_digits_split_is_fixed():
+    d1, d2 = digits(), digits()
+    assert d1.x_train.shape == (1438, 1, 8, 8) and d1.x_test.shape == (359, 1, 8, 8)
+    assert torch.equal(d1.y_test, d2.y_test) and float(d1.x_train.max()) <= 1.0
+
+
+def test_mnist1d_is_generated_locally():
+    d = load_dataset("mnist1d")
+    assert d.x_train.shape == (4000, 1, 40) and d.num_classes == 10
+
+
+def test_user_data_files(tmp_path):
+    x, y = np.random.rand(50, 3).astype("float32"), np.arange(50) % 4
+    np.savez(tmp_path / "ok.npz", x=x, y=y)
+    d = from_file(tmp_path / "ok.npz")
+    assert len(d.x_train) + len(d.x_test) == 50 and d.num_classes == 4
+    np.savez(tmp_path / "nolabels.npz", x=x)
+    with pytest.raises(DataError, match="lacks array"):
+        from_file(tmp_path / "nolabels.npz")
+    np.savez(tmp_path / "shape.npz", x=x, y=y[:10])
+    with pytest.raises(DataError, match="must be"):
+        from_file(tmp_path / "shape.npz")
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    with pytest.raises(DataError, match="cannot read"):
+        from_file(tmp_path / "junk.npz")
+    with pytest.raises(DataError, match="unknown dataset"):
+        load_dataset("imagenet")
+
+
+def test_vectorised_training_equals_one_model_at_a_time():
+    """Batching over models must not couple them: model k trains the same alone or in a batch."""
+    d = digits()
+    cfg = TrainConfig(epochs=1, batch_size=128)
+    together = train_models(MLP, d, [5, 6, 7], cfg)
+    alone = train_models(MLP, d, [6], cfg)[0]
+    for k in alone.state:
+        torch.testing.assert_close(together[1].state[k], alone.state[k], rtol=1e-4, atol=1e-5)
+
+
+def test_training_learns_and_resets_batchnorm():
+    d = digits()
+    (m,) = train_models(CNN, d, [0], TrainConfig(epochs=3, lr=1e-2))
+    assert m.test_acc > 0.7
+    assert float(m.state["1.running_var"].sub(1).abs().max()) > 1e-3  # statistics were recomputed
+
+
+def test_zoo_command_writes_index_resumes_and_refuses_other_settings(tmp_path):
+    out = tmp_path / "zoo"
+    args = ["zoo", "--widths", "64,8,10", "-n", "3", "-o", str(out), "--epochs", "1", "--chunk", "2"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    index = json.loads((out / "zoo.json").read_text())
+    assert [m["seed"] for m in index["models"]] == [0, 1, 2]
+    ck = load_checkpoint(out / index["models"][0]["file"])
+    assert ck.arch["widths"] == [64, 8, 10] and ck.metadata["modelmerge.seed"] == "0"
+    assert 0.0 <= float(ck.metadata["modelmerge.test_acc"]) <= 1.0
+    stamp = (out / "model_00001.safetensors").stat().st_mtime_ns
+    (out / "model_00002.safetensors").unlink()
+    r = runner.invoke(app, args[:4] + ["4"] + args[5:])  # one missing, one new
+    assert r.exit_code == 0, r.output
+    assert (out / "model_00001.safetensors").stat().st_mtime_ns == stamp  # skipped, not retrained
+    assert len(json.loads((out / "zoo.json").read_text())["models"]) == 4
+    r = runner.invoke(app, ["zoo", "--widths", "64,9,10", "-n", "1", "-o", str(out), "--epochs", "1"])
+    assert r.exit_code == 1 and "other settings" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [(["--widths", "64,x,10"], "comma-separated"), (["--widths", "32,8,10"], "expects"),
+     (["--arch", "rnn"], "unknown --arch"), (["--dataset", "nope"], "unknown dataset")],
+)
+def test_zoo_command_bad_options(tmp_path, args, match):
+    r = runner.invoke(app, ["zoo", "-n", "1", "-o", str(tmp_path / "z"), "--epochs", "1", *args])
+    assert r.exit_code == 1 and match in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_load_zoo_errors(tmp_path):
+    from modelmerge.zoo.store import read_index
+
+    with pytest.raises(ModelMergeError, match="not a zoo"):
+        read_index(tmp_path)
