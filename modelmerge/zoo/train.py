@@ -127,7 +127,13 @@ def train_models(
     models = [build(record, seed=s) for s in seeds]
     names = [k for k, v in models[0].state_dict().items() if v.is_floating_point()]
     trainable = {k for k, _ in models[0].named_parameters()}
-    params = {k: torch.stack([m.state_dict()[k] for m in models]).requires_grad_(k in trainable) for k in names}
+    states = [m.state_dict() for m in models]
+
+    def stack(k):  # Linear weights kept as [N, in, out] while training (see stacked_forward)
+        t = torch.stack([st[k] for st in states])
+        return t.transpose(1, 2).contiguous() if t.ndim == 3 else t
+
+    params = {k: stack(k).requires_grad_(k in trainable) for k in names}
     opt = _adam([params[k] for k in trainable], config)
     n, bs = len(data.x_train), min(config.batch_size, len(data.x_train))
     steps_per_epoch = n // bs
@@ -138,7 +144,7 @@ def train_models(
         order = torch.stack([torch.randperm(n, generator=g) for g in gens])  # [N, n]
         for s in range(steps_per_epoch):
             idx = order[:, s * bs:(s + 1) * bs]  # [N, B]
-            logits = stacked_forward(record, params, data.x_train[idx], train=True)  # [N, B, classes]
+            logits = stacked_forward(record, params, data.x_train[idx], train=True, transposed=True)  # [N, B, classes]
             losses = F.cross_entropy(logits.flatten(0, 1), data.y_train[idx].flatten(), reduction="none")
             losses = losses.view(len(seeds), bs).mean(1)  # [N]
             opt.zero_grad(set_to_none=True)
@@ -149,7 +155,8 @@ def train_models(
                 on_step(step, total, float(losses.detach().mean()))
     out = []
     for i, (seed, model) in enumerate(zip(seeds, models)):
-        model.load_state_dict({k: v[i].detach() for k, v in params.items()}, strict=False)
+        model.load_state_dict({k: (v[i].T if v.ndim == 3 else v[i]).detach() for k, v in params.items()},
+                              strict=False)
         reset_batchnorm(model, data.x_train)
         tr = evaluate_model(model, data.x_train, data.y_train)
         te = evaluate_model(model, data.x_test, data.y_test)
