@@ -1,0 +1,1 @@
+"""DEEP-ALIGN: the learned, equivariant weight-space aligner (model, losses, training, bundled weights)."""
