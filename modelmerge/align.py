@@ -13,13 +13,14 @@ import torch
 
 from modelmerge.errors import ModelMergeError, SpecError
 from modelmerge.forward import Forward, chain_forward_of, record_forward_of
-from modelmerge.matching import MatchInfo, weight_matching
+from modelmerge.matching import MatchInfo, alignment_objective, weight_matching
 from modelmerge.merge import check_same_architecture
 from modelmerge.permutation import Permutation, apply_permutation, permutation_to_lists
 from modelmerge.spec import Chain, PermutationSpec, infer_chain
 from modelmerge.verify import Verification, verify_permuted
 
-METHODS = ("auto", "weight-matching")
+METHODS = ("auto", "weight-matching", "deep-align")
+REFINES = ("none", "wm", "lmc")
 
 
 @dataclass(frozen=True)
@@ -78,10 +79,13 @@ class AlignResult:
     verification: Verification
     seconds: dict[str, float]
     notes: list[str] = field(default_factory=list)
+    aligner: str | None = None
+    candidates: dict[str, float] | None = None
 
     def report(self) -> dict:
-        return {
+        out = {
             "method": self.method,
+            "aligner": self.aligner,
             "spec": {
                 "source": self.spec.source,
                 "groups": dict(self.spec.spec.groups),
@@ -94,6 +98,38 @@ class AlignResult:
             "verified": self.verification.to_dict(),
             "notes": list(self.notes),
         }
+        if self.candidates is not None:
+            out["candidates"] = dict(self.candidates)
+        return out
+
+
+def _learned(model, chain: Chain, a, b):
+    """The learned answer and its affinities, keyed by group."""
+    from modelmerge.deepalign.model import hungarian
+    from modelmerge.weightspace import to_weight_space
+
+    ws_a, ws_b = to_weight_space(chain, a), to_weight_space(chain, b)
+    model.check_supports(ws_a)
+    dtype = next(model.parameters()).dtype
+    pack = lambda ws: ([w[None].to(dtype) for w in ws.weights], [x[None].to(dtype) for x in ws.biases], ws.kinds)  # noqa: E731
+    with torch.no_grad():
+        logits = model(pack(ws_a), pack(ws_b))
+    perm = {chain.group(l): hungarian(s[0]) for l, s in enumerate(logits)}
+    return perm, {chain.group(l): s[0] for l, s in enumerate(logits)}
+
+
+def _merged_loss(a, b, spec, chain, record, perm, data) -> float:
+    """Loss of the α = 0.5 merge on a held-back training batch (how `auto --data` ranks answers)."""
+    from modelmerge.deepalign.refine import builder_layout
+    from modelmerge.merge import interpolate
+    from modelmerge.zoo.archs import module_from_state
+    from modelmerge.zoo.train import evaluate_model
+
+    record, key_map = builder_layout(chain, a, record)
+    merged = interpolate(a, apply_permutation(b, spec, perm), 0.5)
+    state = {bk: merged[k] for bk, k in key_map.items()}
+    model = module_from_state(record, state)
+    return evaluate_model(model, data.x_train[-512:], data.y_train[-512:])[0]
 
 
 def align(
@@ -103,6 +139,9 @@ def align(
     spec: PermutationSpec | None = None,
     record: Mapping | None = None,
     method: str = "auto",
+    aligner: str | None = None,
+    refine: str = "none",
+    data: str | None = None,
     seed: int = 0,
     max_iter: int = 100,
 ) -> AlignResult:
@@ -112,7 +151,14 @@ def align(
         a, b: state dicts of one architecture.
         spec: the permutation spec; inferred from A when None.
         record: A's architecture record, if known: verification then runs the real model.
-        method: ``"auto"`` or ``"weight-matching"``.
+        method: ``"auto"`` (the bundled learned aligner when the network is in its
+            family and depth, else weight matching), ``"weight-matching"`` or
+            ``"deep-align"``.
+        aligner: bundled aligner name or trained folder/file (default: the family's bundled one).
+        refine: ``"none"``, ``"wm"`` (weight matching from the learned answer) or
+            ``"lmc"`` (short LMC optimisation from it; needs ``data``).
+        data: dataset name or file. With ``auto`` it also tries weight matching and
+            the LMC-refined answer and keeps the merge with the lowest loss at α = 0.5.
         seed: seeds the method's randomness.
         max_iter: weight-matching sweeps at most.
 
@@ -122,21 +168,121 @@ def align(
     Raises:
         MismatchError: A and B differ in keys or shapes.
         SpecError: no spec can be inferred or the given one does not fit.
+        OutOfFamilyError: ``deep-align`` on a network its aligner cannot read.
         VerificationError: the permuted B does not compute B's function.
     """
     t0 = time.perf_counter()
     if method not in METHODS:
         raise ModelMergeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if refine not in REFINES:
+        raise ModelMergeError(f"unknown refinement {refine!r}; choose one of {', '.join(REFINES)}")
+    if refine == "lmc" and data is None:
+        raise ModelMergeError("--refine lmc needs --data (a dataset name or file)")
     check_same_architecture(a, b)
     choice = choose_spec(a, spec, record)
-    notes = []
-    if method == "auto":
-        notes.append("auto: no learned aligner is bundled for this network, using weight matching")
+    notes: list[str] = []
+    seconds: dict[str, float] = {}
+    model = card = None
+    if method in ("auto", "deep-align"):
+        model, card, why = _pick_aligner(choice, a, method, aligner)
+        if model is None:
+            notes.append(f"auto: {why}; using weight matching")
+    dataset = _dataset_for(data, choice, a, record) if data is not None else None
+    candidates = None
     t1 = time.perf_counter()
-    perm, info = weight_matching(a, b, choice.spec, seed=seed, max_iter=max_iter)
+    if model is None:
+        perm, info = weight_matching(a, b, choice.spec, seed=seed, max_iter=max_iter)
+        used = "weight-matching"
+        seconds["weight_matching"] = time.perf_counter() - t1
+    else:
+        perm, logits = _learned(model, choice.chain, a, b)
+        seconds["learned"] = time.perf_counter() - t1
+        used = "deep-align"
+        if method == "auto" and dataset is not None:
+            perm, used, candidates = _auto_with_data(a, b, choice, record, perm, logits, dataset, seed, max_iter,
+                                                     seconds)
+        elif refine == "wm":
+            t = time.perf_counter()
+            perm, _ = weight_matching(a, b, choice.spec, seed=seed, max_iter=max_iter, init=perm)
+            seconds["refine"] = time.perf_counter() - t
+            used = "deep-align+wm"
+        elif refine == "lmc":
+            from modelmerge.deepalign.refine import refine_lmc
+
+            t = time.perf_counter()
+            perm, _ = refine_lmc(a, b, choice.spec, choice.chain, dataset, perm, record=record,
+                                 init_logits=logits, seed=seed)
+            seconds["refine"] = time.perf_counter() - t
+            used = "deep-align+lmc"
+        info = MatchInfo(alignment_objective(a, b, choice.spec), alignment_objective(a, b, choice.spec, perm), 0,
+                         True)
     t2 = time.perf_counter()
+    seconds["align"] = t2 - t1
     aligned = apply_permutation(b, choice.spec, perm)
     verification = verify_permuted(b, aligned, choice.spec, choice.forward, seed=seed)
     t3 = time.perf_counter()
-    seconds = {"align": t2 - t1, "verify": t3 - t2, "total": t3 - t0}
-    return AlignResult("weight-matching", perm, aligned, choice, info, verification, seconds, notes)
+    seconds.update({"verify": t3 - t2, "total": t3 - t0})
+    name = card.get("name") if card else None
+    return AlignResult(used, perm, aligned, choice, info, verification, seconds, notes, name, candidates)
+
+
+def _pick_aligner(choice: SpecChoice, a, method: str, aligner: str | None):
+    """(model, card, why-not) for the learned methods."""
+    from modelmerge.deepalign.pretrained import default_aligner, load_aligner
+    from modelmerge.deepalign.train import family_of
+
+    if choice.chain is None:
+        why = "the learned aligner reads Linear/Conv chains, and this spec is not one"
+        if method == "deep-align":
+            raise ModelMergeError(f"deep-align: {why}; use --method weight-matching")
+        return None, None, why
+    family, depth = family_of(choice.chain), len(choice.chain.layers)
+    if aligner is not None:
+        model, card = load_aligner(aligner)
+        return model, card, ""
+    weights = default_aligner(family, depth)
+    if weights is None:
+        why = f"no bundled aligner covers a {depth}-layer {family.upper()}"
+        if method == "deep-align":
+            raise ModelMergeError(f"deep-align: {why}; pass --aligner PATH or use --method weight-matching")
+        return None, None, why
+    if method == "auto":
+        from modelmerge.deepalign.model import OutOfFamilyError
+        from modelmerge.weightspace import to_weight_space
+
+        model, card = load_aligner(weights.name)
+        try:
+            model.check_supports(to_weight_space(choice.chain, a))
+        except OutOfFamilyError as e:
+            return None, None, str(e).split(";")[0]
+        return model, card, ""
+    model, card = load_aligner(weights.name)
+    return model, card, ""
+
+
+def _dataset_for(data: str, choice: SpecChoice, a, record):
+    from modelmerge.deepalign.refine import builder_layout
+    from modelmerge.zoo.data import load_dataset
+    from modelmerge.zoo.train import fit_inputs
+
+    if choice.chain is None:
+        raise ModelMergeError("--data needs a Linear/Conv chain (or an architecture record) to run the model")
+    rec, _ = builder_layout(choice.chain, a, record)
+    return fit_inputs(rec, load_dataset(data))
+
+
+def _auto_with_data(a, b, choice, record, learned, logits, dataset, seed, max_iter, seconds):
+    """Learned, weight matching and learned+LMC; keep the lowest merged loss at α = 0.5."""
+    from modelmerge.deepalign.refine import refine_lmc
+
+    t = time.perf_counter()
+    wm, _ = weight_matching(a, b, choice.spec, seed=seed, max_iter=max_iter)
+    seconds["weight_matching"] = time.perf_counter() - t
+    t = time.perf_counter()
+    lmc, _ = refine_lmc(a, b, choice.spec, choice.chain, dataset, learned, record=record, init_logits=logits,
+                        seed=seed)
+    seconds["refine"] = time.perf_counter() - t
+    options = {"deep-align": learned, "weight-matching": wm, "deep-align+lmc": lmc}
+    scores = {k: _merged_loss(a, b, choice.spec, choice.chain, record, p, dataset) for k, p in options.items()}
+    best = min(scores, key=scores.get)
+    return options[best], best, scores

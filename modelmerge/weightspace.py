@@ -52,13 +52,49 @@ class WeightSpace:
         return tuple((tuple(w.shape), k) for w, k in zip(self.weights, self.kinds))
 
 
+def _float(t: torch.Tensor) -> torch.Tensor:
+    """float32 unless already float64 (tests check symmetries exactly in float64)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.to(torch.float32)
+
+
 def _fold_batchnorm(w: torch.Tensor, b: torch.Tensor, norm, state) -> tuple[torch.Tensor, torch.Tensor]:
-    p = {role: state[key].to(torch.float32) for role, key in norm.params.items() if role != "num_batches_tracked"}
+    # w (N, out, ...), b (N, out); BN statistics (N, out)
+    p = {role: _float(state[key]) for role, key in norm.params.items() if role != "num_batches_tracked"}
     if "running_mean" not in p:
         return w, b  # LayerNorm/affine: not foldable per unit, left out of the view
     scale = p.get("weight", torch.ones_like(p["running_var"])) / torch.sqrt(p["running_var"] + 1e-5)
     shift = p.get("bias", torch.zeros_like(scale)) - p["running_mean"] * scale
-    return w * scale.view(-1, *([1] * (w.ndim - 1))), b * scale + shift
+    return w * scale.view(*scale.shape, *([1] * (w.ndim - 2))), b * scale + shift
+
+
+def stacked_weight_space(
+    chain: Chain, state: Mapping[str, torch.Tensor]
+) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple[str, ...]]:
+    """Canonical tensors of ``N`` stacked networks (``state``: name -> ``[N, *shape]``).
+
+    Differentiable in ``state``. Returns weights ``[N, n_out, n_in, T]`` and
+    biases ``[N, n_out]`` per layer, and the layer kinds.
+    """
+    weights, biases, kinds = [], [], []
+    for i, layer in enumerate(chain.layers):
+        w = _float(state[layer.weight])
+        n = w.shape[0]
+        b = _float(state[layer.bias]) if layer.bias is not None else w.new_zeros(n, w.shape[1])
+        for norm in layer.norms:
+            w, b = _fold_batchnorm(w, b, norm, state)
+        if layer.kind == "conv":
+            kinds.append("conv")
+            w = w.reshape(n, w.shape[1], w.shape[2], -1)
+        elif i > 0 and chain.layers[i - 1].kind == "conv":
+            kinds.append("flatten")
+            c = state[chain.layers[i - 1].weight].shape[1]
+            w = w.reshape(n, w.shape[1], c, -1)  # (N, out, C*s) -> (N, out, C, s), channel-major
+        else:
+            kinds.append("linear")
+            w = w[..., None]
+        weights.append(w)
+        biases.append(b)
+    return weights, biases, tuple(kinds)
 
 
 def to_weight_space(chain: Chain, state: Mapping[str, torch.Tensor]) -> WeightSpace:
@@ -67,25 +103,8 @@ def to_weight_space(chain: Chain, state: Mapping[str, torch.Tensor]) -> WeightSp
     Shapes: Linear ``[out, in]`` -> ``[out, in, 1]``; Conv ``[out, in, *k]`` ->
     ``[out, in, prod(k)]``; flatten-Linear ``[out, C*s]`` -> ``[out, C, s]``.
     """
-    weights, biases, kinds = [], [], []
-    for i, layer in enumerate(chain.layers):
-        w = state[layer.weight].to(torch.float32)
-        b = state[layer.bias].to(torch.float32) if layer.bias is not None else torch.zeros(w.shape[0])
-        for norm in layer.norms:
-            w, b = _fold_batchnorm(w, b, norm, state)
-        if layer.kind == "conv":
-            kinds.append("conv")
-            w = w.reshape(w.shape[0], w.shape[1], -1)
-        elif i > 0 and chain.layers[i - 1].kind == "conv":
-            kinds.append("flatten")
-            c = state[chain.layers[i - 1].weight].shape[0]
-            w = w.reshape(w.shape[0], c, -1)  # (out, C*s) -> (out, C, s), channel-major
-        else:
-            kinds.append("linear")
-            w = w[:, :, None]
-        weights.append(w)
-        biases.append(b)
-    return WeightSpace(tuple(weights), tuple(biases), tuple(kinds))
+    weights, biases, kinds = stacked_weight_space(chain, {k: v[None] for k, v in state.items()})
+    return WeightSpace(tuple(w[0] for w in weights), tuple(b[0] for b in biases), kinds)
 
 
 def stack(spaces: list[WeightSpace]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -79,3 +79,15 @@ def save_sd(tmp_path):
         return path
 
     return _save
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory):
+    """Eight small digits MLPs (64-16-16-10), trained briefly: a zoo for aligner tests."""
+    from modelmerge.zoo.store import make_zoo
+    from modelmerge.zoo.train import TrainConfig
+
+    folder = tmp_path_factory.mktemp("zoo")
+    make_zoo({"family": "mlp", "widths": [64, 16, 16, 10]}, "digits", 8, folder,
+             config=TrainConfig(epochs=3, lr=3e-3))
+    return folder

@@ -34,8 +34,20 @@ def align_command(
     ] = None,
     alpha: Annotated[float, typer.Option("--alpha", help="Weight of B in --merged.")] = 0.5,
     method: Annotated[
-        str, typer.Option("--method", help="auto | weight-matching (auto picks the best available).")
+        str, typer.Option("--method", help="auto | deep-align | weight-matching (auto: the bundled learned "
+                          "aligner when the network is in its family, else weight matching).")
     ] = "auto",
+    aligner: Annotated[
+        str | None, typer.Option("--aligner", help="Bundled aligner name, or a folder/file from train-aligner.")
+    ] = None,
+    refine: Annotated[
+        str, typer.Option("--refine", help="none | wm (weight matching from the learned answer) | "
+                          "lmc (short LMC optimisation; needs --data).")
+    ] = "none",
+    data: Annotated[
+        str | None, typer.Option("--data", help="digits | mnist1d | FILE: for --refine lmc, and for auto to "
+                                 "also try weight matching and LMC refinement and keep the best merge.")
+    ] = None,
     spec: SpecFile = None,
     report: Annotated[Path | None, typer.Option("--report", help="Write the JSON report here.")] = None,
     json_out: JsonOut = False,
@@ -47,7 +59,7 @@ def align_command(
 ) -> None:
     """Align B to A: find per-layer permutations of B's hidden units and write permuted B."""
     t0 = time.perf_counter()
-    from modelmerge.align import METHODS, align
+    from modelmerge.align import METHODS, REFINES, align
     from modelmerge.checkpoint import check_output_path, load_checkpoint, provenance, save_checkpoint
     from modelmerge.errors import ModelMergeError, OutputError
     from modelmerge.merge import interpolate
@@ -55,6 +67,10 @@ def align_command(
 
     if method not in METHODS:
         raise ModelMergeError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    if refine not in REFINES:
+        raise ModelMergeError(f"unknown --refine {refine!r}; choose one of {', '.join(REFINES)}")
+    if refine != "none" and method == "weight-matching":
+        raise ModelMergeError("--refine applies to the learned answer; use --method deep-align or auto")
     inputs = [a, b]
     outputs = [output] + [p for p in (merged, report) if p is not None]
     if len({Path(p).expanduser().resolve() for p in outputs}) < len(outputs):
@@ -70,8 +86,8 @@ def align_command(
     given_spec = PermutationSpec.load(spec) if spec is not None else None
     ck_a = load_checkpoint(a, revision)
     ck_b = load_checkpoint(b, revision)
-    result = align(ck_a.state, ck_b.state, spec=given_spec, record=ck_a.arch, method=method, seed=seed,
-                   max_iter=max_iter)
+    result = align(ck_a.state, ck_b.state, spec=given_spec, record=ck_a.arch, method=method, aligner=aligner,
+                   refine=refine, data=data, seed=seed, max_iter=max_iter)
 
     meta = provenance(result.method, ck_a, ck_b)
     if ck_b.arch is not None:
@@ -100,16 +116,21 @@ def _summary(data: dict, result) -> None:
     table = Table(title="modelmerge align", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("method", data["method"])
+    table.add_row("method", data["method"] + (f" (aligner {data['aligner']})" if data.get("aligner") else ""))
     table.add_row("spec", f"{data['spec']['source']}: {len(spec.groups)} groups, {units} hidden units, "
                   f"{len(spec.fixed)} fixed parameters")
     obj = data["objective"]
     table.add_row("objective", f"{obj['before']:.4g} -> {obj['after']:.4g}  (sum <A, P(B)>)")
-    moved = sum(int((p != __import__('torch').arange(p.numel())).sum()) for p in result.perm.values())
+    import torch
+
+    moved = sum(int((p != torch.arange(p.numel())).sum()) for p in result.perm.values())
     table.add_row("units moved", f"{moved} of {units}")
     table.add_row("iterations", f"{data['iterations']} ({'converged' if data['converged'] else 'max-iter reached'})")
     table.add_row("verified", result.verification.describe())
-    table.add_row("seconds", f"align {data['seconds']['align']:.3f}, total {data['seconds']['total']:.3f}")
+    stages = ", ".join(f"{k} {v:.3f}" for k, v in data["seconds"].items())
+    table.add_row("seconds", stages)
+    for name, score in (data.get("candidates") or {}).items():
+        table.add_row("candidate", f"{name}: merged loss {score:.4f}" + ("  <- kept" if name == data["method"] else ""))
     table.add_row("wrote", data["outputs"]["aligned"] + (f", {data['outputs']['merged']}" if data["outputs"]["merged"] else ""))
     for note in data["notes"]:
         table.add_row("note", note)

@@ -8,11 +8,14 @@ import typer
 
 from modelmerge.cli.align import EXAMPLES as ALIGN_EXAMPLES
 from modelmerge.cli.align import align_command
+from modelmerge.cli.aligners import aligners_command
 from modelmerge.cli.demo import demo_command
 from modelmerge.cli.evaluate import EXAMPLES as EVALUATE_EXAMPLES
 from modelmerge.cli.evaluate import evaluate_command
 from modelmerge.cli.inspect import inspect_command
 from modelmerge.cli.interpolate import interpolate_command
+from modelmerge.cli.train_aligner import EXAMPLES as TRAIN_EXAMPLES
+from modelmerge.cli.train_aligner import train_aligner_command
 from modelmerge.cli.zoo import EXAMPLES as ZOO_EXAMPLES
 from modelmerge.cli.zoo import zoo_command
 
@@ -49,3 +52,5 @@ app.command("inspect")(inspect_command)
 app.command("zoo", epilog=ZOO_EXAMPLES)(zoo_command)
 app.command("evaluate", epilog=EVALUATE_EXAMPLES)(evaluate_command)
 app.command("demo")(demo_command)
+app.command("train-aligner", epilog=TRAIN_EXAMPLES)(train_aligner_command)
+app.command("aligners")(aligners_command)

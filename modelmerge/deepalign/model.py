@@ -57,21 +57,28 @@ class AlignerConfig:
         channels: width of the encoder's edge and node features.
         layers: number of equivariant encoder layers.
         feature_dim: size of each hidden unit's matching feature.
-        probes: number of learned probe inputs (MLP family; 0 turns probes off).
+        probes: number of probe inputs (0 turns probes off). Probes are fixed
+            Gaussian inputs (seeded, any input size) with a learned scale and
+            offset per input unit (MLP) or input channel (CNN) and probe,
+            computed from both networks' input-node features.
+        probe_size: side of the CNN probe images (a conv net's input size is not in its weights).
         depths: numbers of layers (Linear/Conv) the aligner was trained on; the
             network itself accepts any depth >= 2, `auto` only trusts these.
         conv_taps: kernel tap counts with a dedicated embedding (9 = 3x3, 3 = 3-tap 1-d).
-        equivariant: False builds the deliberately broken negative control, which
-            gives hidden units a feature of their index.
+        unroll: soft weight-matching iterations after the first affinity (0: none).
+        equivariant: False builds the deliberately broken negative control, whose
+            affinity prefers units with the same index.
     """
 
     family: str = "mlp"
-    channels: int = 16
-    layers: int = 3
+    channels: int = 8
+    layers: int = 2
     feature_dim: int = 32
-    probes: int = 32
+    probes: int = 64
+    probe_size: int = 8
     depths: tuple[int, ...] = (4,)
     conv_taps: tuple[int, ...] = (9, 3)
+    unroll: int = 3
     equivariant: bool = True
 
     def to_dict(self) -> dict:
@@ -111,6 +118,49 @@ def perm_matrix(perm: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     m = torch.zeros(n, n, dtype=dtype)
     m[torch.arange(n), perm] = 1.0
     return m
+
+
+def _standardise(c: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit std per matrix (``[N, n, n]``): makes cost terms comparable, equivariantly."""
+    c = c - c.mean((1, 2), keepdim=True)
+    return c / (c.pow(2).mean((1, 2), keepdim=True).sqrt() + 1e-8)
+
+
+def _sym_sinkhorn(logits: torch.Tensor, iters: int = 10) -> torch.Tensor:
+    """Sinkhorn made exactly transpose-symmetric: ``P(X^T) = P(X)^T`` (row-first and column-first averaged)."""
+    return 0.5 * (sinkhorn(logits, iters) + sinkhorn(logits.transpose(1, 2), iters).transpose(1, 2))
+
+
+def _cross_costs(a: tuple, b: tuple, soft: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Weight-matching cost of every hidden layer given its neighbours' soft permutations.
+
+    For hidden layer l: ``W_A,in · P_{l-1} · W_B,in^T + W_A,out^T · P_{l+1} · W_B,out + b_A b_B^T``
+    (summed over kernel taps), standardised. Inputs and outputs are fixed (identity).
+    """
+    wa, ba, _ = a
+    wb, bb, _ = b
+    n_layers = len(wa)
+    out = []
+    for l in range(1, n_layers):
+        w_in_a, w_in_b = wa[l - 1], wb[l - 1]  # (N, n_l, n_{l-1}, T)
+        if l == 1:
+            c = torch.einsum("nikt,njkt->nij", w_in_a, w_in_b)
+        else:
+            c = torch.einsum("nikt,nkq,njqt->nij", w_in_a, soft[l - 2], w_in_b)
+        w_out_a, w_out_b = wa[l], wb[l]  # (N, n_{l+1}, n_l, T)
+        if l == n_layers - 1:
+            c = c + torch.einsum("nkit,nkjt->nij", w_out_a, w_out_b)
+        else:
+            c = c + torch.einsum("nkit,nkq,nqjt->nij", w_out_a, soft[l], w_out_b)
+        c = c + ba[l - 1][:, :, None] * bb[l - 1][:, None, :]
+        out.append(_standardise(c))
+    return out
+
+
+def _grid(k: int) -> tuple[int, int]:
+    """A 2-d shape with ``prod == k``, as square as possible."""
+    h = max(d for d in range(1, math.isqrt(k) + 1) if k % d == 0)
+    return h, k // h
 
 
 class _Mix(nn.Module):
@@ -174,12 +224,24 @@ class DeepAlign(nn.Module):
         self.node_role = nn.Embedding(len(ROLES_NODE), c)
         self.bias_in = nn.Linear(1, c)
         self.layers = nn.ModuleList(EquivariantLayer(c) for _ in range(config.layers))
-        k = config.probes if config.family == "mlp" else 0
-        self.probe = nn.Linear(c, k) if k else None
-        self.readout = nn.Sequential(nn.Linear(3 * c + k, 2 * config.feature_dim), nn.ReLU(),
+        k = config.probes
+        self.probe = nn.Linear(c, 2 * k) if k else None
+        if self.probe is not None:  # start as plain Gaussian probes: scale 1, offset 0
+            nn.init.zeros_(self.probe.weight)
+            nn.init.zeros_(self.probe.bias)
+        self.readout = nn.Sequential(nn.Linear(3 * c, 2 * config.feature_dim), nn.ReLU(),
                                      nn.Linear(2 * config.feature_dim, config.feature_dim))
-        self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
-        self.position = None if config.equivariant else nn.Linear(1, c)
+        # affinity = exp(probe_scale) * probe correlation + exp(log_scale) * feature cosine
+        self.log_scale = nn.Parameter(torch.tensor(0.0))
+        self.probe_scale = nn.Parameter(torch.tensor(math.log(3.0))) if k else None
+        # unrolled matching: per iteration, Sinkhorn inverse temperature, weight of the
+        # previous affinity and of the new cross-network weight cost
+        t = config.unroll
+        self.unroll_temp = nn.Parameter(torch.full((t,), math.log(10.0)))
+        self.unroll_keep = nn.Parameter(torch.full((t,), 0.5))
+        self.unroll_cost = nn.Parameter(torch.full((t,), 3.0))
+        # negative control only: a learned preference for matching units at the same index
+        self.position_scale = None if config.equivariant else nn.Parameter(torch.tensor(10.0))
 
     # ------------------------------------------------------------------ checks
     def check_supports(self, ws: WeightSpace) -> None:
@@ -221,9 +283,6 @@ class DeepAlign(nn.Module):
         for l, v in enumerate(V):
             role = "input" if l == 0 else "output" if l == L else "hidden"
             V[l] = v + self.node_role.weight[ROLES_NODE.index(role)]
-            if self.position is not None and 0 < l < L:  # negative control: unit index leaks in
-                pos = torch.linspace(0, 1, v.shape[1], dtype=v.dtype)[None, :, None]
-                V[l] = V[l] + self.position(pos)
         return E, V
 
     def encode(self, weights, biases, kinds):
@@ -233,49 +292,109 @@ class DeepAlign(nn.Module):
             E, V = layer(E, V)
         return E, V
 
-    def _probe_responses(self, weights, biases, probes):
-        """Standardised pre-activations of every hidden unit on the probes: ``[N, n_l, K]``."""
-        x = probes  # (N, K, n_0)
+    def _probes(self, enc_a, enc_b, a) -> torch.Tensor:
+        """Probe inputs shared by A and B: ``[N, K, n_0]`` (MLP) or ``[N, K, C_in, *s]`` (CNN).
+
+        Fixed Gaussian inputs (seeded; drawn for whatever input size the network
+        has, so no parameter depends on it) times a learned scale plus a learned
+        offset per input unit and probe, read from ``V_0(A) + V_0(B)`` (the same
+        for A and B, and symmetric in them).
+        """
+        cfg = self.config
+        w0 = a[0][0]  # (N, n_1, n_0, T)
+        n, n_in, k = w0.shape[0], w0.shape[2], cfg.probes
+        conv = a[2][0] == "conv"
+        spatial = ((cfg.probe_size,) * (2 if w0.shape[-1] == 9 else 1)) if conv else ()
+        g = torch.Generator().manual_seed(1234)
+        base = torch.randn((k, n_in, *spatial), generator=g, dtype=w0.dtype)
+        mod = self.probe(enc_a[1][0] + enc_b[1][0])  # (N, n_0, 2K)
+        scale = 1.0 + mod[..., :k].transpose(1, 2)  # (N, K, n_0)
+        shift = mod[..., k:].transpose(1, 2)
+        extra = (1,) * len(spatial)
+        return base * scale.reshape(n, k, n_in, *extra) + shift.reshape(n, k, n_in, *extra)
+
+    @staticmethod
+    def probe_responses(weights, biases, kinds, x) -> list[torch.Tensor]:
+        """Standardised pre-activations of every hidden unit on probes ``x``: ``[N, n_l, samples]``.
+
+        The generic forward of the chain (layer, ReLU; convolutions keep the size;
+        adaptive pooling feeds the linear head), run for N networks at once.
+        For a conv layer every probe position is a sample.
+        """
+        n = x.shape[0]
         out = []
-        for l in range(len(weights) - 1):
-            z = torch.baddbmm(biases[l][:, None, :], x, weights[l][..., 0].transpose(1, 2))  # (N, K, n_l)
-            zs = (z - z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + 1e-6)
-            out.append(zs.transpose(1, 2))
+        for l, (w, b, kind) in enumerate(zip(weights, biases, kinds)):
+            if kind == "conv":
+                k_probes, c_in, spatial = x.shape[1], x.shape[2], x.shape[3:]
+                kernel = (3, 3) if w.shape[-1] == 9 and len(spatial) == 2 else (w.shape[-1],) * len(spatial)
+                conv = F.conv2d if len(spatial) == 2 else F.conv1d
+                h = x.transpose(0, 1).reshape(k_probes, n * c_in, *spatial)  # models as channel groups
+                z = conv(h, w.reshape(n * w.shape[1], c_in, *kernel), b.reshape(-1), padding="same", groups=n)
+                z = z.reshape(k_probes, n, w.shape[1], *spatial).transpose(0, 1)  # (N, K, out, *s)
+                samples = z.transpose(1, 2).reshape(n, w.shape[1], -1)  # (N, out, K*prod(s))
+            else:
+                if kind == "flatten":
+                    s_len = w.shape[-1]
+                    pooled = F.adaptive_avg_pool2d(x.flatten(0, 1), _grid(s_len)) if x.ndim == 5 else \
+                        F.adaptive_avg_pool1d(x.flatten(0, 1), s_len)
+                    x = pooled.reshape(n, x.shape[1], -1)  # (N, K, C*s), channel-major
+                z = torch.baddbmm(b[:, None, :], x, w.reshape(n, w.shape[1], -1).transpose(1, 2))  # (N, K, out)
+                samples = z.transpose(1, 2)
+            if l == len(weights) - 1:
+                break
+            zs = samples - samples.mean(-1, keepdim=True)
+            out.append(zs / (zs.pow(2).mean(-1, keepdim=True).sqrt() + 1e-6))
             x = F.relu(z)
         return out
 
-    def features(self, a: tuple, b: tuple) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def features(self, a: tuple, b: tuple) -> list[tuple[torch.Tensor, ...]]:
         """Matching features of every hidden layer of A and B.
 
         Args:
             a, b: ``(weights, biases, kinds)`` of stacked networks (see
-                :func:`modelmerge.weightspace.stack`), ``N`` pairs.
+                :func:`modelmerge.weightspace.stacked_weight_space`), ``N`` pairs.
 
         Returns:
-            Per hidden layer, ``(F_A [N, n_l, D], F_B [N, n_l, D])``, L2-normalised.
+            Per hidden layer, ``(F_A, F_B, Z_A, Z_B)``: L2-normalised encoder
+            features ``[N, n_l, D]`` and standardised probe responses
+            ``[N, n_l, samples]`` (None without probes).
         """
         enc_a, enc_b = self.encode(*a), self.encode(*b)
-        probe_a = probe_b = None
-        if self.probe is not None:
-            # the same probes for both networks, symmetric in A and B
-            probes = self.probe(enc_a[1][0] + enc_b[1][0]).transpose(1, 2)  # (N, K, n_0)
-            probe_a = self._probe_responses(a[0], a[1], probes)
-            probe_b = self._probe_responses(b[0], b[1], probes)
+        za = zb = None
+        if self.config.probes:
+            x = self._probes(enc_a, enc_b, a)
+            za, zb = self.probe_responses(*a, x), self.probe_responses(*b, x)
         feats = []
         for l in range(1, len(a[0])):
-            pair = []
-            for (E, V), probe in ((enc_a, probe_a), (enc_b, probe_b)):
-                parts = [V[l], E[l - 1].mean(2), E[l].mean(1)]
-                if probe is not None:
-                    parts.append(probe[l - 1])
-                pair.append(F.normalize(self.readout(torch.cat(parts, -1)), dim=-1))
-            feats.append((pair[0], pair[1]))
+            fa, fb = (F.normalize(self.readout(torch.cat([V[l], E[l - 1].mean(2), E[l].mean(1)], -1)), dim=-1)
+                      for E, V in (enc_a, enc_b))
+            feats.append((fa, fb, None if za is None else za[l - 1], None if zb is None else zb[l - 1]))
         return feats
 
     def forward(self, a: tuple, b: tuple) -> list[torch.Tensor]:
-        """Affinity logits per hidden layer: ``[N, n_l (A), n_l (B)]``."""
-        scale = self.log_scale.exp()
-        return [scale * torch.einsum("nid,njd->nij", fa, fb) for fa, fb in self.features(a, b)]
+        """Affinity logits per hidden layer: ``[N, n_l (A), n_l (B)]``.
+
+        First from the features (encoder cosine + probe correlation), then
+        refined by ``config.unroll`` soft weight-matching iterations: each
+        turns the current affinities into soft permutations and adds the
+        standardised cross-network cost of every hidden layer given its
+        neighbours' soft permutations (the weight-matching objective's
+        per-layer term), with learned temperatures and mixing weights.
+        """
+        scores = []
+        for fa, fb, za, zb in self.features(a, b):
+            s = self.log_scale.exp() * _standardise(torch.einsum("nid,njd->nij", fa, fb))
+            if za is not None:  # correlation of probe responses (activation matching on probes)
+                s = s + self.probe_scale.exp() * _standardise(torch.einsum("nis,njs->nij", za, zb))
+            scores.append(s)
+        for t in range(self.config.unroll):
+            soft = [_sym_sinkhorn(s * self.unroll_temp[t].exp()) for s in scores]
+            costs = _cross_costs(a, b, soft)
+            scores = [self.unroll_keep[t] * s + self.unroll_cost[t] * c for s, c in zip(scores, costs)]
+        if self.position_scale is not None:  # negative control: unit indices leak into the answer
+            pos = [torch.linspace(0, 1, s.shape[-1], dtype=s.dtype) for s in scores]
+            scores = [s - self.position_scale * (p[:, None] - p[None, :]).abs() for s, p in zip(scores, pos)]
+        return scores
 
     @torch.no_grad()
     def align(self, a: WeightSpace, b: WeightSpace) -> list[torch.Tensor]:

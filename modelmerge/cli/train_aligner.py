@@ -1,0 +1,107 @@
+"""``modelmerge train-aligner --zoo ./zoo -o ./my-aligner``: train a DEEP-ALIGN aligner on a zoo."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from modelmerge.cli._common import Seed, Threads, console, handle_errors, progress_bar, set_threads
+
+EXAMPLES = """
+Examples:
+
+  modelmerge train-aligner --zoo ./zoo -o ./my-aligner --data digits --epochs 20
+
+  torchrun --nproc-per-node 2 -m modelmerge train-aligner --zoo ./zoo -o ./my-aligner --data digits
+"""
+
+
+@handle_errors
+def train_aligner_command(
+    zoo: Annotated[Path, typer.Option("--zoo", help="Zoo folder made by `modelmerge zoo`.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder for the aligner.")],
+    data: Annotated[
+        str | None, typer.Option("--data", help="Dataset for the LMC loss: digits | mnist1d | FILE (recommended).")
+    ] = None,
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Network pairs per step.")] = 8,
+    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 2e-3,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0)] = 5e-4,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.0, max=0.9)] = 0.1,
+    val_pairs: Annotated[int, typer.Option("--val-pairs", min=1, help="Held-out pairs for validation.")] = 16,
+    l2: Annotated[float, typer.Option("--l2", min=0.0, help="Weight of the L2 auxiliary loss.")] = 0.0,
+    planted: Annotated[float, typer.Option("--planted", min=0.0, help="Weight of the planted-permutation loss.")] = 0.0,
+    alpha_min: Annotated[float, typer.Option("--alpha-min", min=0.0, max=1.0)] = 0.0,
+    alpha_max: Annotated[float, typer.Option("--alpha-max", min=0.0, max=1.0)] = 1.0,
+    channels: Annotated[int, typer.Option("--channels", min=1, help="Encoder width.")] = 8,
+    layers: Annotated[int, typer.Option("--layers", min=0, help="Encoder layers.")] = 2,
+    probes: Annotated[int, typer.Option("--probes", min=0, help="Probe inputs (0: none).")] = 64,
+    unroll: Annotated[int, typer.Option("--unroll", min=0, help="Unrolled soft-matching iterations.")] = 3,
+    seed: Seed = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT/last.pt.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Train into a folder that already holds an aligner.")] = False,
+    threads: Threads = None,
+) -> None:
+    """Train a learned aligner on a zoo: LMC loss with --data, else the L2/planted losses."""
+    import torch
+
+    from modelmerge.deepalign.model import AlignerConfig
+    from modelmerge.deepalign.train import ALIGNER_FILE, TrainSettings, train_aligner
+    from modelmerge.errors import ModelMergeError, OutputError
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if alpha_min > alpha_max:
+        raise ModelMergeError("--alpha-min must not exceed --alpha-max")
+    if (output / ALIGNER_FILE).exists() and not (resume or force):
+        raise OutputError(f"{output} already holds an aligner; pass --resume to continue it or --force to retrain")
+    set_threads(threads, default=1)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    con = console()
+    l2_w, planted_w = l2, planted
+    if data is None and l2_w == 0 and planted_w == 0:
+        l2_w = 1.0
+        if rank == 0:
+            con.print("note: no --data, so no LMC loss; training with the L2 loss (pass --data for much better aligners)")
+    settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                             val_fraction=val_fraction, val_pairs=val_pairs, seed=seed, l2=l2_w, planted=planted_w,
+                             alpha_range=(alpha_min, alpha_max))
+    config = AlignerConfig(channels=channels, layers=layers, probes=probes, unroll=unroll)
+    command = "modelmerge " + " ".join(sys.argv[1:])
+    try:
+        with progress_bar("training aligner") as bar:
+            def on_step(info: dict) -> None:
+                text = " ".join(f"{k} {info[k]:.4f}" for k in ("lmc", "l2", "planted") if k in info)
+                if "barrier" in info:
+                    text += f" | val barrier {info['barrier']:.4f}"
+                elif "validation" in info and "l2" in info:
+                    text += f" | val l2 {info['l2']:.4f}"
+                bar(info["step"], info["total"], text)
+
+            card = train_aligner(zoo, output, settings=settings, config=config, data=data, resume=resume,
+                                 on_step=on_step if rank == 0 else None, command=command)
+    except KeyboardInterrupt:
+        if rank == 0:
+            sys.stderr.write(f"modelmerge: interrupted; the last checkpoint is in {output} (resume with --resume)\n")
+        raise typer.Exit(130) from None
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    if rank == 0:
+        val = card["validation"]
+        line = f"wrote {output}/aligner.safetensors ({card['parameters']:,} parameters, {card['steps']} steps, " \
+               f"{card['seconds']:.0f} s); best validation "
+        if val.get("barrier") is not None:
+            line += f"barrier {val['barrier']:.4f} (weight matching {val['weight_matching_barrier']:.4f})"
+        else:
+            line += f"L2 {val['l2']:.4f} (weight matching {val['weight_matching_l2']:.4f})"
+        con.print(line)

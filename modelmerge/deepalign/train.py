@@ -1,0 +1,396 @@
+"""Training a DEEP-ALIGN aligner on a zoo (optionally distributed with torch.distributed).
+
+Pairs of *different* zoo networks are aligned by the model and scored by the
+LMC loss on task data (and/or the L2 and planted auxiliaries). Networks are
+split into train and validation sets *by network*; validation aligns fixed
+pairs of held-out networks with the hard (Hungarian) answer and measures their
+loss barrier, which picks the best checkpoint (the relative L2 distance does
+when there is no data).
+
+Output folder: ``aligner.safetensors`` (best weights), ``aligner.json`` (config
+and card), ``last.pt`` (weights, optimiser, step: for ``--resume``; written on
+every validation and on Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from modelmerge.deepalign.losses import (
+    augment,
+    interpolate_stacked,
+    l2_loss,
+    lmc_loss,
+    planted_loss,
+    soft_permute,
+    straight_through,
+)
+from modelmerge.deepalign.model import AlignerConfig, DeepAlign, hungarian, perm_matrix
+from modelmerge.errors import ModelMergeError
+from modelmerge.matching import weight_matching
+from modelmerge.spec import Chain, PermutationSpec, infer_chain
+from modelmerge.weightspace import stacked_weight_space
+from modelmerge.zoo.stacked import stacked_forward
+
+ALIGNER_FILE = "aligner.safetensors"
+CARD_FILE = "aligner.json"
+LAST_FILE = "last.pt"
+VAL_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Optimisation settings of ``train-aligner`` (paper: AdamW 5e-4/5e-4, clip 1.0)."""
+
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 5e-4
+    weight_decay: float = 5e-4
+    val_fraction: float = 0.1
+    val_pairs: int = 16
+    seed: int = 0
+    lmc: float = 1.0
+    l2: float = 0.0
+    planted: float = 0.0
+    data_batch: int = 128
+    alpha_range: tuple[float, float] = (0.0, 1.0)
+    sinkhorn_iters: int = 20
+    clip: float = 1.0
+
+
+@dataclass
+class Zoo:
+    """A zoo in memory: every network stacked, with its chain, spec and record."""
+
+    folder: str
+    record: dict
+    chain: Chain
+    spec: PermutationSpec
+    states: dict[str, torch.Tensor]  # name -> [Nz, ...]
+    seeds: list[int]
+    dataset: str | None
+
+    @property
+    def size(self) -> int:
+        return len(self.seeds)
+
+    def take(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: v[idx] for k, v in self.states.items()}
+
+
+def load_zoo_for_training(folder: str | Path) -> Zoo:
+    """Read a zoo made by ``modelmerge zoo`` and stack its networks.
+
+    Raises:
+        ModelMergeError: not a zoo, fewer than 4 networks, or networks of different architectures.
+    """
+    from modelmerge.zoo.store import load_zoo
+
+    index, checkpoints = load_zoo(folder)
+    if len(checkpoints) < 4:
+        raise ModelMergeError(f"zoo {folder} has {len(checkpoints)} networks; training needs at least 4")
+    first = checkpoints[0].state
+    for ck in checkpoints[1:]:
+        if ck.state.keys() != first.keys() or any(ck.state[k].shape != first[k].shape for k in first):
+            raise ModelMergeError(
+                f"zoo {folder} mixes architectures ({checkpoints[0].source} vs {ck.source}); "
+                "train one aligner per family on a zoo of one architecture"
+            )
+    chain = infer_chain(first)
+    states = {k: torch.stack([ck.state[k] for ck in checkpoints]) for k in first}
+    seeds = [m["seed"] for m in index["models"]]
+    return Zoo(str(folder), index["arch"], chain, chain.spec(first), states, seeds, index.get("dataset"))
+
+
+def family_of(chain: Chain) -> str:
+    return "mlp" if all(layer.kind == "linear" for layer in chain.layers) else "cnn"
+
+
+def align_stacked(model: DeepAlign, zoo: Zoo, a: Mapping, b: Mapping) -> list[torch.Tensor]:
+    """Hard answers for stacked pairs: per hidden layer ``[N, n]``."""
+    with torch.no_grad():
+        logits = model(stacked_weight_space(zoo.chain, a), stacked_weight_space(zoo.chain, b))
+    return [torch.stack([hungarian(x) for x in s]) for s in logits]
+
+
+def apply_hard(zoo: Zoo, b: Mapping, perms: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    mats = {zoo.chain.group(l): torch.stack([perm_matrix(p) for p in ps]) for l, ps in enumerate(perms)}
+    return soft_permute(b, zoo.spec, mats)
+
+
+def pair_barriers(record: Mapping, a: Mapping, b_aligned: Mapping, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Loss barrier of each pair over ``VAL_ALPHAS`` on ``(x, y)``: ``[N]``."""
+    n, k = next(iter(a.values())).shape[0], len(VAL_ALPHAS)
+    rep = lambda s: {name: t.repeat_interleave(k, 0) for name, t in s.items()}  # noqa: E731
+    alphas = torch.tensor(VAL_ALPHAS).repeat(n)
+    with torch.no_grad():
+        merged = interpolate_stacked(rep(a), rep(b_aligned), alphas)
+        logits = stacked_forward(record, merged, x.expand(n * k, *x.shape))
+        losses = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), y.repeat(n * k), reduction="none").view(n, k, -1).mean(2)
+    al = torch.tensor(VAL_ALPHAS)
+    line = (1 - al) * losses[:, :1] + al * losses[:, -1:]
+    return (losses - line).amax(1)
+
+
+@dataclass
+class Validator:
+    """Fixed held-out pairs and what weight matching reaches on them."""
+
+    a: dict
+    b: dict
+    x: torch.Tensor | None
+    y: torch.Tensor | None
+    wm_barrier: float | None = None
+    wm_l2: float | None = None
+    history: list = field(default_factory=list)
+
+    def score(self, model: DeepAlign, zoo: Zoo) -> dict:
+        aligned = apply_hard(zoo, self.b, align_stacked(model, zoo, self.a, self.b))
+        out = {"l2": float(l2_loss(self.a, aligned))}
+        if self.x is not None:
+            out["barrier"] = float(pair_barriers(zoo.record, self.a, aligned, self.x, self.y).mean())
+        return out
+
+
+def _make_validator(zoo: Zoo, val_idx: list[int], pairs: int, data, seed: int) -> Validator:
+    rng = np.random.default_rng(seed)
+    pa, pb = [], []
+    for _ in range(pairs):
+        i, j = rng.choice(val_idx, 2, replace=False)
+        pa.append(int(i))
+        pb.append(int(j))
+    a, b = zoo.take(torch.tensor(pa)), zoo.take(torch.tensor(pb))
+    x = y = None
+    if data is not None:
+        x, y = data.x_test, data.y_test
+    v = Validator(a, b, x, y)
+    # the weight-matching reference on the same pairs
+    wm_perms = [[] for _ in range(len(zoo.chain.layers) - 1)]
+    for n in range(pairs):
+        sa = {k: t[n] for k, t in a.items()}
+        sb = {k: t[n] for k, t in b.items()}
+        perm, _ = weight_matching(sa, sb, zoo.spec, seed=0)
+        for l in range(len(wm_perms)):
+            wm_perms[l].append(perm[zoo.chain.group(l)])
+    aligned = apply_hard(zoo, b, [torch.stack(p) for p in wm_perms])
+    v.wm_l2 = float(l2_loss(a, aligned))
+    if x is not None:
+        v.wm_barrier = float(pair_barriers(zoo.record, a, aligned, x, y).mean())
+    return v
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def save_aligner(model: DeepAlign, folder: Path, card: Mapping) -> None:
+    """Write ``aligner.safetensors`` and ``aligner.json`` atomically."""
+    from modelmerge.checkpoint import save_checkpoint
+
+    state = {k: v.detach().float() for k, v in model.state_dict().items()}
+    save_checkpoint(state, folder / ALIGNER_FILE, {"modelmerge.aligner": json.dumps(card)}, force=True)
+    tmp = folder / (CARD_FILE + ".tmp")
+    tmp.write_text(json.dumps(card, indent=2) + "\n")
+    os.replace(tmp, folder / CARD_FILE)
+
+
+def _save_last(model: DeepAlign, opt, step: int, epoch: int, best: float, folder: Path) -> None:
+    tmp = folder / (LAST_FILE + ".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": epoch,
+                "best": best}, tmp)
+    os.replace(tmp, folder / LAST_FILE)
+
+
+def train_aligner(
+    zoo_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    settings: TrainSettings = TrainSettings(),
+    config: AlignerConfig | None = None,
+    data: str | None = None,
+    resume: bool = False,
+    on_step: Callable[[dict], None] | None = None,
+    command: str = "",
+) -> dict:
+    """Train an aligner on a zoo and write it to ``out_dir``.
+
+    Args:
+        zoo_dir: a folder made by ``modelmerge zoo``.
+        out_dir: output folder (created).
+        settings: optimisation settings and loss weights.
+        config: aligner shape (family and depth are taken from the zoo).
+        data: dataset for the LMC loss and validation barrier; None trains with
+            the L2 and planted terms only.
+        resume: continue from ``out_dir/last.pt``.
+        on_step: progress callback receiving a dict (step, total, losses, validation).
+        command: the command line, recorded in the card.
+
+    Returns:
+        The card written to ``aligner.json``.
+
+    Raises:
+        ModelMergeError: bad zoo, no loss left to train with, or nothing to resume.
+    """
+    from modelmerge.zoo.data import load_dataset
+    from modelmerge.zoo.train import fit_inputs
+
+    t_start = time.perf_counter()
+    rank, world = _dist_info()
+    out = Path(out_dir)
+    zoo = load_zoo_for_training(zoo_dir)
+    family = family_of(zoo.chain)
+    base = config or AlignerConfig()
+    config = AlignerConfig(**{**base.to_dict(), "family": family, "depths": (len(zoo.chain.layers),),
+                              "conv_taps": tuple(base.conv_taps)})
+    dataset = fit_inputs(zoo.record, load_dataset(data)) if data else None
+    lmc_w = settings.lmc if dataset is not None else 0.0
+    if lmc_w == 0 and settings.l2 == 0 and settings.planted == 0:
+        raise ModelMergeError("no loss to train with: pass --data for the LMC loss, or set --l2/--planted weights")
+    torch.manual_seed(settings.seed)
+    model = DeepAlign(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    step = epoch0 = 0
+    best = math.inf
+    if resume:
+        last = out / LAST_FILE
+        if not last.is_file():
+            raise ModelMergeError(f"nothing to resume: {last} does not exist; drop --resume to start afresh")
+        saved = torch.load(last, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        step, epoch0, best = saved["step"], saved["epoch"], saved["best"]
+    trained = model
+    if world > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+
+    order = np.random.default_rng(settings.seed).permutation(zoo.size)
+    n_val = max(2, int(round(zoo.size * settings.val_fraction)))
+    val_idx, train_idx = order[:n_val].tolist(), order[n_val:].tolist()
+    if len(train_idx) < 2:
+        raise ModelMergeError(f"zoo {zoo_dir} is too small to split; use a larger zoo or a smaller --val-fraction")
+    validator = _make_validator(zoo, val_idx, settings.val_pairs, dataset, settings.seed) if rank == 0 else None
+    metric = "barrier" if dataset is not None else "l2"
+    steps_per_epoch = max(1, len(train_idx) // (settings.batch_size * world))
+    total = steps_per_epoch * settings.epochs
+    rng = np.random.default_rng([settings.seed, rank, step])
+    gen = torch.Generator().manual_seed(settings.seed * 1000 + rank + step)
+    card = {}
+
+    def write(final_val: dict) -> dict:
+        card.update({
+            "name": out.name, "family": family, "config": config.to_dict(),
+            "supported_depths": list(config.depths), "parameters": model.num_parameters(),
+            "zoo": {"folder": str(zoo_dir), "size": zoo.size, "arch": zoo.record, "dataset": zoo.dataset,
+                    "train_networks": len(train_idx), "val_networks": len(val_idx)},
+            "data": data, "losses": {"lmc": lmc_w, "l2": settings.l2, "planted": settings.planted},
+            "settings": asdict(settings), "steps": step, "seconds": time.perf_counter() - t_start,
+            "validation": {**final_val, "metric": metric, "weight_matching_barrier": validator.wm_barrier,
+                           "weight_matching_l2": validator.wm_l2, "pairs": settings.val_pairs},
+            "command": command,
+        })
+        return card
+
+    def validate_and_save(ep: int) -> dict:
+        nonlocal best
+        model.eval()
+        val = validator.score(model, zoo)
+        model.train()
+        validator.history.append({"step": step, **val})
+        if val[metric] < best:
+            best = val[metric]
+            save_aligner(model, out, write({**val, "step": step}))
+        _save_last(model, opt, step, ep, best, out)
+        return val
+
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    model.train()
+    val: dict = {}
+    try:
+        for ep in range(epoch0, settings.epochs):
+            for _ in range(steps_per_epoch):
+                losses = _train_step(trained, model, zoo, train_idx, settings, dataset, lmc_w, rng, gen)
+                opt.zero_grad(set_to_none=True)
+                losses["loss"].backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip)
+                opt.step()
+                step += 1
+                if on_step is not None and rank == 0:
+                    on_step({"step": step, "total": total, **{k: float(v.detach()) for k, v in losses.items()}, **val})
+            if rank == 0:
+                val = validate_and_save(ep + 1)
+                if on_step is not None:
+                    on_step({"step": step, "total": total, "validation": True, **val})
+            if world > 1:
+                torch.distributed.barrier()
+    except KeyboardInterrupt:
+        if rank == 0:
+            _save_last(model, opt, step, ep, best, out)
+            if not (out / ALIGNER_FILE).exists():
+                save_aligner(model, out, write({"interrupted": True}))
+        raise
+    if rank == 0 and not (out / ALIGNER_FILE).exists():
+        save_aligner(model, out, write(val))
+    if rank == 0:
+        card = json.loads((out / CARD_FILE).read_text())
+        card["history"] = validator.history
+        card["seconds"] = time.perf_counter() - t_start
+        (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    return card
+
+
+def _train_step(trained, model: DeepAlign, zoo: Zoo, train_idx, settings, dataset, lmc_w, rng, gen) -> dict:
+    """One optimisation step's losses (not yet backpropagated).
+
+    Regular pairs (two different networks) and planted pairs (a network and an
+    augmented, permuted copy) go through the aligner in *one* forward, as
+    DistributedDataParallel expects.
+    """
+    from modelmerge.deepalign.model import sinkhorn
+
+    n = settings.batch_size
+    regular = lmc_w > 0 or settings.l2 > 0
+    pairs = np.array([rng.choice(train_idx, 2, replace=False) for _ in range(n)])
+    a, b = zoo.take(torch.as_tensor(pairs[:, 0])), zoo.take(torch.as_tensor(pairs[:, 1]))
+    batch_a, batch_b = ([a], [b]) if regular else ([], [])
+    if settings.planted > 0:
+        perms = [torch.stack([torch.randperm(zoo.spec.groups[zoo.chain.group(l)], generator=gen) for _ in range(n)])
+                 for l in range(len(zoo.chain.layers) - 1)]
+        batch_a.append(a)
+        batch_b.append(apply_hard(zoo, augment(a, gen), perms))  # copy unit i = augmented A unit perm[i]
+    cat = lambda parts: {k: torch.cat([p[k] for p in parts]) for k in parts[0]}  # noqa: E731
+    logits = trained(stacked_weight_space(zoo.chain, cat(batch_a)), stacked_weight_space(zoo.chain, cat(batch_b)))
+    losses: dict = {}
+    total = torch.zeros(())
+    if regular:
+        reg = [s[:n] for s in logits]
+        if lmc_w > 0:
+            mats, _ = straight_through(reg, settings.sinkhorn_iters)
+            aligned = soft_permute(b, zoo.spec, {zoo.chain.group(l): m for l, m in enumerate(mats)})
+            idx = torch.randint(len(dataset.x_train), (n, settings.data_batch), generator=gen)
+            lo, hi = settings.alpha_range
+            alpha = lo + (hi - lo) * torch.rand(n, generator=gen)
+            losses["lmc"] = lmc_loss(zoo.record, a, aligned, dataset.x_train[idx], dataset.y_train[idx], alpha)
+            total = total + lmc_w * losses["lmc"]
+        if settings.l2 > 0:
+            soft = {zoo.chain.group(l): sinkhorn(s, settings.sinkhorn_iters) for l, s in enumerate(reg)}
+            losses["l2"] = l2_loss(a, soft_permute(b, zoo.spec, soft))
+            total = total + settings.l2 * losses["l2"]
+    if settings.planted > 0:
+        targets = [torch.argsort(p, dim=1) for p in perms]  # A unit i is copy unit argsort(perm)[i]
+        losses["planted"] = planted_loss([s[-n:] for s in logits], targets)
+        total = total + settings.planted * losses["planted"]
+    losses["loss"] = total
+    return losses

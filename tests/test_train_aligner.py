@@ -1,0 +1,128 @@
+"""train-aligner end to end (tiny), resume, refusal of bad zoos, distributed, and align --method deep-align."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from modelmerge.checkpoint import load_checkpoint
+from modelmerge.cli.app import app
+from modelmerge.deepalign.pretrained import load_aligner
+
+runner = CliRunner()
+TINY = ["--epochs", "1", "--batch-size", "2", "--val-pairs", "2", "--channels", "4", "--layers", "1",
+        "--probes", "8", "--unroll", "1", "--val-fraction", "0.25"]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_zoo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("aligner") / "al"
+    r = runner.invoke(app, ["train-aligner", "--zoo", str(tiny_zoo), "-o", str(out), "--data", "digits", *TINY])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_train_aligner_writes_weights_and_card(trained, tiny_zoo):
+    card = json.loads((trained / "aligner.json").read_text())
+    assert card["family"] == "mlp" and card["supported_depths"] == [3]
+    assert card["zoo"]["size"] == 8 and card["zoo"]["val_networks"] == 2 and card["data"] == "digits"
+    assert card["validation"]["metric"] == "barrier" and card["validation"]["barrier"] is not None
+    assert card["steps"] >= 1 and (trained / "last.pt").is_file()
+    model, _ = load_aligner(trained)
+    assert model.num_parameters() == card["parameters"]
+    # the .safetensors alone carries its card too
+    model2, card2 = load_aligner(trained / "aligner.safetensors")
+    assert card2["name"] == card["name"]
+
+
+def test_resume_continues_the_step_count(trained, tmp_path, tiny_zoo):
+    out = tmp_path / "al"
+    shutil.copytree(trained, out)
+    steps = json.loads((out / "aligner.json").read_text())["steps"]
+    args = ["train-aligner", "--zoo", str(tiny_zoo), "-o", str(out), "--data", "digits", *TINY]
+    args[args.index("--epochs") + 1] = "2"
+    r = runner.invoke(app, args)
+    assert r.exit_code == 1 and "--resume" in r.stderr  # refuses to overwrite silently
+    r = runner.invoke(app, [*args, "--resume"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "aligner.json").read_text())["history"][-1]["step"] == 2 * steps
+
+
+def test_without_data_trains_on_l2_and_says_so(tiny_zoo, tmp_path):
+    r = runner.invoke(app, ["train-aligner", "--zoo", str(tiny_zoo), "-o", str(tmp_path / "al"), *TINY])
+    assert r.exit_code == 0, r.output
+    assert "no LMC loss" in r.output
+    assert json.loads((tmp_path / "al" / "aligner.json").read_text())["validation"]["metric"] == "l2"
+
+
+def test_mixed_zoo_is_refused(tiny_zoo, tmp_path):
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tiny_zoo, mixed)
+    ck = load_checkpoint(mixed / "model_00000.safetensors")
+    from modelmerge.checkpoint import save_checkpoint
+
+    state = dict(ck.state)
+    state["0.weight"], state["0.bias"] = torch.zeros(17, 64), torch.zeros(17)
+    state["2.weight"] = torch.zeros(16, 17)
+    save_checkpoint(state, mixed / "model_00000.safetensors", ck.metadata, force=True)
+    r = runner.invoke(app, ["train-aligner", "--zoo", str(mixed), "-o", str(tmp_path / "al"), *TINY])
+    assert r.exit_code == 1 and "mixes architectures" in r.stderr
+
+
+def test_not_a_zoo(tmp_path):
+    r = runner.invoke(app, ["train-aligner", "--zoo", str(tmp_path), "-o", str(tmp_path / "al")])
+    assert r.exit_code == 1 and "not a zoo" in r.stderr
+
+
+@pytest.mark.parametrize("refine", ["none", "wm", "lmc"])
+def test_align_with_a_trained_aligner(trained, tiny_zoo, tmp_path, refine):
+    a, b = tiny_zoo / "model_00000.safetensors", tiny_zoo / "model_00001.safetensors"
+    args = ["align", str(a), str(b), "-o", str(tmp_path / "o.safetensors"), "--method", "deep-align",
+            "--aligner", str(trained), "--refine", refine, "--json"]
+    if refine == "lmc":
+        args += ["--data", "digits"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["method"] == {"none": "deep-align", "wm": "deep-align+wm", "lmc": "deep-align+lmc"}[refine]
+    assert "learned" in report["seconds"] and report["verified"]["forward"] == "record"
+    if refine != "none":
+        assert "refine" in report["seconds"]
+
+
+def test_auto_with_data_reports_candidates(trained, tiny_zoo, tmp_path):
+    a, b = tiny_zoo / "model_00002.safetensors", tiny_zoo / "model_00003.safetensors"
+    r = runner.invoke(app, ["align", str(a), str(b), "-o", str(tmp_path / "o.safetensors"), "--aligner",
+                            str(trained), "--data", "digits", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert set(report["candidates"]) == {"deep-align", "weight-matching", "deep-align+lmc"}
+    assert report["method"] == min(report["candidates"], key=report["candidates"].get)
+
+
+def test_deep_align_refuses_out_of_family(trained, tmp_path, save_sd):
+    from conftest import VGGish
+
+    a = save_sd(VGGish(seed=0).state_dict(), "a.safetensors")
+    b = save_sd(VGGish(seed=1).state_dict(), "b.safetensors")
+    r = runner.invoke(app, ["align", str(a), str(b), "-o", str(tmp_path / "o.safetensors"), "--method",
+                            "deep-align", "--aligner", str(trained)])
+    assert r.exit_code == 1 and "MLP" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_torchrun_two_processes(tiny_zoo, tmp_path):
+    out = tmp_path / "dist"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "modelmerge", "train-aligner", "--zoo", str(tiny_zoo), "-o", str(out), "--data", "digits", *TINY]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    card = json.loads((out / "aligner.json").read_text())
+    assert card["family"] == "mlp" and (out / "aligner.safetensors").is_file()
