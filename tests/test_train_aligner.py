@@ -32,7 +32,8 @@ def trained(tiny_zoo, tmp_path_factory):
 def test_train_aligner_writes_weights_and_card(trained, tiny_zoo):
     card = json.loads((trained / "aligner.json").read_text())
     assert card["family"] == "mlp" and card["supported_depths"] == [3]
-    assert card["zoo"]["size"] == 8 and card["zoo"]["val_networks"] == 2 and card["data"] == "digits"
+    (zoo,) = card["zoos"]
+    assert zoo["size"] == 8 and zoo["val_networks"] == 2 and zoo["dataset"] == "digits" and card["data"] == "digits"
     assert card["validation"]["metric"] == "barrier" and card["validation"]["barrier"] is not None
     assert card["steps"] >= 1 and (trained / "last.pt").is_file()
     model, _ = load_aligner(trained)

@@ -16,16 +16,22 @@ Examples:
 
   modelmerge train-aligner --zoo ./zoo -o ./my-aligner --data digits --epochs 20
 
+  modelmerge train-aligner --zoo ./digits-zoo --zoo ./mnist1d-zoo --data zoo -o ./mlp-aligner
+
   torchrun --nproc-per-node 2 -m modelmerge train-aligner --zoo ./zoo -o ./my-aligner --data digits
 """
 
 
 @handle_errors
 def train_aligner_command(
-    zoo: Annotated[Path, typer.Option("--zoo", help="Zoo folder made by `modelmerge zoo`.")],
+    zoo: Annotated[
+        list[Path], typer.Option("--zoo", help="Zoo folder made by `modelmerge zoo` (repeat for several zoos "
+                                 "of one family: widths, depths and datasets may differ).")
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder for the aligner.")],
     data: Annotated[
-        str | None, typer.Option("--data", help="Dataset for the LMC loss: digits | mnist1d | FILE (recommended).")
+        str | None, typer.Option("--data", help="Dataset for the LMC loss: digits | mnist1d | FILE, or 'zoo' "
+                                 "for each zoo's own dataset (recommended).")
     ] = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Network pairs per step.")] = 8,

@@ -14,8 +14,6 @@ from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
 
-import torch
-
 from modelmerge.deepalign.model import AlignerConfig, DeepAlign
 from modelmerge.errors import ModelMergeError
 
@@ -44,7 +42,12 @@ class AlignerWeights:
 
 
 def pretrained_dir() -> Path:
-    return Path(str(files("modelmerge") / "pretrained"))
+    """Where the bundled aligners are: the installed ``modelmerge.pretrained`` package,
+    or the repository's top-level ``pretrained/`` when running from a source tree."""
+    try:
+        return Path(str(files("modelmerge.pretrained")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "pretrained"
 
 
 @lru_cache(maxsize=1)
@@ -130,6 +133,3 @@ def load_aligner(name_or_path: str | Path) -> tuple[DeepAlign, dict]:
     weights = get_aligner(str(name_or_path))
     return _model_from_file(weights.path, weights.card), weights.card
 
-
-def aligner_dtype(model: DeepAlign) -> torch.dtype:
-    return next(model.parameters()).dtype

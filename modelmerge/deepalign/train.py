@@ -213,8 +213,52 @@ def _save_last(model: DeepAlign, opt, step: int, epoch: int, best: float, folder
     os.replace(tmp, folder / LAST_FILE)
 
 
+@dataclass
+class _Part:
+    """One zoo of a training run: its networks' split, data and validation pairs."""
+
+    zoo: Zoo
+    train_idx: list[int]
+    val_idx: list[int]
+    dataset: object | None
+    validator: Validator | None = None
+
+
+def _prepare(zoo_dirs, data, settings, rank) -> list[_Part]:
+    from modelmerge.zoo.data import load_dataset
+    from modelmerge.zoo.train import fit_inputs
+
+    parts = []
+    for i, folder in enumerate(zoo_dirs):
+        zoo = load_zoo_for_training(folder)
+        name = zoo.dataset if data == "zoo" else data
+        if data == "zoo" and not name:
+            raise ModelMergeError(f"zoo {folder} does not name its dataset; pass --data NAME")
+        dataset = fit_inputs(zoo.record, load_dataset(name)) if name else None
+        zoo.dataset = name
+        order = np.random.default_rng([settings.seed, i]).permutation(zoo.size)
+        n_val = max(2, int(round(zoo.size * settings.val_fraction)))
+        val_idx, train_idx = order[:n_val].tolist(), order[n_val:].tolist()
+        if len(train_idx) < 2:
+            raise ModelMergeError(f"zoo {folder} is too small to split; use a larger zoo or a smaller --val-fraction")
+        parts.append(_Part(zoo, train_idx, val_idx, dataset))
+    families = {family_of(p.zoo.chain) for p in parts}
+    if len(families) > 1:
+        raise ModelMergeError("the zoos mix MLP and CNN networks; train one aligner per family")
+    per_zoo = max(1, settings.val_pairs // len(parts))
+    if rank == 0:
+        for i, p in enumerate(parts):
+            p.validator = _make_validator(p.zoo, p.val_idx, per_zoo, p.dataset, settings.seed + i)
+    return parts
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
 def train_aligner(
-    zoo_dir: str | Path,
+    zoo_dirs: str | Path | list,
     out_dir: str | Path,
     *,
     settings: TrainSettings = TrainSettings(),
@@ -224,15 +268,16 @@ def train_aligner(
     on_step: Callable[[dict], None] | None = None,
     command: str = "",
 ) -> dict:
-    """Train an aligner on a zoo and write it to ``out_dir``.
+    """Train an aligner on one or more zoos of one family and write it to ``out_dir``.
 
     Args:
-        zoo_dir: a folder made by ``modelmerge zoo``.
+        zoo_dirs: folder(s) made by ``modelmerge zoo`` (different widths, depths and
+            datasets may be mixed; MLPs and CNNs may not).
         out_dir: output folder (created).
         settings: optimisation settings and loss weights.
-        config: aligner shape (family and depth are taken from the zoo).
-        data: dataset for the LMC loss and validation barrier; None trains with
-            the L2 and planted terms only.
+        config: aligner shape (family and depths are taken from the zoos).
+        data: dataset for the LMC loss and validation barrier, ``"zoo"`` for each
+            zoo's own dataset, or None to train with the L2 and planted terms only.
         resume: continue from ``out_dir/last.pt``.
         on_step: progress callback receiving a dict (step, total, losses, validation).
         command: the command line, recorded in the card.
@@ -243,19 +288,17 @@ def train_aligner(
     Raises:
         ModelMergeError: bad zoo, no loss left to train with, or nothing to resume.
     """
-    from modelmerge.zoo.data import load_dataset
-    from modelmerge.zoo.train import fit_inputs
-
     t_start = time.perf_counter()
     rank, world = _dist_info()
     out = Path(out_dir)
-    zoo = load_zoo_for_training(zoo_dir)
-    family = family_of(zoo.chain)
+    dirs = [zoo_dirs] if isinstance(zoo_dirs, (str, Path)) else list(zoo_dirs)
+    parts = _prepare(dirs, data, settings, rank)
+    family = family_of(parts[0].zoo.chain)
     base = config or AlignerConfig()
-    config = AlignerConfig(**{**base.to_dict(), "family": family, "depths": (len(zoo.chain.layers),),
+    depths = tuple(sorted({len(p.zoo.chain.layers) for p in parts}))
+    config = AlignerConfig(**{**base.to_dict(), "family": family, "depths": depths,
                               "conv_taps": tuple(base.conv_taps)})
-    dataset = fit_inputs(zoo.record, load_dataset(data)) if data else None
-    lmc_w = settings.lmc if dataset is not None else 0.0
+    lmc_w = settings.lmc if data is not None else 0.0
     if lmc_w == 0 and settings.l2 == 0 and settings.planted == 0:
         raise ModelMergeError("no loss to train with: pass --data for the LMC loss, or set --l2/--planted weights")
     torch.manual_seed(settings.seed)
@@ -274,30 +317,31 @@ def train_aligner(
     trained = model
     if world > 1:
         trained = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-
-    order = np.random.default_rng(settings.seed).permutation(zoo.size)
-    n_val = max(2, int(round(zoo.size * settings.val_fraction)))
-    val_idx, train_idx = order[:n_val].tolist(), order[n_val:].tolist()
-    if len(train_idx) < 2:
-        raise ModelMergeError(f"zoo {zoo_dir} is too small to split; use a larger zoo or a smaller --val-fraction")
-    validator = _make_validator(zoo, val_idx, settings.val_pairs, dataset, settings.seed) if rank == 0 else None
-    metric = "barrier" if dataset is not None else "l2"
-    steps_per_epoch = max(1, len(train_idx) // (settings.batch_size * world))
+    metric = "barrier" if lmc_w > 0 else "l2"
+    n_train = sum(len(p.train_idx) for p in parts)
+    steps_per_epoch = max(1, n_train // (settings.batch_size * world))
     total = steps_per_epoch * settings.epochs
-    rng = np.random.default_rng([settings.seed, rank, step])
-    gen = torch.Generator().manual_seed(settings.seed * 1000 + rank + step)
-    card = {}
+    weights = np.array([len(p.train_idx) for p in parts], dtype=float)
+    weights /= weights.sum()
+    card: dict = {}
+    history: list = []
+
+    def reference(key):
+        return _mean([getattr(p.validator, key) for p in parts])
 
     def write(final_val: dict) -> dict:
         card.update({
             "name": out.name, "family": family, "config": config.to_dict(),
             "supported_depths": list(config.depths), "parameters": model.num_parameters(),
-            "zoo": {"folder": str(zoo_dir), "size": zoo.size, "arch": zoo.record, "dataset": zoo.dataset,
-                    "train_networks": len(train_idx), "val_networks": len(val_idx)},
+            "zoos": [{"folder": str(p.zoo.folder), "size": p.zoo.size, "arch": p.zoo.record,
+                      "dataset": p.zoo.dataset, "seeds": [min(p.zoo.seeds), max(p.zoo.seeds)],
+                      "train_networks": len(p.train_idx), "val_networks": len(p.val_idx)} for p in parts],
             "data": data, "losses": {"lmc": lmc_w, "l2": settings.l2, "planted": settings.planted},
-            "settings": asdict(settings), "steps": step, "seconds": time.perf_counter() - t_start,
-            "validation": {**final_val, "metric": metric, "weight_matching_barrier": validator.wm_barrier,
-                           "weight_matching_l2": validator.wm_l2, "pairs": settings.val_pairs},
+            "settings": {**asdict(settings), "alpha_range": list(settings.alpha_range)},
+            "steps": step, "seconds": time.perf_counter() - t_start,
+            "validation": {**final_val, "metric": metric, "weight_matching_barrier": reference("wm_barrier"),
+                           "weight_matching_l2": reference("wm_l2"),
+                           "pairs": sum(len(next(iter(p.validator.a.values()))) for p in parts)},
             "command": command,
         })
         return card
@@ -305,9 +349,12 @@ def train_aligner(
     def validate_and_save(ep: int) -> dict:
         nonlocal best
         model.eval()
-        val = validator.score(model, zoo)
+        scores = [p.validator.score(model, p.zoo) for p in parts]
         model.train()
-        validator.history.append({"step": step, **val})
+        val = {"l2": _mean([x["l2"] for x in scores])}
+        if metric == "barrier":
+            val["barrier"] = _mean([x.get("barrier") for x in scores])
+        history.append({"step": step, **val})
         if val[metric] < best:
             best = val[metric]
             save_aligner(model, out, write({**val, "step": step}))
@@ -316,19 +363,25 @@ def train_aligner(
 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([settings.seed, rank, step])
+    gen = torch.Generator().manual_seed(settings.seed * 1000 + rank + step)
     model.train()
     val: dict = {}
+    ep = epoch0
     try:
         for ep in range(epoch0, settings.epochs):
             for _ in range(steps_per_epoch):
-                losses = _train_step(trained, model, zoo, train_idx, settings, dataset, lmc_w, rng, gen)
+                part = parts[rng.choice(len(parts), p=weights)]
+                losses = _train_step(trained, model, part.zoo, part.train_idx, settings, part.dataset, lmc_w, rng,
+                                     gen)
                 opt.zero_grad(set_to_none=True)
                 losses["loss"].backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip)
                 opt.step()
                 step += 1
                 if on_step is not None and rank == 0:
-                    on_step({"step": step, "total": total, **{k: float(v.detach()) for k, v in losses.items()}, **val})
+                    on_step({"step": step, "total": total, **{k: float(v.detach()) for k, v in losses.items()},
+                             **val})
             if rank == 0:
                 val = validate_and_save(ep + 1)
                 if on_step is not None:
@@ -341,11 +394,9 @@ def train_aligner(
             if not (out / ALIGNER_FILE).exists():
                 save_aligner(model, out, write({"interrupted": True}))
         raise
-    if rank == 0 and not (out / ALIGNER_FILE).exists():
-        save_aligner(model, out, write(val))
     if rank == 0:
         card = json.loads((out / CARD_FILE).read_text())
-        card["history"] = validator.history
+        card["history"] = card.get("history", []) + history if resume else history
         card["seconds"] = time.perf_counter() - t_start
         (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
     return card

@@ -1,0 +1,1 @@
+"""Bundled example checkpoints (see modelmerge.zoo.examples)."""
