@@ -116,16 +116,29 @@ class progress_bar:
         self.description = description
 
     def __enter__(self):
+        import time
+
         self._progress = None  # shown from the first update, so early errors print no empty bar
+        self._console = console()
+        self._last_line = time.monotonic()
         return self.update
 
     def update(self, done: int, total: int, info: str = "") -> None:
+        if not self._console.is_terminal:
+            # logs (a background job's stderr): a plain line every 15 s and at the end
+            import time
+
+            now = time.monotonic()
+            if now - self._last_line >= 15 or done >= total:
+                self._last_line = now
+                self._console.print(f"{self.description}: {done}/{total} {info}", soft_wrap=True)
+            return
         if self._progress is None:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._progress = Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                TextColumn("{task.fields[info]}"), console=console(),
+                TextColumn("{task.fields[info]}"), console=self._console,
             )
             self._progress.__enter__()
             self._task = self._progress.add_task(self.description, total=total, info="")
