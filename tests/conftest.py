@@ -91,3 +91,31 @@ def tiny_zoo(tmp_path_factory):
     make_zoo({"family": "mlp", "widths": [64, 16, 16, 10]}, "digits", 8, folder,
              config=TrainConfig(epochs=3, lr=3e-3))
     return folder
+
+
+def aligner_answer(aligner, a_state, b_state):
+    """The aligner's Hungarian answer for two state dicts of one chain."""
+    from modelmerge.spec import infer_chain
+    from modelmerge.weightspace import to_weight_space
+
+    chain = infer_chain(a_state)
+    return aligner.align(to_weight_space(chain, a_state), to_weight_space(chain, b_state))
+
+
+def check_equivariance(aligner, a, b, seed):
+    """True if permuting A by g and B by g' turns the answer k into g k g'^T (exactly)."""
+    from modelmerge.permutation import apply_permutation, random_permutation
+    from modelmerge.spec import infer_chain
+
+    chain = infer_chain(a)
+    spec = chain.spec(a)
+    gen = torch.Generator().manual_seed(seed)
+    g, g2 = random_permutation(spec, gen), random_permutation(spec, gen)
+    k = aligner_answer(aligner, a, b)
+    k2 = aligner_answer(aligner, apply_permutation(a, spec, g), apply_permutation(b, spec, g2))
+    for l in range(len(k)):
+        group = chain.group(l)
+        # A' unit i = A unit g[i] <-> B unit k[g[i]] = B' unit g2^-1[k[g[i]]]
+        if not torch.equal(k2[l], torch.argsort(g2[group])[k[l][g[group]]]):
+            return False
+    return True

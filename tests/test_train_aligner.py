@@ -43,6 +43,18 @@ def test_train_aligner_writes_weights_and_card(trained, tiny_zoo):
     assert card2["name"] == card["name"]
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_trained_aligner_keeps_both_symmetries(trained, seed):
+    from conftest import aligner_answer, check_equivariance, mlp
+
+    model, _ = load_aligner(trained)
+    model = model.double()
+    a, b = mlp([30, 20, 12, 4], seed=seed).double().state_dict(), mlp([30, 20, 12, 4], seed=seed + 9).double().state_dict()
+    assert check_equivariance(model, a, b, seed)
+    k_ab, k_ba = aligner_answer(model, a, b), aligner_answer(model, b, a)
+    assert all(torch.equal(torch.argsort(p), q) for p, q in zip(k_ab, k_ba))
+
+
 def test_resume_continues_the_step_count(trained, tmp_path, tiny_zoo):
     out = tmp_path / "al"
     shutil.copytree(trained, out)
