@@ -68,7 +68,8 @@ def train_aligner_command(
     if world > 1:
         import torch.distributed as dist
 
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # training runs on the CPU: gloo for CPU tensors, plus nccl for CUDA ones where CUDA exists
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     con = console()
     l2_w, planted_w = l2, planted
     if data is None and l2_w == 0 and planted_w == 0:
