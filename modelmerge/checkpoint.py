@@ -16,7 +16,8 @@ import pickle
 import re
 import tempfile
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -359,10 +360,28 @@ def save_checkpoint(
     out = check_output_path(output, inputs, force)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    with atomic_path(out) as tmp:
+        save_file(tensors, tmp, metadata=meta)
+    return out
+
+
+@contextmanager
+def atomic_path(out: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path in ``out``'s folder; rename it to ``out`` if the block succeeds.
+
+    On any failure the temporary file is removed and ``out`` is untouched.
+
+    Raises:
+        OutputError: the file cannot be created, written or renamed.
+    """
+    out = Path(out)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    except OSError as e:
+        raise OutputError(f"cannot write {out}: {e.strerror or e}; check the folder and permissions") from None
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=meta)
+        yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, out)
     except OSError as e:
@@ -370,7 +389,6 @@ def save_checkpoint(
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return out
 
 
 def _umask() -> int:

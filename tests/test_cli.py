@@ -36,7 +36,8 @@ def pair(save_sd):
 def test_align_writes_verified_permuted_b_and_report(pair, tmp_path):
     a, b = pair
     out, merged, report = tmp_path / "out.safetensors", tmp_path / "m.safetensors", tmp_path / "r.json"
-    r = run("align", a, b, "-o", out, "--merged", merged, "--report", report, "--seed", 3)
+    r = run("align", a, b, "-o", out, "--merged", merged, "--report", report, "--seed", 3,
+            "--method", "weight-matching")
     assert r.exit_code == 0, r.output
     data = json.loads(report.read_text())
     assert {"method", "permutations", "objective", "iterations", "seconds", "verified"} <= set(data)
@@ -56,9 +57,26 @@ def test_align_writes_verified_permuted_b_and_report(pair, tmp_path):
 
 def test_align_json_goes_to_stdout(pair, tmp_path):
     a, b = pair
-    r = run("align", a, b, "-o", tmp_path / "o.safetensors", "--json")
+    r = run("align", a, b, "-o", tmp_path / "o.safetensors", "--json", "--method", "weight-matching")
     assert r.exit_code == 0
     assert json.loads(r.stdout)["method"] == "weight-matching"
+
+
+def test_auto_uses_the_bundled_aligner_in_its_family(pair, tmp_path):
+    a, b = pair  # a 3-layer MLP: the bundled MLP aligner covers depths 3 and 4
+    r = run("align", a, b, "-o", tmp_path / "o.safetensors", "--json")
+    report = json.loads(r.stdout)
+    assert report["method"] == "deep-align" and report["aligner"] == "deepalign-mlp-v1"
+    assert "learned" in report["seconds"] and report["verified"]["forward"] == "chain"
+
+
+def test_auto_falls_back_to_weight_matching_and_says_why(save_sd, tmp_path):
+    a = save_sd(mlp((12, 16, 5), seed=0).state_dict(), "a2.safetensors")  # 2 layers: not covered
+    b = save_sd(mlp((12, 16, 5), seed=1).state_dict(), "b2.safetensors")
+    r = run("align", a, b, "-o", tmp_path / "o.safetensors", "--json")
+    report = json.loads(r.stdout)
+    assert report["method"] == "weight-matching"
+    assert any("no bundled aligner covers a 2-layer MLP" in n for n in report["notes"])
 
 
 def test_align_cnn_with_spec_file(save_sd, tmp_path):

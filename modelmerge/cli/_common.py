@@ -90,23 +90,11 @@ def print_json(data: Any) -> None:
 
 def write_json(path: Path, data: Any, inputs: list[str], force: bool) -> None:
     """Write JSON atomically with the same safety rules as checkpoints."""
-    import tempfile
-
-    from modelmerge.checkpoint import check_output_path
-    from modelmerge.errors import OutputError
+    from modelmerge.checkpoint import atomic_path, check_output_path
 
     out = check_output_path(path, inputs, force, suffix=".json")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, out)
-    except OSError as e:
-        raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(out) as tmp:
+        Path(tmp).write_text(json.dumps(data, indent=2) + "\n")
 
 
 class progress_bar:

@@ -80,10 +80,9 @@ def _require_matplotlib() -> None:
 
 def save_plot(curve, path: Path, title: str) -> None:
     """Write loss and accuracy against alpha as a PNG (atomically)."""
-    import os
-    import tempfile
-
     import matplotlib
+
+    from modelmerge.checkpoint import atomic_path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -95,12 +94,8 @@ def save_plot(curve, path: Path, title: str) -> None:
     ax2.set(xlabel="alpha", ylabel="accuracy")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=Path(path).parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)

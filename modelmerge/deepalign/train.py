@@ -197,20 +197,20 @@ def _dist_info() -> tuple[int, int]:
 
 def save_aligner(model: DeepAlign, folder: Path, card: Mapping) -> None:
     """Write ``aligner.safetensors`` and ``aligner.json`` atomically."""
-    from modelmerge.checkpoint import save_checkpoint
+    from modelmerge.checkpoint import atomic_path, save_checkpoint
 
     state = {k: v.detach().float() for k, v in model.state_dict().items()}
     save_checkpoint(state, folder / ALIGNER_FILE, {"modelmerge.aligner": json.dumps(card)}, force=True)
-    tmp = folder / (CARD_FILE + ".tmp")
-    tmp.write_text(json.dumps(card, indent=2) + "\n")
-    os.replace(tmp, folder / CARD_FILE)
+    with atomic_path(folder / CARD_FILE) as tmp:
+        Path(tmp).write_text(json.dumps(card, indent=2) + "\n")
 
 
 def _save_last(model: DeepAlign, opt, step: int, epoch: int, best: float, folder: Path) -> None:
-    tmp = folder / (LAST_FILE + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": epoch,
-                "best": best}, tmp)
-    os.replace(tmp, folder / LAST_FILE)
+    from modelmerge.checkpoint import atomic_path
+
+    with atomic_path(folder / LAST_FILE) as tmp:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": epoch,
+                    "best": best}, tmp)
 
 
 @dataclass
@@ -398,7 +398,10 @@ def train_aligner(
         card = json.loads((out / CARD_FILE).read_text())
         card["history"] = card.get("history", []) + history if resume else history
         card["seconds"] = time.perf_counter() - t_start
-        (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+        from modelmerge.checkpoint import atomic_path
+
+        with atomic_path(out / CARD_FILE) as tmp:
+            Path(tmp).write_text(json.dumps(card, indent=2) + "\n")
     return card
 
 

@@ -9,13 +9,11 @@ rerun with other settings is refused instead of mixing two zoos.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
-from modelmerge.checkpoint import META_PREFIX, load_checkpoint, save_checkpoint
+from modelmerge.checkpoint import META_PREFIX, atomic_path, load_checkpoint, save_checkpoint
 from modelmerge.errors import CheckpointError, ModelMergeError, OutputError
 from modelmerge.zoo.archs import record_to_json, validate_record
 from modelmerge.zoo.data import load_dataset
@@ -30,11 +28,8 @@ def model_file(i: int) -> str:
 
 
 def _write_index(folder: Path, index: Mapping) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".zoo.", suffix=".tmp", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        json.dump(index, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, folder / INDEX)
+    with atomic_path(folder / INDEX) as tmp:
+        Path(tmp).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def read_index(folder: str | Path) -> dict:
