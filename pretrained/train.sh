@@ -3,7 +3,7 @@
 # deepalign-mlp-v1 and deepalign-cnn-v1 with torchrun (DDP, gloo). Run from the repository root on a
 # many-core machine, e.g.: bash pretrained/train.sh ./out 0.85 10 4 330 200
 # (the released ones: a lent 16-core machine, 10 + 4 ranks, 330 s of training each).
-# usage: bash .device/train.sh OUT SCALE NPROC_MLP NPROC_CNN TRAIN_SECONDS EPOCHS
+# usage: bash pretrained/train.sh OUT SCALE NPROC_MLP NPROC_CNN TRAIN_SECONDS EPOCHS
 set -u
 OUT=$1; S=$2; NM=$3; NC=$4; SECS=$5; EP=$6
 python3 -m pip install --no-deps -q "${MNIST1D_WHEEL:-mnist1d}" 2>/dev/null || true
