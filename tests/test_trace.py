@@ -1,0 +1,87 @@
+"""Traced specs: function preserved under random permutations, planted recovery, and the limits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from archs import ResidualMLP, ResNetish, Untraceable, VGGish, WithConcat
+
+from modelmerge.errors import SpecError
+from modelmerge.matching import weight_matching
+from modelmerge.permutation import apply_permutation, invert_permutation, random_permutation
+from modelmerge.trace import trace_spec
+
+MODELS = {
+    "vgg": (VGGish, (1, 8, 8)),
+    "resnet": (ResNetish, (1, 8, 8)),
+    "residual-mlp": (ResidualMLP, (64,)),
+}
+
+
+def _randomise_bn(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2)
+                m.weight.normal_()
+                m.bias.normal_()
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_traced_spec_preserves_function(name, seed):
+    cls, shape = MODELS[name]
+    torch.manual_seed(seed)
+    model = _randomise_bn(cls())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = trace_spec(model).spec
+    spec.check(state)
+    assert spec.groups  # something is permutable
+    perm = random_permutation(spec, torch.Generator().manual_seed(seed))
+    x = torch.randn(5, *shape)
+    with torch.no_grad():
+        y = model(x)
+        model.load_state_dict(apply_permutation(state, spec, perm))
+        torch.testing.assert_close(model(x), y, rtol=1e-4, atol=1e-5)
+
+
+def test_residual_add_ties_the_stream():
+    spec = trace_spec(ResidualMLP()).spec
+    stream = spec.axes["embed.weight"][0]
+    assert spec.axes["blocks.0.3.weight"][0] == stream and spec.axes["blocks.1.3.weight"][0] == stream
+    assert spec.axes["blocks.0.0.weight"] == (stream,) and spec.axes["out.weight"] == (None, stream)
+    hidden = spec.axes["blocks.0.1.weight"][0]
+    assert hidden != stream and spec.axes["blocks.0.3.weight"][1] == hidden
+
+
+def test_projection_shortcut_joins_the_second_stage():
+    spec = trace_spec(ResNetish()).spec
+    stage2 = spec.axes["layer2.0.shortcut.0.weight"][0]
+    assert spec.axes["layer2.0.bn2.weight"] == (stage2,) and spec.axes["layer2.1.conv2.weight"][0] == stage2
+    assert spec.axes["layer2.0.shortcut.0.weight"][1] == spec.axes["stem.weight"][0]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_weight_matching_recovers_planted_permutation(name):
+    cls, _ = MODELS[name]
+    torch.manual_seed(3)
+    state = _randomise_bn(cls()).state_dict()
+    spec = trace_spec(cls()).spec
+    perm = random_permutation(spec, torch.Generator().manual_seed(4))
+    found, _ = weight_matching(state, apply_permutation(state, spec, perm), spec)
+    expected = invert_permutation(perm)
+    assert all(torch.equal(found[g], expected[g]) for g in spec.groups)
+
+
+def test_untraceable_model_points_to_spec():
+    with pytest.raises(SpecError, match="cannot trace Untraceable.*--spec"):
+        trace_spec(Untraceable())
+
+
+def test_unknown_op_holds_its_groups_fixed_and_warns():
+    result = trace_spec(WithConcat())
+    assert result.spec.axes["a.weight"][0] is None and result.spec.axes["b.weight"][0] is None
+    assert result.spec.axes["c.weight"][0] is not None  # untouched by the concatenation
+    assert any("cat" in w for w in result.warnings)
