@@ -37,17 +37,32 @@ def choose_spec(
     state: Mapping[str, torch.Tensor],
     spec: PermutationSpec | None = None,
     record: Mapping | None = None,
+    model=None,
 ) -> SpecChoice:
-    """The given spec (checked against ``state``) or one inferred from the state dict.
+    """The given spec (checked against ``state``), the traced one, or one inferred from the state dict.
 
-    The forward used for verification is the record's real model when an
-    architecture record is given, else the inferred chain's generic forward; a
-    given spec that differs from the inferred chain's gets no generic forward.
+    The forward used for verification is ``--model``'s real forward when a
+    model is given (a :class:`~modelmerge.trace.ModelSpec`; its traced spec is
+    used unless a spec is given), else the record's real model, else the
+    inferred chain's generic forward; a given spec that differs from the
+    inferred chain's gets no generic forward.
 
     Raises:
         SpecError: inference fails (and no spec was given), or the spec does not fit.
         ArchError: the record does not fit the state dict.
     """
+    if model is not None:
+        from modelmerge.trace import model_forward
+
+        forward = model_forward(model.model, model.input_shape)
+        chosen = spec if spec is not None else model.spec
+        chosen.check(state)
+        try:
+            chain = infer_chain(state)
+            chain = chain if chain.spec(state) == chosen else None
+        except SpecError:
+            chain = None
+        return SpecChoice(chosen, "file" if spec is not None else "traced", chain, forward)
     forward = None
     if record is not None:
         from modelmerge.zoo.archs import module_from_state
@@ -138,6 +153,7 @@ def align(
     *,
     spec: PermutationSpec | None = None,
     record: Mapping | None = None,
+    model=None,
     method: str = "auto",
     aligner: str | None = None,
     refine: str = "none",
@@ -151,6 +167,8 @@ def align(
         a, b: state dicts of one architecture.
         spec: the permutation spec; inferred from A when None.
         record: A's architecture record, if known: verification then runs the real model.
+        model: a :class:`~modelmerge.trace.ModelSpec` from ``--model``: its traced spec
+            (unless ``spec`` is given) and its real forward for verification.
         method: ``"auto"`` (the bundled learned aligner when the network is in its
             family and depth, else weight matching), ``"weight-matching"`` or
             ``"deep-align"``.
@@ -179,8 +197,8 @@ def align(
     if refine == "lmc" and data is None:
         raise ModelMergeError("--refine lmc needs --data (a dataset name or file)")
     check_same_architecture(a, b)
-    choice = choose_spec(a, spec, record)
-    notes: list[str] = []
+    choice = choose_spec(a, spec, record, model)
+    notes: list[str] = [f"traced: {w}" for w in (model.warnings if model is not None else [])]
     seconds: dict[str, float] = {}
     model = card = None
     if method in ("auto", "deep-align"):

@@ -354,3 +354,47 @@ def find_input_shape(model: nn.Module, given: tuple[int, ...] | None = None) -> 
         except Exception:  # noqa: BLE001 - any failure means "not this shape"
             continue
     raise ModelMergeError("cannot find an input shape the model accepts; pass --input-shape, e.g. 1,28,28")
+
+
+def model_forward(model: nn.Module, input_shape: tuple[int, ...] | None = None):
+    """A :class:`~modelmerge.forward.Forward` running ``model`` (its real forward) on any state dict."""
+    from modelmerge.forward import Forward
+
+    shape = find_input_shape(model, input_shape)
+
+    def run(state, x):
+        model.load_state_dict(dict(state))
+        with torch.no_grad():
+            return model.eval()(x)
+
+    return Forward("model", run, lambda n, g: torch.randn((n, *shape), generator=g))
+
+
+@dataclass
+class ModelSpec:
+    """What ``--model`` gives: the built model, its traced spec and the tracer's warnings."""
+
+    model: nn.Module
+    spec: PermutationSpec
+    warnings: list[str]
+    input_shape: tuple[int, ...]
+
+
+def from_model_option(
+    target: str, kwargs_json: str | None, state: Mapping[str, torch.Tensor], input_shape: str | None = None
+) -> ModelSpec:
+    """Build ``--model`` for ``state``, trace its spec and find an input shape.
+
+    Raises:
+        ModelMergeError: import, build, strict load, trace or input-shape problems.
+    """
+    shape = None
+    if input_shape:
+        try:
+            shape = tuple(int(v) for v in input_shape.split(","))
+        except ValueError:
+            raise ModelMergeError(f"--input-shape must be comma-separated integers like 1,28,28; got {input_shape!r}")
+    model = build_model(target, kwargs_json, state)
+    traced = trace_spec(model)
+    model.load_state_dict(dict(state))  # tracing does not change weights; keep the loaded ones explicit
+    return ModelSpec(model, traced.spec, traced.warnings, find_input_shape(model, shape))

@@ -35,6 +35,15 @@ Threads = Annotated[
                  help="Torch CPU threads (default: env MODELMERGE_THREADS, else the command's measured best; "
                       "see docs/benchmarks.md)."),
 ]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", help="Model class pkg.module:Class (current folder importable): traced spec and "
+                 "real forward."),
+]
+ModelKwargs = Annotated[str | None, typer.Option("--model-kwargs", help="JSON keyword arguments for --model.")]
+InputShape = Annotated[
+    str | None, typer.Option("--input-shape", help="One input's shape for --model, e.g. 1,28,28 (else guessed).")
+]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout instead of a table.")]
 
 
@@ -135,3 +144,30 @@ class progress_bar:
     def __exit__(self, *exc) -> None:
         if self._progress is not None:
             self._progress.__exit__(*exc)
+
+
+def model_option(model: str | None, model_kwargs: str | None, input_shape: str | None, state):
+    """The :class:`~modelmerge.trace.ModelSpec` for ``--model`` (None without it)."""
+    from modelmerge.errors import ModelMergeError
+
+    if model is None:
+        if model_kwargs is not None or input_shape is not None:
+            raise ModelMergeError("--model-kwargs and --input-shape need --model")
+        return None
+    from modelmerge.trace import from_model_option
+
+    return from_model_option(model, model_kwargs, state, input_shape)
+
+
+def reset_bn_module(record, model_spec, state):
+    """(module, input shape) to run a BN reset with: --model's, or the record's."""
+    from modelmerge.errors import ModelMergeError
+
+    if model_spec is not None:
+        return model_spec.model, model_spec.input_shape
+    if record is not None:
+        from modelmerge.zoo.archs import input_shape, module_from_state
+
+        return module_from_state(record, state), input_shape(record)
+    raise ModelMergeError("--reset-bn needs the model's forward: pass --model (or use a checkpoint with an "
+                          "architecture record)")

@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 
 from modelmerge.cli._common import (
-    Force, JsonOut, Revision, Seed, SpecFile, Threads, console, handle_errors, print_json,
-    set_threads, write_json,
+    Force, InputShape, JsonOut, ModelKwargs, ModelOpt, Revision, Seed, SpecFile, Threads, console,
+    handle_errors, model_option, print_json, reset_bn_module, set_threads, write_json,
 )
 
 EXAMPLES = """
@@ -49,6 +49,12 @@ def align_command(
                                  "also try weight matching and LMC refinement and keep the best merge.")
     ] = None,
     spec: SpecFile = None,
+    model: ModelOpt = None,
+    model_kwargs: ModelKwargs = None,
+    input_shape: InputShape = None,
+    reset_bn: Annotated[
+        bool, typer.Option("--reset-bn", help="Recompute the merge's BatchNorm statistics on --data (train split).")
+    ] = False,
     report: Annotated[Path | None, typer.Option("--report", help="Write the JSON report here.")] = None,
     json_out: JsonOut = False,
     seed: Seed = 0,
@@ -69,6 +75,8 @@ def align_command(
         raise ModelMergeError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
     if refine not in REFINES:
         raise ModelMergeError(f"unknown --refine {refine!r}; choose one of {', '.join(REFINES)}")
+    if reset_bn and (merged is None or data is None):
+        raise ModelMergeError("--reset-bn needs --merged (the model to reset) and --data (the data to reset on)")
     if refine != "none" and method == "weight-matching":
         raise ModelMergeError("--refine applies to the learned answer; use --method deep-align or auto")
     inputs = [a, b]
@@ -86,16 +94,24 @@ def align_command(
     given_spec = PermutationSpec.load(spec) if spec is not None else None
     ck_a = load_checkpoint(a, revision)
     ck_b = load_checkpoint(b, revision)
-    result = align(ck_a.state, ck_b.state, spec=given_spec, record=ck_a.arch, method=method, aligner=aligner,
-                   refine=refine, data=data, seed=seed, max_iter=max_iter)
+    model_spec = model_option(model, model_kwargs, input_shape, ck_a.state)
+    result = align(ck_a.state, ck_b.state, spec=given_spec, record=ck_a.arch, model=model_spec, method=method,
+                   aligner=aligner, refine=refine, data=data, seed=seed, max_iter=max_iter)
 
     meta = provenance(result.method, ck_a, ck_b)
     if ck_b.arch is not None:
         meta["modelmerge.arch"] = ck_b.metadata["modelmerge.arch"]
     save_checkpoint(result.aligned, output, meta, inputs, force)
     if merged is not None:
-        save_checkpoint(interpolate(ck_a.state, result.aligned, alpha), merged,
-                        {**meta, "modelmerge.alpha": str(alpha)}, inputs, force)
+        mixed = interpolate(ck_a.state, result.aligned, alpha)
+        if reset_bn:
+            from modelmerge.bnreset import inputs_for, reset_bn_state
+            from modelmerge.zoo.data import load_dataset
+
+            module, shape = reset_bn_module(ck_a.arch, model_spec, ck_a.state)
+            mixed = reset_bn_state(mixed, module, inputs_for(load_dataset(data), shape)[0])
+        save_checkpoint(mixed, merged, {**meta, "modelmerge.alpha": str(alpha),
+                                        "modelmerge.reset_bn": str(reset_bn).lower()}, inputs, force)
     data = result.report()
     data["seconds"]["total"] = time.perf_counter() - t0
     data["inputs"] = {"a": ck_a.source, "b": ck_b.source, "a_sha256": ck_a.sha256, "b_sha256": ck_b.sha256}

@@ -14,6 +14,8 @@ from modelmerge.cli.evaluate import EXAMPLES as EVALUATE_EXAMPLES
 from modelmerge.cli.evaluate import evaluate_command
 from modelmerge.cli.inspect import inspect_command
 from modelmerge.cli.interpolate import interpolate_command
+from modelmerge.cli.spec import EXAMPLES as SPEC_EXAMPLES
+from modelmerge.cli.spec import spec_command
 from modelmerge.cli.train_aligner import EXAMPLES as TRAIN_EXAMPLES
 from modelmerge.cli.train_aligner import train_aligner_command
 from modelmerge.cli.zoo import EXAMPLES as ZOO_EXAMPLES
@@ -49,6 +51,7 @@ def _root(
 app.command("align", epilog=ALIGN_EXAMPLES)(align_command)
 app.command("interpolate")(interpolate_command)
 app.command("inspect")(inspect_command)
+app.command("spec", epilog=SPEC_EXAMPLES)(spec_command)
 app.command("zoo", epilog=ZOO_EXAMPLES)(zoo_command)
 app.command("evaluate", epilog=EVALUATE_EXAMPLES)(evaluate_command)
 app.command("demo")(demo_command)

@@ -7,7 +7,10 @@ from typing import Annotated
 
 import typer
 
-from modelmerge.cli._common import Force, JsonOut, Revision, Threads, console, handle_errors, print_json, set_threads
+from modelmerge.cli._common import (
+    Force, InputShape, JsonOut, ModelKwargs, ModelOpt, Revision, Threads, console, handle_errors, model_option,
+    print_json, reset_bn_module, set_threads,
+)
 
 EXAMPLES = """
 Examples:
@@ -26,6 +29,13 @@ def evaluate_command(
     alphas: Annotated[int, typer.Option("--alphas", min=2, help="Evenly spaced alphas in [0, 1].")] = 11,
     split: Annotated[str, typer.Option("--split", help="test | train")] = "test",
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of loss and accuracy curves.")] = None,
+    reset_bn: Annotated[
+        bool, typer.Option("--reset-bn", help="Recompute BatchNorm statistics of every interpolated model on the "
+                           "train split before measuring it.")
+    ] = False,
+    model: ModelOpt = None,
+    model_kwargs: ModelKwargs = None,
+    input_shape: InputShape = None,
     json_out: JsonOut = False,
     revision: Revision = None,
     threads: Threads = None,
@@ -47,10 +57,15 @@ def evaluate_command(
     set_threads(threads)
     ck_a, ck_b = load_checkpoint(a, revision), load_checkpoint(b, revision)
     check_same_architecture(ck_a.state, ck_b.state)
-    metric, note = metric_for(ck_a.state, ck_a.arch, load_dataset(dataset), split)
+    model_spec = model_option(model, model_kwargs, input_shape, ck_a.state)
+    ds = load_dataset(dataset)
+    if model_spec is not None or reset_bn:
+        metric, note = _module_metric(ck_a, model_spec, ds, split, reset_bn), None
+    else:
+        metric, note = metric_for(ck_a.state, ck_a.arch, ds, split)
     curve = interpolation_curve(ck_a.state, ck_b.state, metric, alphas)
-    data = {"a": ck_a.source, "b": ck_b.source, "dataset": dataset, "split": split, **curve.to_dict(),
-            "notes": [note] if note else []}
+    data = {"a": ck_a.source, "b": ck_b.source, "dataset": dataset, "split": split, "reset_bn": reset_bn,
+            **curve.to_dict(), "notes": [note] if note else []}
     if plot is not None:
         save_plot(curve, plot, f"{Path(a).name} -> {Path(b).name} ({dataset}, {split})")
         data["plot"] = str(plot)
@@ -67,6 +82,24 @@ def evaluate_command(
     con.print(f"loss barrier {curve.barrier:.4f}   AUC {curve.auc:.4f}" + (f"   plot {plot}" if plot else ""))
     if note:
         con.print(f"note: {note}")
+
+
+def _module_metric(ck_a, model_spec, ds, split: str, reset_bn: bool):
+    """(loss, accuracy) through --model's or the record's module, optionally after a BN reset."""
+    from modelmerge.bnreset import inputs_for, reset_bn_state
+    from modelmerge.zoo.train import evaluate_model
+
+    module, shape = reset_bn_module(ck_a.arch, model_spec, ck_a.state)
+    x, y = inputs_for(ds, shape, split)
+    x_train = inputs_for(ds, shape, "train")[0] if reset_bn else None
+
+    def metric(state):
+        if reset_bn:
+            state = reset_bn_state(state, module, x_train)
+        module.load_state_dict(dict(state))
+        return evaluate_model(module, x, y)
+
+    return metric
 
 
 def _require_matplotlib() -> None:

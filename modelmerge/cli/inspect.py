@@ -6,13 +6,18 @@ from typing import Annotated
 
 import typer
 
-from modelmerge.cli._common import JsonOut, Revision, SpecFile, console, handle_errors, print_json
+from modelmerge.cli._common import (
+    InputShape, ModelKwargs, ModelOpt, Revision, SpecFile, console, handle_errors, model_option, print_json,
+)
 
 
 @handle_errors
 def inspect_command(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint file or hub id.")],
     spec: SpecFile = None,
+    model: ModelOpt = None,
+    model_kwargs: ModelKwargs = None,
+    input_shape: InputShape = None,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the spec as JSON (the --spec file format) on stdout.")
     ] = False,
@@ -24,7 +29,8 @@ def inspect_command(
     from modelmerge.spec import PermutationSpec
 
     ck = load_checkpoint(checkpoint, revision)
-    choice = choose_spec(ck.state, PermutationSpec.load(spec) if spec is not None else None, ck.arch)
+    model_spec = model_option(model, model_kwargs, input_shape, ck.state)
+    choice = choose_spec(ck.state, PermutationSpec.load(spec) if spec is not None else None, ck.arch, model_spec)
     s = choice.spec
     if json_out:
         print_json(s.to_dict())
@@ -45,3 +51,5 @@ def inspect_command(
     con.print(table)
     con.print(f"fixed (no group): {', '.join(s.fixed) or 'none'}")
     con.print("input and output units are never permuted")
+    for w in model_spec.warnings if model_spec is not None else []:
+        con.print(f"traced: {w}")

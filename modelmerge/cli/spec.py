@@ -1,0 +1,47 @@
+"""``modelmerge spec``: write the permutation spec of a model or checkpoint for reuse and editing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from modelmerge.cli._common import (
+    Force, InputShape, ModelKwargs, ModelOpt, Revision, console, handle_errors, model_option, write_json,
+)
+
+EXAMPLES = """
+Examples:
+
+  modelmerge spec a.safetensors --model mymodels:ResNet20 -o resnet20.spec.json
+
+  modelmerge spec a.safetensors -o spec.json        (inferred from the state dict)
+"""
+
+
+@handle_errors
+def spec_command(
+    checkpoint: Annotated[str, typer.Argument(help="A checkpoint of the model (file or hub id).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the spec (.json).")],
+    model: ModelOpt = None,
+    model_kwargs: ModelKwargs = None,
+    input_shape: InputShape = None,
+    revision: Revision = None,
+    force: Force = False,
+) -> None:
+    """Trace (--model) or infer the permutation spec and write it as JSON (docs/spec-format.md)."""
+    from modelmerge.align import choose_spec
+    from modelmerge.checkpoint import check_output_path, load_checkpoint
+
+    check_output_path(output, [checkpoint], force, suffix=".json")
+    ck = load_checkpoint(checkpoint, revision)
+    model_spec = model_option(model, model_kwargs, input_shape, ck.state)
+    choice = choose_spec(ck.state, None, ck.arch, model_spec)
+    write_json(output, choice.spec.to_dict(), [checkpoint], force)
+    con = console()
+    units = sum(choice.spec.groups.values())
+    con.print(f"wrote {output}: {choice.source} spec, {len(choice.spec.groups)} groups, {units} units, "
+              f"{len(choice.spec.fixed)} fixed parameters")
+    for w in model_spec.warnings if model_spec is not None else []:
+        con.print(f"traced: {w}")
