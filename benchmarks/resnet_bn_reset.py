@@ -60,7 +60,7 @@ def cli(*args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=15)
-    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--width", type=int, default=32)
     args = ap.parse_args()
     torch.set_num_threads(1)
     kwargs = json.dumps({"width": args.width})

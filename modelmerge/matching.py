@@ -41,6 +41,19 @@ class MatchInfo:
     converged: bool
 
 
+_STATISTICS = ("running_mean", "running_var")
+
+
+def _counts(name: str, t: torch.Tensor) -> bool:
+    """Whether a tensor enters the objective: floating-point weights, not BatchNorm statistics.
+
+    Statistics are still permuted; leaving them out of the objective was measured to
+    give better merges of BatchNorm ResNets (docs/benchmarks.md), and matches Git
+    Re-Basin, whose Flax models keep them apart from the parameters.
+    """
+    return t.is_floating_point() and not name.endswith(_STATISTICS)
+
+
 def _matrix(t: torch.Tensor, axis: int, n: int) -> np.ndarray:
     # (..., n*k, ...) -> (n, k * rest): rows are the group's units, blocks kept together
     return t.movedim(axis, 0).reshape(n, -1).to(torch.float64).numpy()
@@ -50,11 +63,11 @@ def alignment_objective(
     a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], spec: PermutationSpec,
     perm: Mapping[str, torch.Tensor] | None = None,
 ) -> float:
-    """``sum_p <A_p, P(B)_p>`` over floating-point parameters (the weight-matching objective)."""
+    """``sum_p <A_p, P(B)_p>`` over floating-point parameters, BatchNorm statistics excluded."""
     perm = perm if perm is not None else identity_permutation(spec)
     total = 0.0
     for p, ax in spec.axes.items():
-        if a[p].is_floating_point():
+        if _counts(p, a[p]):
             pb = permute_param(b[p], ax, perm)
             total += float(torch.sum(a[p].to(torch.float64) * pb.to(torch.float64)))
     return total
@@ -92,7 +105,7 @@ def weight_matching(
     check_permutation(spec, perm)
     groups = list(spec.groups)
     members = {
-        g: [(p, ax) for p, ax in spec.members(g) if a[p].is_floating_point()] for g in groups
+        g: [(p, ax) for p, ax in spec.members(g) if _counts(p, a[p])] for g in groups
     }
     a_rows = {(p, ax): _matrix(a[p], ax, spec.groups[g]) for g in groups for p, ax in members[g]}
     before = alignment_objective(a, b, spec, perm)
