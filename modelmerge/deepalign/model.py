@@ -133,11 +133,12 @@ def _scaling_sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
     # that the scalings stay finite in float32
     shifted = logits - logits.amax(2, keepdim=True)
     k = torch.exp(shifted.clamp_min(-30.0))
-    v = torch.ones_like(k[:, 0, :])
+    kt = k.transpose(1, 2)
+    v = torch.ones_like(k[:, 0, :, None])  # (N, n, 1); bmm beats einsum's overhead at these sizes
     for _ in range(iters):
-        u = 1.0 / torch.einsum("nij,nj->ni", k, v).clamp_min(1e-30)
-        v = 1.0 / torch.einsum("nij,ni->nj", k, u).clamp_min(1e-30)
-    return u[:, :, None] * k * v[:, None, :]
+        u = 1.0 / torch.bmm(k, v).clamp_min(1e-30)
+        v = 1.0 / torch.bmm(kt, u).clamp_min(1e-30)
+    return u * k * v.transpose(1, 2)
 
 
 def _sym_sinkhorn(logits: torch.Tensor, iters: int = 10) -> torch.Tensor:
