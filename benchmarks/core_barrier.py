@@ -60,7 +60,8 @@ def main() -> None:
             pa, pb, po = (Path(tmp) / f"{n}{i}.safetensors" for n in ("a", "b", "b_aligned"))
             for m, p in ((ma, pa), (mb, pb)):
                 save_checkpoint(m.state, p, {"modelmerge.arch": record_to_json(RECORD)})
-            cmd = [sys.executable, "-m", "modelmerge", "align", str(pa), str(pb), "-o", str(po), "--json"]
+            cmd = [sys.executable, "-m", "modelmerge", "align", str(pa), str(pb), "-o", str(po), "--json",
+                   "--method", "weight-matching"]
             report = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
             aligned = load_checkpoint(po).state
             naive = interpolation_curve(ma.state, mb.state, metric, 11)
