@@ -19,7 +19,6 @@ import math
 import os
 import platform
 import statistics
-import time
 from datetime import date
 
 import torch
@@ -83,9 +82,7 @@ def main() -> None:
     for i in range(args.pairs):
         a, b = models[2 * i].state, models[2 * i + 1].state
         for m in methods:
-            t = time.perf_counter()
             aligned, secs = run_method(m, a, b, record, args.aligner, dataset_name, seed=i)
-            elapsed = time.perf_counter() - t
             curve = interpolation_curve(a, aligned, metric, 11)
             rows[m]["barrier"].append(curve.barrier)
             rows[m]["auc"].append(curve.auc)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from modelmerge.spec import Chain, Norm
 
 
-def _spatial_shape(k: int, dims: int) -> tuple[int, ...]:
+def spatial_shape(k: int, dims: int) -> tuple[int, ...]:
     """A feature-map shape with ``prod == k`` for ``dims`` spatial dimensions."""
     if dims == 1:
         return (k,)
@@ -68,8 +68,8 @@ def chain_forward(chain: Chain, state: Mapping[str, torch.Tensor], x: torch.Tens
         if layer.kind == "linear":
             if x.ndim > 2:
                 dims = x.ndim - 2
-                x = F.adaptive_avg_pool3d(x, _spatial_shape(chain.blocks[i], 3)) if dims == 3 else (
-                    F.adaptive_avg_pool2d(x, _spatial_shape(chain.blocks[i], 2)) if dims == 2
+                x = F.adaptive_avg_pool3d(x, spatial_shape(chain.blocks[i], 3)) if dims == 3 else (
+                    F.adaptive_avg_pool2d(x, spatial_shape(chain.blocks[i], 2)) if dims == 2
                     else F.adaptive_avg_pool1d(x, chain.blocks[i]))
                 x = x.flatten(1)  # (N, C, *s) -> (N, C * prod(s)), channel-major like nn.Flatten
             x = F.linear(x, w, b)

@@ -393,7 +393,8 @@ def from_model_option(
         try:
             shape = tuple(int(v) for v in input_shape.split(","))
         except ValueError:
-            raise ModelMergeError(f"--input-shape must be comma-separated integers like 1,28,28; got {input_shape!r}")
+            raise ModelMergeError(
+                f"--input-shape must be comma-separated integers like 1,28,28; got {input_shape!r}") from None
     model = build_model(target, kwargs_json, state)
     traced = trace_spec(model)
     model.load_state_dict(dict(state))  # tracing does not change weights; keep the loaded ones explicit

@@ -37,6 +37,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from modelmerge.errors import ModelMergeError
+from modelmerge.forward import spatial_shape
 from modelmerge.weightspace import WeightSpace
 
 ROLES_EDGE = ("first", "middle", "last", "only")
@@ -172,12 +173,6 @@ def _cross_costs(a: tuple, b: tuple, soft: list[torch.Tensor]) -> list[torch.Ten
         c = c + ba[l - 1][:, :, None] * bb[l - 1][:, None, :]
         out.append(_standardise(c))
     return out
-
-
-def _grid(k: int) -> tuple[int, int]:
-    """A 2-d shape with ``prod == k``, as square as possible."""
-    h = max(d for d in range(1, math.isqrt(k) + 1) if k % d == 0)
-    return h, k // h
 
 
 class _Mix(nn.Module):
@@ -352,7 +347,7 @@ class DeepAlign(nn.Module):
             else:
                 if kind == "flatten":
                     s_len = w.shape[-1]
-                    pooled = F.adaptive_avg_pool2d(x.flatten(0, 1), _grid(s_len)) if x.ndim == 5 else \
+                    pooled = F.adaptive_avg_pool2d(x.flatten(0, 1), spatial_shape(s_len, 2)) if x.ndim == 5 else \
                         F.adaptive_avg_pool1d(x.flatten(0, 1), s_len)
                     x = pooled.reshape(n, x.shape[1], -1)  # (N, K, C*s), channel-major
                 z = torch.baddbmm(b[:, None, :], x, w.reshape(n, w.shape[1], -1).transpose(1, 2))  # (N, K, out)
