@@ -99,3 +99,19 @@ def test_untraceable_model_is_one_line(tmp_path, save_sd, monkeypatch):
     a = save_sd(Untraceable().state_dict(), "u.safetensors")
     r = run("inspect", a, "--model", "archs:Untraceable")
     assert r.exit_code == 1 and "cannot trace" in r.stderr and "--spec" in r.stderr
+
+
+def test_wrong_spec_is_caught_by_the_real_forward(resnets, tmp_path):
+    """A spec that fits every shape but breaks the function: an error, and no file written."""
+    a, b = resnets
+    good = tmp_path / "good.json"
+    assert run("spec", a, "--model", "archs:ResNetish", "-o", good).exit_code == 0
+    spec = json.loads(good.read_text())
+    stem = spec["params"]["stem.weight"][0]
+    spec["params"]["layer1.0.conv1.weight"][1] = None  # the block no longer follows the stem's permutation
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(spec))
+    assert stem is not None
+    out = tmp_path / "o.safetensors"
+    r = run("align", a, b, "-o", out, "--spec", bad, "--model", "archs:ResNetish", "--method", "weight-matching")
+    assert r.exit_code == 1 and "outputs differ" in r.stderr and not out.exists()
