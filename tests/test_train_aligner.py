@@ -68,6 +68,15 @@ def test_resume_continues_the_step_count(trained, tmp_path, tiny_zoo):
     assert json.loads((out / "aligner.json").read_text())["history"][-1]["step"] == 2 * steps
 
 
+def test_init_starts_from_an_existing_aligner(trained, tiny_zoo, tmp_path):
+    out = tmp_path / "fine"
+    r = runner.invoke(app, ["train-aligner", "--zoo", str(tiny_zoo), "-o", str(out), "--data", "digits",
+                            "--init", str(trained), *TINY])
+    assert r.exit_code == 0, r.output
+    card = json.loads((out / "aligner.json").read_text())
+    assert card["init"] == json.loads((trained / "aligner.json").read_text())["name"]
+
+
 def test_without_data_trains_on_l2_and_says_so(tiny_zoo, tmp_path):
     r = runner.invoke(app, ["train-aligner", "--zoo", str(tiny_zoo), "-o", str(tmp_path / "al"), *TINY])
     assert r.exit_code == 0, r.output

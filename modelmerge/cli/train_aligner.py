@@ -49,6 +49,10 @@ def train_aligner_command(
     unroll: Annotated[int, typer.Option("--unroll", min=0, help="Unrolled soft-matching iterations.")] = 3,
     seed: Seed = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT/last.pt.")] = False,
+    init: Annotated[
+        str | None, typer.Option("--init", help="Start from an aligner's weights and shape (bundled name or "
+                                 "trained folder/file), e.g. to fine-tune a bundled one.")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Train into a folder that already holds an aligner.")] = False,
     threads: Threads = None,
 ) -> None:
@@ -91,8 +95,8 @@ def train_aligner_command(
                     text += f" | val l2 {info['l2']:.4f}"
                 bar(info["step"], info["total"], text)
 
-            card = train_aligner(zoo, output, settings=settings, config=config, data=data, resume=resume,
-                                 on_step=on_step if rank == 0 else None, command=command)
+            card = train_aligner(zoo, output, settings=settings, config=None if init else config, data=data,
+                                 resume=resume, init=init, on_step=on_step if rank == 0 else None, command=command)
     except KeyboardInterrupt:
         if rank == 0:
             sys.stderr.write(f"modelmerge: interrupted; the last checkpoint is in {output} (resume with --resume)\n")

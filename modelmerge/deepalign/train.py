@@ -264,6 +264,7 @@ def train_aligner(
     config: AlignerConfig | None = None,
     data: str | None = None,
     resume: bool = False,
+    init: str | Path | None = None,
     on_step: Callable[[dict], None] | None = None,
     command: str = "",
 ) -> dict:
@@ -278,6 +279,8 @@ def train_aligner(
         data: dataset for the LMC loss and validation barrier, ``"zoo"`` for each
             zoo's own dataset, or None to train with the L2 and planted terms only.
         resume: continue from ``out_dir/last.pt``.
+        init: start from this aligner's weights and shape (a bundled name or a
+            trained folder/file), e.g. to fine-tune a bundled aligner on new zoos.
         on_step: progress callback receiving a dict (step, total, losses, validation).
         command: the command line, recorded in the card.
 
@@ -293,6 +296,15 @@ def train_aligner(
     dirs = [zoo_dirs] if isinstance(zoo_dirs, (str, Path)) else list(zoo_dirs)
     parts = _prepare(dirs, data, settings, rank)
     family = family_of(parts[0].zoo.chain)
+    start = None
+    if init is not None:
+        from modelmerge.deepalign.pretrained import load_aligner
+
+        start, start_card = load_aligner(init)
+        if start.config.family != family:
+            raise ModelMergeError(f"--init {init} is a {start.config.family.upper()} aligner but the zoos hold "
+                                  f"{family.upper()}s")
+        config = start.config
     base = config or AlignerConfig()
     depths = tuple(sorted({len(p.zoo.chain.layers) for p in parts}))
     config = AlignerConfig(**{**base.to_dict(), "family": family, "depths": depths,
@@ -302,6 +314,8 @@ def train_aligner(
         raise ModelMergeError("no loss to train with: pass --data for the LMC loss, or set --l2/--planted weights")
     torch.manual_seed(settings.seed)
     model = DeepAlign(config)
+    if start is not None:
+        model.load_state_dict(start.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     step = epoch0 = 0
     best = math.inf
@@ -341,7 +355,7 @@ def train_aligner(
             "validation": {**final_val, "metric": metric, "weight_matching_barrier": reference("wm_barrier"),
                            "weight_matching_l2": reference("wm_l2"),
                            "pairs": sum(len(next(iter(p.validator.a.values()))) for p in parts)},
-            "command": command,
+            "command": command, "init": start_card.get("name") if start is not None else None,
         })
         return card
 
