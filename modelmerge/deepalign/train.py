@@ -48,11 +48,12 @@ VAL_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Optimisation settings of ``train-aligner`` (paper: AdamW 5e-4/5e-4, clip 1.0)."""
+    """Optimisation settings of ``train-aligner`` (the paper used AdamW lr 5e-4; 2e-3 trained
+    this small aligner faster in the same CPU time), weight decay 5e-4, clip 1.0."""
 
     epochs: int = 10
     batch_size: int = 8
-    lr: float = 5e-4
+    lr: float = 2e-3
     weight_decay: float = 5e-4
     val_fraction: float = 0.1
     val_pairs: int = 16
