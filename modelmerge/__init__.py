@@ -36,6 +36,10 @@ _LAZY = {
     "identity_permutation": "modelmerge.permutation",
     "weight_matching": "modelmerge.matching",
     "interpolate": "modelmerge.merge",
+    "align": "modelmerge.align",
+    "trace_spec": "modelmerge.trace",
+    "load_aligner": "modelmerge.deepalign.pretrained",
+    "list_aligners": "modelmerge.deepalign.pretrained",
     "ModelMergeError": "modelmerge.errors",
 }
 
