@@ -209,6 +209,8 @@ def align(
     candidates = None
     t1 = time.perf_counter()
     if model is None:
+        if refine != "none" or dataset is not None:
+            notes.append("--refine/--data apply to a learned answer; weight matching used them for nothing")
         perm, info = weight_matching(a, b, choice.spec, seed=seed, max_iter=max_iter)
         used = "weight-matching"
         seconds["weight_matching"] = time.perf_counter() - t1
