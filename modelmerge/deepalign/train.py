@@ -18,7 +18,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -152,7 +152,6 @@ class Validator:
     y: torch.Tensor | None
     wm_barrier: float | None = None
     wm_l2: float | None = None
-    history: list = field(default_factory=list)
 
     def score(self, model: DeepAlign, zoo: Zoo) -> dict:
         aligned = apply_hard(zoo, self.b, align_stacked(model, zoo, self.a, self.b))
@@ -386,8 +385,7 @@ def train_aligner(
         for ep in range(epoch0, settings.epochs):
             for _ in range(steps_per_epoch):
                 part = parts[rng.choice(len(parts), p=weights)]
-                losses = _train_step(trained, model, part.zoo, part.train_idx, settings, part.dataset, lmc_w, rng,
-                                     gen)
+                losses = _train_step(trained, part.zoo, part.train_idx, settings, part.dataset, lmc_w, rng, gen)
                 opt.zero_grad(set_to_none=True)
                 losses["loss"].backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip)
@@ -419,7 +417,7 @@ def train_aligner(
     return card
 
 
-def _train_step(trained, model: DeepAlign, zoo: Zoo, train_idx, settings, dataset, lmc_w, rng, gen) -> dict:
+def _train_step(trained, zoo: Zoo, train_idx, settings, dataset, lmc_w, rng, gen) -> dict:
     """One optimisation step's losses (not yet backpropagated).
 
     Regular pairs (two different networks) and planted pairs (a network and an
