@@ -98,6 +98,13 @@ def test_mixed_zoo_is_refused(tiny_zoo, tmp_path):
     assert r.exit_code == 1 and "mixes architectures" in r.stderr
 
 
+def test_output_that_is_a_file(tiny_zoo, tmp_path):
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    r = runner.invoke(app, ["train-aligner", "--zoo", str(tiny_zoo), "-o", str(f), "--data", "digits", *TINY])
+    assert r.exit_code == 1 and "is a file" in r.stderr and f.read_text() == "x"
+
+
 def test_not_a_zoo(tmp_path):
     r = runner.invoke(app, ["train-aligner", "--zoo", str(tmp_path), "-o", str(tmp_path / "al")])
     assert r.exit_code == 1 and "not a zoo" in r.stderr

@@ -375,7 +375,12 @@ def train_aligner(
         return val
 
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            from modelmerge.errors import OutputError
+
+            raise OutputError(f"cannot create aligner folder {out}: {e.strerror}; choose another -o") from None
     rng = np.random.default_rng([settings.seed, rank, step])
     gen = torch.Generator().manual_seed(settings.seed * 1000 + rank + step)
     model.train()
