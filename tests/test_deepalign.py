@@ -9,9 +9,10 @@ from conftest import VGGish, aligner_answer, check_equivariance, mlp
 from modelmerge.deepalign.model import AlignerConfig, DeepAlign, OutOfFamilyError
 
 
-def _aligner(equivariant=True, family="mlp", seed=0):
+def _aligner(equivariant=True, family="mlp", seed=0, weighted_costs=False):
     torch.manual_seed(seed)
-    return DeepAlign(AlignerConfig(family=family, equivariant=equivariant)).double().eval()
+    cfg = AlignerConfig(family=family, equivariant=equivariant, weighted_costs=weighted_costs)
+    return DeepAlign(cfg).double().eval()
 
 
 def _pair(widths, seed):
@@ -33,6 +34,14 @@ def test_swapping_a_and_b_transposes_the_answer(seed):
     k_ab, k_ba = aligner_answer(aligner, a, b), aligner_answer(aligner, b, a)
     for p, q in zip(k_ab, k_ba):
         assert torch.equal(torch.argsort(p), q)  # transpose of a permutation matrix = its inverse
+
+
+def test_weighted_costs_variant_keeps_both_symmetries():
+    a, b = _pair([20, 24, 16, 5], 3)
+    aligner = _aligner(weighted_costs=True, seed=3)
+    assert check_equivariance(aligner, a, b, 3)
+    assert all(torch.equal(torch.argsort(p), q)
+               for p, q in zip(aligner_answer(aligner, a, b), aligner_answer(aligner, b, a)))
 
 
 def test_negative_control_breaks_equivariance():

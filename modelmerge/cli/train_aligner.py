@@ -47,6 +47,10 @@ def train_aligner_command(
     layers: Annotated[int, typer.Option("--layers", min=0, help="Encoder layers.")] = 2,
     probes: Annotated[int, typer.Option("--probes", min=0, help="Probe inputs (0: none).")] = 64,
     unroll: Annotated[int, typer.Option("--unroll", min=0, help="Unrolled soft-matching iterations.")] = 3,
+    weighted_costs: Annotated[
+        bool, typer.Option("--weighted-costs", help="Learn per-term weights and input-unit importance in the "
+                           "unrolled iterations (works with --init).")
+    ] = False,
     seed: Seed = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT/last.pt.")] = False,
     init: Annotated[
@@ -85,7 +89,8 @@ def train_aligner_command(
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                              val_fraction=val_fraction, val_pairs=val_pairs, seed=seed, l2=l2_w, planted=planted_w,
                              alpha_range=(alpha_min, alpha_max))
-    config = AlignerConfig(channels=channels, layers=layers, probes=probes, unroll=unroll)
+    config = AlignerConfig(channels=channels, layers=layers, probes=probes, unroll=unroll,
+                           weighted_costs=weighted_costs)
     command = "modelmerge " + " ".join(sys.argv[1:])
     try:
         with progress_bar("training aligner") as bar:
@@ -97,7 +102,7 @@ def train_aligner_command(
                     text += f" | val l2 {info['l2']:.4f}"
                 bar(info["step"], info["total"], text)
 
-            card = train_aligner(zoo, output, settings=settings, config=None if init else config, data=data,
+            card = train_aligner(zoo, output, settings=settings, config=config, data=data,
                                  resume=resume, init=init, on_step=on_step if rank == 0 else None, command=command)
     except KeyboardInterrupt:
         if rank == 0:

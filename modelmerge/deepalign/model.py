@@ -67,6 +67,9 @@ class AlignerConfig:
             network itself accepts any depth >= 2, `auto` only trusts these.
         conv_taps: kernel tap counts with a dedicated embedding (9 = 3x3, 3 = 3-tap 1-d).
         unroll: soft weight-matching iterations after the first affinity (0: none).
+        weighted_costs: learn, in the unrolled iterations, separate weights for the
+            incoming, outgoing and bias terms and a per-input-unit importance for the
+            first layer (read from both networks' input-node features).
         equivariant: False builds the deliberately broken negative control, whose
             affinity prefers units with the same index.
     """
@@ -80,6 +83,7 @@ class AlignerConfig:
     depths: tuple[int, ...] = (4,)
     conv_taps: tuple[int, ...] = (9, 3)
     unroll: int = 3
+    weighted_costs: bool = False
     equivariant: bool = True
 
     def to_dict(self) -> dict:
@@ -149,11 +153,13 @@ def _sym_sinkhorn(logits: torch.Tensor, iters: int = 10) -> torch.Tensor:
     return 0.5 * (both[:n] + both[n:].transpose(1, 2))
 
 
-def _cross_costs(a: tuple, b: tuple, soft: list[torch.Tensor]) -> list[torch.Tensor]:
+def _cross_costs(a: tuple, b: tuple, soft: list[torch.Tensor], weights=None, importance=None) -> list[torch.Tensor]:
     """Weight-matching cost of every hidden layer given its neighbours' soft permutations.
 
     For hidden layer l: ``W_A,in · P_{l-1} · W_B,in^T + W_A,out^T · P_{l+1} · W_B,out + b_A b_B^T``
     (summed over kernel taps), standardised. Inputs and outputs are fixed (identity).
+    With ``weights`` (incoming, outgoing, bias) each term is standardised and weighted;
+    ``importance [N, n_0]`` weights the first layer's input units.
     """
     wa, ba, _ = a
     wb, bb, _ = b
@@ -162,16 +168,23 @@ def _cross_costs(a: tuple, b: tuple, soft: list[torch.Tensor]) -> list[torch.Ten
     for l in range(1, n_layers):
         w_in_a, w_in_b = wa[l - 1], wb[l - 1]  # (N, n_l, n_{l-1}, T)
         if l == 1:
-            c = torch.einsum("nikt,njkt->nij", w_in_a, w_in_b)
+            if importance is not None:
+                c_in = torch.einsum("nikt,nk,njkt->nij", w_in_a, importance, w_in_b)
+            else:
+                c_in = torch.einsum("nikt,njkt->nij", w_in_a, w_in_b)
         else:
-            c = torch.einsum("nikt,nkq,njqt->nij", w_in_a, soft[l - 2], w_in_b)
+            c_in = torch.einsum("nikt,nkq,njqt->nij", w_in_a, soft[l - 2], w_in_b)
         w_out_a, w_out_b = wa[l], wb[l]  # (N, n_{l+1}, n_l, T)
         if l == n_layers - 1:
-            c = c + torch.einsum("nkit,nkjt->nij", w_out_a, w_out_b)
+            c_out = torch.einsum("nkit,nkjt->nij", w_out_a, w_out_b)
         else:
-            c = c + torch.einsum("nkit,nkq,nqjt->nij", w_out_a, soft[l], w_out_b)
-        c = c + ba[l - 1][:, :, None] * bb[l - 1][:, None, :]
-        out.append(_standardise(c))
+            c_out = torch.einsum("nkit,nkq,nqjt->nij", w_out_a, soft[l], w_out_b)
+        c_bias = ba[l - 1][:, :, None] * bb[l - 1][:, None, :]
+        if weights is None:
+            out.append(_standardise(c_in + c_out + c_bias))
+        else:
+            out.append(_standardise(weights[0] * _standardise(c_in) + weights[1] * _standardise(c_out)
+                                    + weights[2] * _standardise(c_bias)))
     return out
 
 
@@ -252,6 +265,11 @@ class DeepAlign(nn.Module):
         self.unroll_temp = nn.Parameter(torch.full((t,), math.log(10.0)))
         self.unroll_keep = nn.Parameter(torch.full((t,), 0.5))
         self.unroll_cost = nn.Parameter(torch.full((t,), 3.0))
+        if config.weighted_costs:
+            self.term_weights = nn.Parameter(torch.ones(t, 3))  # incoming, outgoing, bias per iteration
+            self.input_importance = nn.Linear(c, 1)  # starts at softplus(0.5413) = 1 for every input
+            nn.init.zeros_(self.input_importance.weight)
+            nn.init.constant_(self.input_importance.bias, math.log(math.e - 1))
         # negative control only: a learned preference for matching units at the same index
         self.position_scale = None if config.equivariant else nn.Parameter(torch.tensor(10.0))
 
@@ -359,7 +377,7 @@ class DeepAlign(nn.Module):
             x = F.relu(z)
         return out
 
-    def features(self, a: tuple, b: tuple) -> list[tuple[torch.Tensor, ...]]:
+    def features(self, a: tuple, b: tuple) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor]:
         """Matching features of every hidden layer of A and B.
 
         Args:
@@ -367,9 +385,10 @@ class DeepAlign(nn.Module):
                 :func:`modelmerge.weightspace.stacked_weight_space`), ``N`` pairs.
 
         Returns:
-            Per hidden layer, ``(F_A, F_B, Z_A, Z_B)``: L2-normalised encoder
-            features ``[N, n_l, D]`` and standardised probe responses
-            ``[N, n_l, samples]`` (None without probes).
+            ``(per_layer, v0)``: per hidden layer ``(F_A, F_B, Z_A, Z_B)``, the
+            L2-normalised encoder features ``[N, n_l, D]`` and standardised probe
+            responses ``[N, n_l, samples]`` (None without probes); and the input
+            nodes' features of A and B summed, ``[N, n_0, C]``.
         """
         enc_a, enc_b = self.encode(*a), self.encode(*b)
         za = zb = None
@@ -381,7 +400,7 @@ class DeepAlign(nn.Module):
             fa, fb = (F.normalize(self.readout(torch.cat([V[l], E[l - 1].mean(2), E[l].mean(1)], -1)), dim=-1)
                       for E, V in (enc_a, enc_b))
             feats.append((fa, fb, None if za is None else za[l - 1], None if zb is None else zb[l - 1]))
-        return feats
+        return feats, enc_a[1][0] + enc_b[1][0]
 
     def forward(self, a: tuple, b: tuple) -> list[torch.Tensor]:
         """Affinity logits per hidden layer: ``[N, n_l (A), n_l (B)]``.
@@ -394,14 +413,20 @@ class DeepAlign(nn.Module):
         per-layer term), with learned temperatures and mixing weights.
         """
         scores = []
-        for fa, fb, za, zb in self.features(a, b):
+        feats, v0 = self.features(a, b)
+        weights = importance = None
+        if self.config.weighted_costs:
+            importance = F.softplus(self.input_importance(v0))[..., 0]  # (N, n_0), symmetric in A and B
+        for fa, fb, za, zb in feats:
             s = self.log_scale.exp() * _standardise(torch.einsum("nid,njd->nij", fa, fb))
             if za is not None:  # correlation of probe responses (activation matching on probes)
                 s = s + self.probe_scale.exp() * _standardise(torch.einsum("nis,njs->nij", za, zb))
             scores.append(s)
         for t in range(self.config.unroll):
             soft = [_sym_sinkhorn(s * self.unroll_temp[t].exp()) for s in scores]
-            costs = _cross_costs(a, b, soft)
+            if self.config.weighted_costs:
+                weights = self.term_weights[t]
+            costs = _cross_costs(a, b, soft, weights, importance)
             scores = [self.unroll_keep[t] * s + self.unroll_cost[t] * c for s, c in zip(scores, costs)]
         if self.position_scale is not None:  # negative control: unit indices leak into the answer
             pos = [torch.linspace(0, 1, s.shape[-1], dtype=s.dtype) for s in scores]

@@ -304,7 +304,9 @@ def train_aligner(
         if start.config.family != family:
             raise ModelMergeError(f"--init {init} is a {start.config.family.upper()} aligner but the zoos hold "
                                   f"{family.upper()}s")
-        config = start.config
+        # keep the starting aligner's shape; only switch on weighted costs if asked to
+        wants = bool(config is not None and config.weighted_costs)
+        config = AlignerConfig(**{**start.config.to_dict(), "weighted_costs": start.config.weighted_costs or wants})
     base = config or AlignerConfig()
     depths = tuple(sorted({len(p.zoo.chain.layers) for p in parts}))
     config = AlignerConfig(**{**base.to_dict(), "family": family, "depths": depths,
@@ -315,7 +317,10 @@ def train_aligner(
     torch.manual_seed(settings.seed)
     model = DeepAlign(config)
     if start is not None:
-        model.load_state_dict(start.state_dict())
+        missing, unexpected = model.load_state_dict(start.state_dict(), strict=False)
+        new_parts = ("term_weights", "input_importance")
+        if unexpected or any(not k.startswith(new_parts) for k in missing):
+            raise ModelMergeError(f"--init {init} does not fit the aligner being trained")
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     step = epoch0 = 0
     best = math.inf
