@@ -1,6 +1,6 @@
 """DEEP-ALIGN: a permutation-equivariant network that reads two networks and aligns them.
 
-``F = project ∘ affinity ∘ readout ∘ encoder``:
+``F = project ∘ affinity ∘ (readout, probes) ∘ encoder``:
 
 * **encoder** (shared by A and B): layers over the canonical weight space
   (:mod:`modelmerge.weightspace`). Each layer holds edge features
@@ -11,13 +11,17 @@
   weights with role embeddings (first / middle / last layer, input / hidden /
   output nodes) let one aligner serve any depth. No parameter's shape depends
   on a width or on the input or output size.
-* **probes** (MLP family): learned probe inputs generated per input unit from
-  the encoder's input-node features of A and B together, run through both
-  networks; each hidden unit's standardised responses join its features. This
-  lets the aligner do a learned form of activation matching without data.
+* **probes**: fixed Gaussian inputs (drawn for whatever input size the
+  network has) with a learned scale and offset per input unit or channel, read
+  from both networks' input-node features; each hidden unit's standardised
+  pre-activations on them are its probe response (a learned, data-free form of
+  activation matching).
 * **readout**: per hidden unit, ``[V_l, mean of incoming edges, mean of outgoing
-  edges, probe responses] -> MLP -> L2-normalised feature``.
-* **affinity**: ``S_l = scale * F_A F_B^T`` (rows: A's units, columns: B's).
+  edges] -> MLP -> L2-normalised feature``.
+* **affinity**: per hidden layer, a learned mix of the features' cosine
+  ``F_A F_B^T`` and the probe responses' correlation (rows: A's units), then
+  ``unroll`` soft weight-matching iterations that add each layer's
+  cross-network cost given its neighbours' soft permutations.
 * **projection**: log-domain Sinkhorn while training, the Hungarian algorithm
   at inference.
 
