@@ -14,7 +14,6 @@ import torch
 
 from modelmerge.errors import DataError
 
-BUILTIN = ("digits", "mnist1d")
 
 
 @dataclass(frozen=True)
