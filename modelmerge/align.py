@@ -119,7 +119,7 @@ class AlignResult:
 
 
 def _learned(model, chain: Chain, a, b):
-    """The learned answer and its affinities, keyed by group."""
+    """The learned answer, keyed by group."""
     from modelmerge.deepalign.model import hungarian
     from modelmerge.weightspace import to_weight_space
 
@@ -129,13 +129,12 @@ def _learned(model, chain: Chain, a, b):
     pack = lambda ws: ([w[None].to(dtype) for w in ws.weights], [x[None].to(dtype) for x in ws.biases], ws.kinds)  # noqa: E731
     with torch.no_grad():
         logits = model(pack(ws_a), pack(ws_b))
-    perm = {chain.group(l): hungarian(s[0]) for l, s in enumerate(logits)}
-    return perm, {chain.group(l): s[0] for l, s in enumerate(logits)}
+    return {chain.group(l): hungarian(s[0]) for l, s in enumerate(logits)}
 
 
 def _merged_loss(a, b, spec, chain, record, perm, data) -> float:
-    """Loss of the α = 0.5 merge on a held-back training batch (how `auto --data` ranks answers)."""
-    from modelmerge.deepalign.refine import builder_layout
+    """Loss of the α = 0.5 merge on the selection batch (how `auto --data` ranks answers)."""
+    from modelmerge.deepalign.refine import builder_layout, selection_batch
     from modelmerge.merge import interpolate
     from modelmerge.zoo.archs import module_from_state
     from modelmerge.zoo.train import evaluate_model
@@ -143,8 +142,8 @@ def _merged_loss(a, b, spec, chain, record, perm, data) -> float:
     record, key_map = builder_layout(chain, a, record)
     merged = interpolate(a, apply_permutation(b, spec, perm), 0.5)
     state = {bk: merged[k] for bk, k in key_map.items()}
-    model = module_from_state(record, state)
-    return evaluate_model(model, data.x_train[-512:], data.y_train[-512:])[0]
+    with torch.no_grad():
+        return evaluate_model(module_from_state(record, state), *selection_batch(data))[0]
 
 
 def align(
@@ -206,21 +205,22 @@ def align(
         if model is None:
             notes.append(f"auto: {why}; using weight matching")
     dataset = _dataset_for(data, choice, a, record) if data is not None else None
-    candidates = None
+    candidates = info = None
     t1 = time.perf_counter()
-    if model is None:
+    if model is None and method == "auto" and dataset is not None:
+        perm, used, candidates = _auto_with_data(a, b, choice, record, None, dataset, seed, max_iter, seconds)
+    elif model is None:
         if refine != "none" or dataset is not None:
             notes.append("--refine/--data apply to a learned answer; weight matching used them for nothing")
         perm, info = weight_matching(a, b, choice.spec, seed=seed, max_iter=max_iter)
         used = "weight-matching"
         seconds["weight_matching"] = time.perf_counter() - t1
     else:
-        perm, logits = _learned(model, choice.chain, a, b)
+        perm = _learned(model, choice.chain, a, b)
         seconds["learned"] = time.perf_counter() - t1
         used = "deep-align"
         if method == "auto" and dataset is not None:
-            perm, used, candidates = _auto_with_data(a, b, choice, record, perm, logits, dataset, seed, max_iter,
-                                                     seconds)
+            perm, used, candidates = _auto_with_data(a, b, choice, record, perm, dataset, seed, max_iter, seconds)
         elif refine == "wm":
             t = time.perf_counter()
             perm, _ = weight_matching(a, b, choice.spec, seed=seed, max_iter=max_iter, init=perm)
@@ -230,10 +230,10 @@ def align(
             from modelmerge.deepalign.refine import refine_lmc
 
             t = time.perf_counter()
-            perm, _ = refine_lmc(a, b, choice.spec, choice.chain, dataset, perm, record=record,
-                                 init_logits=logits, seed=seed)
+            perm, _ = refine_lmc(a, b, choice.spec, choice.chain, dataset, perm, record=record, seed=seed)
             seconds["refine"] = time.perf_counter() - t
             used = "deep-align+lmc"
+    if info is None:  # the weight-matching objective of whatever answer won, for the report
         info = MatchInfo(alignment_objective(a, b, choice.spec), alignment_objective(a, b, choice.spec, perm), 0,
                          True)
     t2 = time.perf_counter()
@@ -291,18 +291,25 @@ def _dataset_for(data: str, choice: SpecChoice, a, record):
     return fit_inputs(rec, load_dataset(data))
 
 
-def _auto_with_data(a, b, choice, record, learned, logits, dataset, seed, max_iter, seconds):
-    """Learned, weight matching and learned+LMC; keep the lowest merged loss at α = 0.5."""
+def _auto_with_data(a, b, choice, record, learned, dataset, seed, max_iter, seconds):
+    """Candidates scored by the α = 0.5 merge's loss on the selection batch; the lowest wins.
+
+    With a learned answer: it, weight matching, and its LMC refinement. Without one
+    (outside every aligner's family): weight matching and its LMC refinement.
+    """
     from modelmerge.deepalign.refine import refine_lmc
 
     t = time.perf_counter()
     wm, _ = weight_matching(a, b, choice.spec, seed=seed, max_iter=max_iter)
     seconds["weight_matching"] = time.perf_counter() - t
+    options = {"weight-matching": wm}
+    if learned is not None:
+        options["deep-align"] = learned
+    base = "deep-align" if learned is not None else "weight-matching"
     t = time.perf_counter()
-    lmc, _ = refine_lmc(a, b, choice.spec, choice.chain, dataset, learned, record=record, init_logits=logits,
-                        seed=seed)
+    options[f"{base}+lmc"], _ = refine_lmc(a, b, choice.spec, choice.chain, dataset, options[base], record=record,
+                                           seed=seed)
     seconds["refine"] = time.perf_counter() - t
-    options = {"deep-align": learned, "weight-matching": wm, "deep-align+lmc": lmc}
     scores = {k: _merged_loss(a, b, choice.spec, choice.chain, record, p, dataset) for k, p in options.items()}
     best = min(scores, key=scores.get)
     return options[best], best, scores
