@@ -132,18 +132,13 @@ def _learned(model, chain: Chain, a, b):
     return {chain.group(l): hungarian(s[0]) for l, s in enumerate(logits)}
 
 
-def _merged_loss(a, b, spec, chain, record, perm, data) -> float:
+def _merged_loss(a, b, spec, perm, task) -> float:
     """Loss of the α = 0.5 merge on the selection batch (how `auto --data` ranks answers)."""
-    from modelmerge.deepalign.refine import builder_layout, selection_batch
-    from modelmerge.merge import interpolate
-    from modelmerge.zoo.archs import module_from_state
-    from modelmerge.zoo.train import evaluate_model
+    from modelmerge.deepalign.refine import merged_loss, selection_batch
 
-    record, key_map = builder_layout(chain, a, record)
-    merged = interpolate(a, apply_permutation(b, spec, perm), 0.5)
-    state = {bk: merged[k] for bk, k in key_map.items()}
+    forward, dataset = task
     with torch.no_grad():
-        return evaluate_model(module_from_state(record, state), *selection_batch(data))[0]
+        return float(merged_loss(forward, a, apply_permutation(b, spec, perm), *selection_batch(dataset)))
 
 
 def align(
@@ -199,18 +194,18 @@ def align(
     choice = choose_spec(a, spec, record, model)
     notes: list[str] = [f"traced: {w}" for w in (model.warnings if model is not None else [])]
     seconds: dict[str, float] = {}
-    model = card = None
+    model_spec, model, card = model, None, None
     if method in ("auto", "deep-align"):
         model, card, why = _pick_aligner(choice, a, method, aligner)
         if model is None:
             notes.append(f"auto: {why}; using weight matching")
-    dataset = _dataset_for(data, choice, a, record) if data is not None else None
+    task = _task_for(data, choice, a, record, model_spec) if data is not None else None
     candidates = info = None
     t1 = time.perf_counter()
-    if model is None and method == "auto" and dataset is not None:
-        perm, used, candidates = _auto_with_data(a, b, choice, record, None, dataset, seed, max_iter, seconds)
+    if model is None and method == "auto" and task is not None:
+        perm, used, candidates = _auto_with_data(a, b, choice, task, None, seed, max_iter, seconds)
     elif model is None:
-        if refine != "none" or dataset is not None:
+        if refine != "none" or task is not None:
             notes.append("--refine/--data apply to a learned answer; weight matching used them for nothing")
         perm, info = weight_matching(a, b, choice.spec, seed=seed, max_iter=max_iter)
         used = "weight-matching"
@@ -219,8 +214,8 @@ def align(
         perm = _learned(model, choice.chain, a, b)
         seconds["learned"] = time.perf_counter() - t1
         used = "deep-align"
-        if method == "auto" and dataset is not None:
-            perm, used, candidates = _auto_with_data(a, b, choice, record, perm, dataset, seed, max_iter, seconds)
+        if method == "auto" and task is not None:
+            perm, used, candidates = _auto_with_data(a, b, choice, task, perm, seed, max_iter, seconds)
         elif refine == "wm":
             t = time.perf_counter()
             perm, _ = weight_matching(a, b, choice.spec, seed=seed, max_iter=max_iter, init=perm)
@@ -230,7 +225,7 @@ def align(
             from modelmerge.deepalign.refine import refine_lmc
 
             t = time.perf_counter()
-            perm, _ = refine_lmc(a, b, choice.spec, choice.chain, dataset, perm, record=record, seed=seed)
+            perm, _ = refine_lmc(a, b, choice.spec, *task, perm, seed=seed)
             seconds["refine"] = time.perf_counter() - t
             used = "deep-align+lmc"
     if info is None:  # the weight-matching objective of whatever answer won, for the report
@@ -280,18 +275,16 @@ def _pick_aligner(choice: SpecChoice, a, method: str, aligner: str | None):
     return model, card, ""
 
 
-def _dataset_for(data: str, choice: SpecChoice, a, record):
-    from modelmerge.deepalign.refine import builder_layout
+def _task_for(data: str, choice: SpecChoice, a, record, model_spec):
+    """``(forward, dataset)``: the differentiable forward and the data shaped for it."""
+    from modelmerge.deepalign.refine import task_data, task_forward
     from modelmerge.zoo.data import load_dataset
-    from modelmerge.zoo.train import fit_inputs
 
-    if choice.chain is None:
-        raise ModelMergeError("--data needs a Linear/Conv chain (or an architecture record) to run the model")
-    rec, _ = builder_layout(choice.chain, a, record)
-    return fit_inputs(rec, load_dataset(data))
+    forward = task_forward(choice.chain, a, record, model_spec)
+    return forward, task_data(load_dataset(data), forward, a)
 
 
-def _auto_with_data(a, b, choice, record, learned, dataset, seed, max_iter, seconds):
+def _auto_with_data(a, b, choice, task, learned, seed, max_iter, seconds):
     """Candidates scored by the α = 0.5 merge's loss on the selection batch; the lowest wins.
 
     With a learned answer: it, weight matching, and its LMC refinement. Without one
@@ -307,9 +300,8 @@ def _auto_with_data(a, b, choice, record, learned, dataset, seed, max_iter, seco
         options["deep-align"] = learned
     base = "deep-align" if learned is not None else "weight-matching"
     t = time.perf_counter()
-    options[f"{base}+lmc"], _ = refine_lmc(a, b, choice.spec, choice.chain, dataset, options[base], record=record,
-                                           seed=seed)
+    options[f"{base}+lmc"], _ = refine_lmc(a, b, choice.spec, *task, options[base], seed=seed)
     seconds["refine"] = time.perf_counter() - t
-    scores = {k: _merged_loss(a, b, choice.spec, choice.chain, record, p, dataset) for k, p in options.items()}
+    scores = {k: _merged_loss(a, b, choice.spec, p, task) for k, p in options.items()}
     best = min(scores, key=scores.get)
     return options[best], best, scores

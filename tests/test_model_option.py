@@ -41,6 +41,25 @@ def test_align_with_model_verifies_with_the_real_forward(resnets, tmp_path):
     assert any("learned aligner reads Linear/Conv chains" in n for n in report["notes"])
 
 
+def test_auto_with_data_refines_any_model_through_its_real_forward(resnets, tmp_path):
+    a, b = resnets
+    r = run("align", a, b, "-o", tmp_path / "o.safetensors", "--model", "archs:ResNetish", "--data", "digits",
+            "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert set(report["candidates"]) == {"weight-matching", "weight-matching+lmc"}
+    # refinement keeps the best answer seen, weight matching's included
+    assert report["candidates"]["weight-matching+lmc"] <= report["candidates"]["weight-matching"] + 1e-6
+    assert report["verified"]["forward"] == "model"
+
+
+def test_data_that_does_not_fit_the_model_is_one_line(resnets, tmp_path):
+    a, b = resnets
+    r = run("align", a, b, "-o", tmp_path / "o.safetensors", "--model", "archs:ResNetish", "--data", "mnist1d")
+    assert r.exit_code == 1 and "inputs have shape" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o.safetensors").exists()
+
+
 def test_spec_command_round_trip(resnets, tmp_path):
     a, b = resnets
     out = tmp_path / "resnet.spec.json"

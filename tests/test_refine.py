@@ -9,12 +9,11 @@ from typer.testing import CliRunner
 
 from modelmerge.checkpoint import load_checkpoint
 from modelmerge.cli.app import app
-from modelmerge.deepalign.refine import refine_lmc, selection_batch
+from modelmerge.deepalign.refine import refine_lmc, selection_batch, task_data, task_forward
 from modelmerge.permutation import apply_permutation, check_permutation, identity_permutation
 from modelmerge.spec import infer_chain
 from modelmerge.zoo.data import load_dataset
 from modelmerge.zoo.stacked import stacked_forward
-from modelmerge.zoo.train import fit_inputs
 
 runner = CliRunner()
 
@@ -33,16 +32,18 @@ def test_refinement_lowers_the_merged_loss_from_an_unaligned_start(tiny_zoo):
     record = {"family": "mlp", "widths": [64, 16, 16, 10], "activation": "relu"}
     chain = infer_chain(a)
     spec = chain.spec(a)
-    data = fit_inputs(record, load_dataset("digits"))
+    forward = task_forward(chain, a, record)
+    data = task_data(load_dataset("digits"), forward, a)
+    assert data.x_train.shape[1:] == (64,)
     start = identity_permutation(spec)
-    perm, info = refine_lmc(a, b, spec, chain, data, start, record=record, steps=30, seed=0)
+    perm, info = refine_lmc(a, b, spec, forward, data, start, steps=30, seed=0)
     check_permutation(spec, perm)
     # the reported losses are those of the start and of the answer, on the selection batch
     assert abs(info.loss_before - _merged_loss(a, b, spec, start, record, data)) < 1e-4
     assert abs(info.loss_after - _merged_loss(a, b, spec, perm, record, data)) < 1e-4
     assert info.loss_after < info.loss_before - 0.05
     # started from its own answer, it never gets worse
-    again, info2 = refine_lmc(a, b, spec, chain, data, perm, record=record, steps=10, seed=1)
+    again, info2 = refine_lmc(a, b, spec, forward, data, perm, steps=10, seed=1)
     assert info2.loss_after <= info2.loss_before + 1e-6
 
 

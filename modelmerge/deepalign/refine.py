@@ -15,17 +15,21 @@ so refinement never makes that loss worse.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from modelmerge.deepalign.losses import lmc_loss
-from modelmerge.errors import ModelMergeError
+from modelmerge.errors import DataError, ModelMergeError
 from modelmerge.matching import weight_matching
 from modelmerge.permutation import apply_permutation
 from modelmerge.spec import Chain, PermutationSpec
+from modelmerge.zoo.archs import build
 from modelmerge.zoo.data import Dataset
+from modelmerge.zoo.stacked import stacked_forward
+from modelmerge.zoo.train import fit_inputs
 
 #: examples of the training split that score candidate answers (a seeded subset beyond this)
 SELECTION_LIMIT = 4096
@@ -49,16 +53,99 @@ def builder_layout(chain: Chain, state: Mapping[str, torch.Tensor], record: Mapp
     """
     if record is not None:
         return record, {k: k for k in state}
-    if any(layer.kind != "linear" or layer.norms for layer in chain.layers):
-        raise ModelMergeError("LMC refinement needs an architecture record or a plain Linear MLP checkpoint")
+    if chain is None or any(layer.kind != "linear" or layer.norms for layer in chain.layers):
+        raise ModelMergeError("running this model on data needs --model, an architecture record, or a plain "
+                              "Linear MLP checkpoint")
     widths = [state[chain.layers[0].weight].shape[1]] + [state[layer.weight].shape[0] for layer in chain.layers]
     key_map = {}
     for i, layer in enumerate(chain.layers):
         key_map[f"{2 * i}.weight"] = layer.weight
         if layer.bias is None:
-            raise ModelMergeError("LMC refinement of a bare checkpoint needs biases on every layer")
+            raise ModelMergeError("running a bare Linear checkpoint on data needs biases on every layer; "
+                                  "pass --model")
         key_map[f"{2 * i}.bias"] = layer.bias
     return {"family": "mlp", "widths": widths, "activation": "relu"}, key_map
+
+
+@dataclass(frozen=True)
+class TaskForward:
+    """A differentiable forward of the pair's architecture, for any state dict of it.
+
+    Attributes:
+        run: ``run(state, x) -> logits [B, classes]`` with ``state`` keyed like the
+            checkpoints and ``x [B, *input_shape]``; gradients reach ``state``.
+        source: ``"model"`` (``--model``'s real module), ``"record"`` (the
+            checkpoint's architecture record) or ``"mlp"`` (a bare Linear chain run
+            as a ReLU MLP).
+        record: the architecture record the data is shaped for (None for ``"model"``).
+        params: the checkpoint keys that are parameters (not buffers such as
+            BatchNorm statistics, which take no gradient).
+        record: the architecture record the data is shaped for (None for ``"model"``).
+        input_shape: one example's shape for ``"model"``.
+    """
+
+    run: Callable[[Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor]
+    source: str
+    params: frozenset[str]
+    record: Mapping | None = None
+    input_shape: tuple[int, ...] | None = None
+
+
+def task_forward(chain: Chain | None, state: Mapping[str, torch.Tensor], record: Mapping | None = None,
+                 model=None) -> TaskForward:
+    """The forward that refinement and ``auto --data`` run: ``--model``'s, else the record's, else a ReLU MLP.
+
+    Args:
+        chain: the inferred chain (None for traced, non-chain specs).
+        state: one checkpoint of the pair (its keys and shapes).
+        record: its architecture record, if any.
+        model: a :class:`~modelmerge.trace.ModelSpec` from ``--model``, if any.
+
+    Raises:
+        ModelMergeError: none of the three applies.
+    """
+    if model is not None:
+        module = model.model.eval()
+
+        def run_module(st, x):
+            return torch.func.functional_call(module, dict(st), (x,))
+
+        params = frozenset(name for name, _ in module.named_parameters())
+        return TaskForward(run_module, "model", params, None, tuple(model.input_shape))
+    rec, key_map = builder_layout(chain, state, record)
+
+    def run_record(st, x):
+        return stacked_forward(rec, {bk: st[k][None] for bk, k in key_map.items()}, x[None])[0]
+
+    params = frozenset(key_map[name] for name, _ in build(rec).named_parameters() if name in key_map)
+    return TaskForward(run_record, "record" if record is not None else "mlp", params, rec)
+
+
+def task_data(data: Dataset, forward: TaskForward, state: Mapping[str, torch.Tensor]) -> Dataset:
+    """``data`` shaped for ``forward``'s inputs, checked against its outputs.
+
+    Raises:
+        DataError: the inputs do not fit the model, or there are more classes than outputs.
+    """
+    if forward.record is not None:
+        return fit_inputs(forward.record, data)
+    shape = forward.input_shape
+    if math.prod(data.input_shape) != math.prod(shape):
+        raise DataError(f"{data.name} inputs have shape {list(data.input_shape)} but the model expects "
+                        f"{list(shape)}; pass --input-shape or other data")
+    x_tr, x_te = data.x_train.reshape(-1, *shape), data.x_test.reshape(-1, *shape)
+    with torch.no_grad():
+        n_out = forward.run(state, x_tr[:1]).shape[-1]
+    if data.num_classes > n_out:
+        raise DataError(f"{data.name} has {data.num_classes} classes but the model outputs {n_out}")
+    return Dataset(data.name, x_tr, data.y_train, x_te, data.y_test)
+
+
+def merged_loss(forward: TaskForward, a: Mapping[str, torch.Tensor], b_aligned: Mapping[str, torch.Tensor],
+                x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the α = 0.5 merge of ``a`` and ``b_aligned`` on ``(x, y)`` (differentiable in both)."""
+    merged = {k: (0.5 * (v.float() + b_aligned[k].float()) if v.is_floating_point() else v) for k, v in a.items()}
+    return F.cross_entropy(forward.run(merged, x), y)
 
 
 def selection_batch(data: Dataset, limit: int = SELECTION_LIMIT) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,11 +169,10 @@ def refine_lmc(
     a: Mapping[str, torch.Tensor],
     b: Mapping[str, torch.Tensor],
     spec: PermutationSpec,
-    chain: Chain,
+    forward: TaskForward,
     data: Dataset,
     init: Mapping[str, torch.Tensor],
     *,
-    record: Mapping | None = None,
     steps: int = 100,
     lr: float = 1e-2,
     batch: int = 512,
@@ -97,10 +183,10 @@ def refine_lmc(
 
     Args:
         a, b: state dicts.
-        spec, chain: the chain's spec (its groups are the hidden layers).
-        data: task data shaped for the model (see :func:`modelmerge.zoo.train.fit_inputs`).
+        spec: the permutation spec (any: weight matching does the projections).
+        forward: the architecture's differentiable forward (:func:`task_forward`).
+        data: task data shaped for it (:func:`task_data`).
         init: starting permutation (group -> LongTensor), e.g. the learned answer.
-        record: architecture record (else a plain Linear chain is run as a ReLU MLP).
         steps: optimisation steps (one weight-matching projection each).
         lr: Adam learning rate on the free weights.
         batch: training examples per step.
@@ -111,27 +197,19 @@ def refine_lmc(
         ``(perm, info)``.
 
     Raises:
-        ModelMergeError: no record and not a plain Linear chain, or no training data.
+        ModelMergeError: no training data.
     """
-    record, key_map = builder_layout(chain, a, record)
     x_sel, y_sel = selection_batch(data)
     gen = torch.Generator().manual_seed(seed)
-    used = list(key_map.values())  # the tensors the forward reads
-    a_run = {bk: a[k].float()[None] for bk, k in key_map.items()}
-    half = torch.tensor([0.5])
-
-    def merged_loss(b_state, x, y) -> torch.Tensor:
-        b_run = {bk: b_state[k].float()[None] for bk, k in key_map.items()}
-        return lmc_loss(record, a_run, b_run, x[None], y[None], half)
 
     def score(perm) -> float:
         with torch.no_grad():
-            return float(merged_loss(apply_permutation(b, spec, perm), x_sel, y_sel))
+            return float(merged_loss(forward, a, apply_permutation(b, spec, perm), x_sel, y_sel))
 
-    # free weights: every float tensor of A (the matcher reads them all), trained where the forward reads them
-    theta = {k: (v.detach().float().clone() if v.is_floating_point() else v) for k, v in a.items()}
-    trained = [theta[k].requires_grad_(True) for k in used if theta[k].is_floating_point()]
-    opt = torch.optim.Adam(trained, lr=lr)
+    # free weights θ, started at A: the matcher reads them all, the forward trains those it uses
+    theta = {k: v.detach().float().clone().requires_grad_(k in forward.params) if v.is_floating_point() else v
+             for k, v in a.items()}
+    opt = torch.optim.Adam([v for v in theta.values() if v.requires_grad], lr=lr)
     perm = {g: p.clone() for g, p in init.items()}
     best, best_loss = perm, score(perm)
     start, last = best_loss, None
@@ -140,9 +218,10 @@ def refine_lmc(
         perm, _ = weight_matching(frozen, b, spec, seed=seed + step, max_iter=max_iter, init=perm)
         projected = apply_permutation(b, spec, perm)
         # straight through: the forward sees the projection, the gradient reaches θ
-        st = {k: theta[k] + (projected[k].float() - theta[k]).detach() for k in used}
+        st = {k: (v + (projected[k].float() - v).detach() if v.requires_grad else projected[k])
+              for k, v in theta.items()}
         idx = torch.randint(len(data.x_train), (min(batch, len(data.x_train)),), generator=gen)
-        loss = merged_loss(st, data.x_train[idx], data.y_train[idx])
+        loss = merged_loss(forward, a, st, data.x_train[idx], data.y_train[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
