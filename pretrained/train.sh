@@ -4,6 +4,7 @@
 # many-core machine, e.g.: bash pretrained/train.sh ./out 0.85 10 4 330 200
 # (the released ones: a lent 16-core machine, 10 + 4 ranks, 330 s of training each).
 # usage: bash pretrained/train.sh OUT SCALE NPROC_MLP NPROC_CNN TRAIN_SECONDS EPOCHS
+# MLP_ARGS / CNN_ARGS add train-aligner options, e.g. MLP_ARGS='--init deepalign-mlp-v1 --lr 1e-3' to fine-tune.
 set -u
 OUT=$1; S=$2; NM=$3; NC=$4; SECS=$5; EP=$6
 python3 -m pip install --no-deps -q "${MNIST1D_WHEEL:-mnist1d}" 2>/dev/null || true
@@ -22,9 +23,9 @@ wait
 echo "zoos done in $(( $(date +%s) - t0 )) s" >>$log
 timeout $SECS torchrun --nproc-per-node $NM --master-port 29611 -m modelmerge train-aligner \
   --zoo $Z/mlp-digits-128 --zoo $Z/mlp-mnist1d-128 --zoo $Z/mlp-digits-48-96-32 --zoo $Z/mlp-mnist1d-256-128-64 \
-  --zoo $Z/mlp-digits-96x2 --data zoo -o $OUT/mlp --epochs $EP --alpha-min 0.25 --alpha-max 0.75 >>$log 2>&1 &
+  --zoo $Z/mlp-digits-96x2 --data zoo -o $OUT/mlp --epochs $EP --alpha-min 0.25 --alpha-max 0.75 ${MLP_ARGS:-} >>$log 2>&1 &
 timeout $SECS torchrun --nproc-per-node $NC --master-port 29612 -m modelmerge train-aligner \
-  --zoo $Z/cnn-digits --data digits -o $OUT/cnn --epochs $EP --alpha-min 0.25 --alpha-max 0.75 >>$log 2>&1 &
+  --zoo $Z/cnn-digits --data digits -o $OUT/cnn --epochs $EP --alpha-min 0.25 --alpha-max 0.75 ${CNN_ARGS:-} >>$log 2>&1 &
 wait
 echo "all done in $(( $(date +%s) - t0 )) s" >>$log
 rm -f $OUT/mlp/last.pt $OUT/cnn/last.pt
