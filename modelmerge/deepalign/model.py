@@ -135,47 +135,28 @@ def _standardise(c: torch.Tensor) -> torch.Tensor:
     return c / (c.pow(2).mean((1, 2), keepdim=True).sqrt() + 1e-8)
 
 
-def _scaling_sinkhorn(logits: list[torch.Tensor], iters: int) -> list[torch.Tensor]:
-    """Sinkhorn in scaling form for several ``[N, n_l, n_l]`` logits at once: one ``exp``,
-    then matrix-vector products (several times faster than the log domain; used inside
-    the unrolled iterations).
-
-    The layers run as one block-diagonal matrix: a row's sum only sees its own block,
-    so each block is balanced exactly as on its own, with a third of the operations
-    for three layers (this forward is bound by per-operation overhead, not FLOPs).
-    """
-    sizes = [x.shape[-1] for x in logits]
-    total, n = sum(sizes), logits[0].shape[0]
-    # max entry 1 per row; entries below e^-30 of the row's best are floored there so
+def _scaling_sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """Sinkhorn in scaling form: one ``exp``, then vector-matrix products (several times
+    faster than the log domain; used inside the unrolled iterations)."""
+    # (N, n, n), max entry 1; entries below e^-30 of the row's best are floored there so
     # that the scalings stay finite in float32
-    blocks = [torch.exp((x - x.amax(2, keepdim=True)).clamp_min(-30.0)) for x in logits]
-    if len(blocks) == 1:
-        k = blocks[0]
-    else:
-        k = logits[0].new_zeros(n, total, total)
-        o = 0
-        for blk, m in zip(blocks, sizes):
-            k[:, o:o + m, o:o + m] = blk
-            o += m
+    shifted = logits - logits.amax(2, keepdim=True)
+    k = torch.exp(shifted.clamp_min(-30.0))
     kt = k.transpose(1, 2)
-    v = torch.ones_like(k[:, 0, :, None])  # (N, S, 1); bmm beats einsum's overhead at these sizes
+    # scalings as row vectors (N, 1, n): row-vector x matrix products measured ~3.5x faster
+    # here than matrix x column-vector ones at n = 128 (same sums)
+    v = torch.ones_like(k[:, :1, :])
     for _ in range(iters):
-        u = 1.0 / torch.bmm(k, v).clamp_min(1e-30)
-        v = 1.0 / torch.bmm(kt, u).clamp_min(1e-30)
-    out, o = [], 0
-    for blk, m in zip(blocks, sizes):
-        out.append(u[:, o:o + m] * blk * v[:, o:o + m].transpose(1, 2))
-        o += m
-    return out
+        u = 1.0 / torch.bmm(v, kt).clamp_min(1e-30)  # u_i = 1 / sum_j k_ij v_j
+        v = 1.0 / torch.bmm(u, k).clamp_min(1e-30)  # v_j = 1 / sum_i u_i k_ij
+    return u.transpose(1, 2) * k * v
 
 
-def _sym_sinkhorn(logits: list[torch.Tensor], iters: int = 10) -> list[torch.Tensor]:
-    """Sinkhorn made exactly transpose-symmetric: ``P(X^T) = P(X)^T`` (row-first and column-first
-    averaged), for every ``[N, n_l, n_l]`` in ``logits``."""
-    n = logits[0].shape[0]
-    # both directions in one batch: half the operations
-    both = _scaling_sinkhorn([torch.cat([x, x.transpose(1, 2)]) for x in logits], iters)
-    return [0.5 * (p[:n] + p[n:].transpose(1, 2)) for p in both]
+def _sym_sinkhorn(logits: torch.Tensor, iters: int = 10) -> torch.Tensor:
+    """Sinkhorn made exactly transpose-symmetric: ``P(X^T) = P(X)^T`` (row-first and column-first averaged)."""
+    n = logits.shape[0]
+    both = _scaling_sinkhorn(torch.cat([logits, logits.transpose(1, 2)]), iters)  # one batch: half the ops
+    return 0.5 * (both[:n] + both[n:].transpose(1, 2))
 
 
 def _cross_costs(a: tuple, b: tuple, soft: list[torch.Tensor], weights=None, importance=None) -> list[torch.Tensor]:
@@ -454,7 +435,7 @@ class DeepAlign(nn.Module):
                 s = s + self.probe_scale.exp() * _standardise(torch.einsum("nis,njs->nij", za, zb))
             scores.append(s)
         for t in range(self.config.unroll):
-            soft = _sym_sinkhorn([s * self.unroll_temp[t].exp() for s in scores])
+            soft = [_sym_sinkhorn(s * self.unroll_temp[t].exp()) for s in scores]
             if self.config.weighted_costs:
                 weights = self.term_weights[t]
             costs = _cross_costs(a, b, soft, weights, importance)
