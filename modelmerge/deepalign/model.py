@@ -202,7 +202,7 @@ class _Mix(nn.Module):
         self.norm = nn.LayerNorm(c)
 
     def forward(self, old: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-        return old + F.relu(self.norm(update))
+        return old + F.relu(self.norm(update), inplace=True)
 
 
 class EquivariantLayer(nn.Module):
@@ -225,10 +225,11 @@ class EquivariantLayer(nn.Module):
         cols = [e.mean(1) for e in E]  # (N, n_in, C): per unit, over its outgoing edges
         new_e = []
         for l, e in enumerate(E):
-            upd = lin["e"](e)
-            upd = upd + (lin["row"](rows[l]) + lin["v_out"](V[l + 1]))[:, :, None, :]
-            upd = upd + (lin["col"](cols[l]) + lin["v_in"](V[l]))[:, None, :, :]
-            upd = upd + lin["all"](e.mean((1, 2)))[:, None, None, :]
+            # the small per-row and per-column terms first, then two in-place broadcast adds:
+            # the edge tensors (N, n, n, C) are the memory traffic that bounds this layer
+            row = lin["row"](rows[l]) + lin["v_out"](V[l + 1]) + lin["all"](rows[l].mean(1))[:, None, :]
+            col = lin["col"](cols[l]) + lin["v_in"](V[l])
+            upd = lin["e"](e).add_(row[:, :, None, :]).add_(col[:, None, :, :])
             new_e.append(self.mix_e(e, upd))
         new_v = []
         for l, v in enumerate(V):
