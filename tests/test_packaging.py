@@ -25,3 +25,31 @@ def test_bundled_aligner_cards_match_their_files():
     for w in list_aligners():
         assert hashlib.sha256(w.path.read_bytes()).hexdigest() == w.sha256
         assert json.loads((pretrained_dir() / f"{w.name}.json").read_text())["family"] == w.family
+
+
+def test_bundled_cards_carry_their_hold_out_numbers():
+    from modelmerge.deepalign.pretrained import list_aligners
+
+    for w in list_aligners():
+        families = w.card["holdout"]["families"]
+        assert families, w.name
+        for r in families.values():
+            assert 0 < r["learned"] and 0 < r["weight_matching"] and r["wins"].endswith("/10")
+
+
+def test_aligners_command_lists_names_and_hold_out_ratios():
+    import json
+
+    from typer.testing import CliRunner
+
+    from modelmerge.cli.app import app
+    from modelmerge.deepalign.pretrained import list_aligners
+
+    r = CliRunner().invoke(app, ["aligners"])
+    assert r.exit_code == 0, r.output
+    for w in list_aligners():
+        assert w.name in r.output
+        for fam, x in w.card["holdout"]["families"].items():
+            assert f"{fam} {x['learned'] / x['weight_matching']:.2f}x" in r.output
+    r = CliRunner().invoke(app, ["aligners", "--json"])
+    assert {c["name"] for c in json.loads(r.stdout)} == {w.name for w in list_aligners()}

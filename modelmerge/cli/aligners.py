@@ -22,13 +22,23 @@ def aligners_command(
     if json_out:
         print_json([w.card for w in weights])
         return
-    table = Table("name", "family", "depths", "default", "hold-out barrier (vs weight matching)", "parameters")
+    table = Table()
+    table.add_column("name", no_wrap=True)
+    for col in ("family", "depths", "default"):
+        table.add_column(col)
+    table.add_column("hold-out barrier / WM's", no_wrap=True)
     for w in weights:
-        val = w.card.get("holdout", w.card.get("validation", {}))
-        score = "-"
-        if val.get("barrier") is not None:
-            score = f"{val['barrier']:.4f} ({val.get('weight_matching_barrier', float('nan')):.4f})"
-        table.add_row(w.name, w.family, ",".join(map(str, w.depths)), "yes" if w.default else "",
-                      score, f"{w.card.get('parameters', 0):,}")
+        table.add_row(w.name, w.family, ",".join(map(str, w.depths)), "yes" if w.default else "", _score(w.card))
     con = console()
     con.print(table if weights else "no aligners are bundled with this installation")
+
+
+def _score(card: dict) -> str:
+    """Learned-only barrier / weight matching's per benchmark family, else the training validation's."""
+    families = card.get("holdout", {}).get("families", {})
+    if families:
+        return "\n".join(f"{name} {r['learned'] / r['weight_matching']:.2f}x" for name, r in families.items())
+    val = card.get("validation", {})
+    if val.get("barrier") is not None and val.get("weight_matching_barrier"):
+        return f"{val['barrier'] / val['weight_matching_barrier']:.2f}x (validation)"
+    return "-"
