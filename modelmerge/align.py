@@ -120,16 +120,10 @@ class AlignResult:
 
 def _learned(model, chain: Chain, a, b):
     """The learned answer, keyed by group."""
-    from modelmerge.deepalign.model import hungarian
     from modelmerge.weightspace import to_weight_space
 
-    ws_a, ws_b = to_weight_space(chain, a), to_weight_space(chain, b)
-    model.check_supports(ws_a)
-    dtype = next(model.parameters()).dtype
-    pack = lambda ws: ([w[None].to(dtype) for w in ws.weights], [x[None].to(dtype) for x in ws.biases], ws.kinds)  # noqa: E731
-    with torch.no_grad():
-        logits = model(pack(ws_a), pack(ws_b))
-    return {chain.group(l): hungarian(s[0]) for l, s in enumerate(logits)}
+    perms = model.align(to_weight_space(chain, a), to_weight_space(chain, b))
+    return {chain.group(l): p for l, p in enumerate(perms)}
 
 
 def _merged_loss(a, b, spec, perm, task) -> float:

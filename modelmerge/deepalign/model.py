@@ -458,7 +458,10 @@ class DeepAlign(nn.Module):
         if a.signature() != b.signature():
             raise ModelMergeError("the two networks differ in shape; pass two checkpoints of one architecture")
         dtype = next(self.parameters()).dtype
-        pack = lambda ws: ([w[None].to(dtype) for w in ws.weights], [x[None].to(dtype) for x in ws.biases], ws.kinds)
+
+        def pack(ws):
+            return [w[None].to(dtype) for w in ws.weights], [x[None].to(dtype) for x in ws.biases], ws.kinds
+
         return [hungarian(s[0]) for s in self(pack(a), pack(b))]
 
     def num_parameters(self) -> int:
