@@ -7,7 +7,7 @@ time from the answer being refined), runs the α = 0.5 merge of A and the
 projected B with ``θ``'s gradient passed straight through the projection, and
 takes an Adam step on ``θ``. The permutation is thus re-chosen globally at
 every step by a fast matcher, which measured far better here than optimising
-per-layer Sinkhorn logits (digits MLPs: 0.48x vs 0.62x weight matching's
+per-layer Sinkhorn logits (held-out digits MLPs: 0.44x vs 0.62x weight matching's
 barrier, docs/benchmarks.md). The best hard answer seen, the starting one
 included, is returned, scored by the merge's loss on :func:`selection_batch`,
 so refinement never makes that loss worse.
