@@ -6,7 +6,7 @@ This is the library entry point behind ``modelmerge align``; it reads no files.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -148,6 +148,7 @@ def align(
     data: str | None = None,
     seed: int = 0,
     max_iter: int = 100,
+    on_refine: Callable[[int, int, float], None] | None = None,
 ) -> AlignResult:
     """Find and apply the permutation of B's hidden units that best matches A.
 
@@ -167,6 +168,7 @@ def align(
             the LMC-refined answer and keeps the merge with the lowest loss at α = 0.5.
         seed: seeds the method's randomness.
         max_iter: weight-matching sweeps at most.
+        on_refine: progress of the LMC refinement: (steps done, steps, best loss so far).
 
     Returns:
         An :class:`AlignResult`; ``result.aligned`` is B permuted onto A and verified.
@@ -197,7 +199,7 @@ def align(
     candidates = info = None
     t1 = time.perf_counter()
     if model is None and method == "auto" and task is not None:
-        perm, used, candidates = _auto_with_data(a, b, choice, task, None, seed, max_iter, seconds)
+        perm, used, candidates = _auto_with_data(a, b, choice, task, None, seed, max_iter, seconds, on_refine)
     elif model is None:
         if refine != "none" or task is not None:
             notes.append("--refine/--data apply to a learned answer; weight matching used them for nothing")
@@ -209,7 +211,7 @@ def align(
         seconds["learned"] = time.perf_counter() - t1
         used = "deep-align"
         if method == "auto" and task is not None:
-            perm, used, candidates = _auto_with_data(a, b, choice, task, perm, seed, max_iter, seconds)
+            perm, used, candidates = _auto_with_data(a, b, choice, task, perm, seed, max_iter, seconds, on_refine)
         elif refine == "wm":
             t = time.perf_counter()
             perm, _ = weight_matching(a, b, choice.spec, seed=seed, max_iter=max_iter, init=perm)
@@ -219,7 +221,7 @@ def align(
             from modelmerge.deepalign.refine import refine_lmc
 
             t = time.perf_counter()
-            perm, _ = refine_lmc(a, b, choice.spec, *task, perm, seed=seed)
+            perm, _ = refine_lmc(a, b, choice.spec, *task, perm, seed=seed, on_step=on_refine)
             seconds["refine"] = time.perf_counter() - t
             used = "deep-align+lmc"
     if info is None:  # the weight-matching objective of whatever answer won, for the report
@@ -278,7 +280,7 @@ def _task_for(data: str, choice: SpecChoice, a, record, model_spec):
     return forward, task_data(load_dataset(data), forward, a)
 
 
-def _auto_with_data(a, b, choice, task, learned, seed, max_iter, seconds):
+def _auto_with_data(a, b, choice, task, learned, seed, max_iter, seconds, on_refine=None):
     """Candidates scored by the α = 0.5 merge's loss on the selection batch; the lowest wins.
 
     With a learned answer: it, weight matching, and its LMC refinement. Without one
@@ -294,7 +296,7 @@ def _auto_with_data(a, b, choice, task, learned, seed, max_iter, seconds):
         options["deep-align"] = learned
     base = "deep-align" if learned is not None else "weight-matching"
     t = time.perf_counter()
-    options[f"{base}+lmc"], _ = refine_lmc(a, b, choice.spec, *task, options[base], seed=seed)
+    options[f"{base}+lmc"], _ = refine_lmc(a, b, choice.spec, *task, options[base], seed=seed, on_step=on_refine)
     seconds["refine"] = time.perf_counter() - t
     scores = {k: _merged_loss(a, b, choice.spec, p, task) for k, p in options.items()}
     best = min(scores, key=scores.get)

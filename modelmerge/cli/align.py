@@ -10,7 +10,7 @@ import typer
 
 from modelmerge.cli._common import (
     Force, InputShape, JsonOut, ModelKwargs, ModelOpt, Revision, Seed, SpecFile, Threads, console,
-    handle_errors, model_option, print_json, reset_bn_module, set_threads, write_json,
+    handle_errors, model_option, print_json, progress_bar, reset_bn_module, set_threads, write_json,
 )
 
 EXAMPLES = """
@@ -95,8 +95,10 @@ def align_command(
     ck_a = load_checkpoint(a, revision)
     ck_b = load_checkpoint(b, revision)
     model_spec = model_option(model, model_kwargs, input_shape, ck_a.state)
-    result = align(ck_a.state, ck_b.state, spec=given_spec, record=ck_a.arch, model=model_spec, method=method,
-                   aligner=aligner, refine=refine, data=data, seed=seed, max_iter=max_iter)
+    with progress_bar("LMC refinement") as bar:
+        result = align(ck_a.state, ck_b.state, spec=given_spec, record=ck_a.arch, model=model_spec, method=method,
+                       aligner=aligner, refine=refine, data=data, seed=seed, max_iter=max_iter,
+                       on_refine=lambda done, total, loss: bar(done, total, f"best merged loss {loss:.4f}"))
 
     meta = provenance(result.method, ck_a, ck_b)
     if ck_b.arch is not None:

@@ -178,6 +178,7 @@ def refine_lmc(
     batch: int = 512,
     seed: int = 0,
     max_iter: int = 20,
+    on_step: Callable[[int, int, float], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], RefineInfo]:
     """Improve a permutation of B's units by minimising the α = 0.5 merge's loss (see the module doc).
 
@@ -192,6 +193,7 @@ def refine_lmc(
         batch: training examples per step.
         seed: seeds the batches and the matcher's group order.
         max_iter: weight-matching sweeps per projection at most.
+        on_step: called after each step with (steps done, steps, best loss so far).
 
     Returns:
         ``(perm, info)``.
@@ -231,4 +233,6 @@ def refine_lmc(
             cand = score(perm)
             if cand < best_loss:
                 best, best_loss = {g: p.clone() for g, p in perm.items()}, cand
+        if on_step is not None:
+            on_step(step + 1, steps, best_loss)
     return dict(best), RefineInfo(steps, start, best_loss)
