@@ -148,6 +148,7 @@ def align(
     data: str | None = None,
     seed: int = 0,
     max_iter: int = 100,
+    refine_steps: int = 100,
     on_refine: Callable[[int, int, float], None] | None = None,
 ) -> AlignResult:
     """Find and apply the permutation of B's hidden units that best matches A.
@@ -168,6 +169,7 @@ def align(
             the LMC-refined answer and keeps the merge with the lowest loss at α = 0.5.
         seed: seeds the method's randomness.
         max_iter: weight-matching sweeps at most.
+        refine_steps: LMC refinement steps (each one weight-matching projection).
         on_refine: progress of the LMC refinement: (steps done, steps, best loss so far).
 
     Returns:
@@ -194,12 +196,14 @@ def align(
     if method in ("auto", "deep-align"):
         model, card, why = _pick_aligner(choice, a, method, aligner)
         if model is None:
-            notes.append(f"auto: {why}; using weight matching")
+            refined = " (and its LMC refinement on --data; the best is kept)" if data is not None and method == "auto" else ""
+            notes.append(f"auto: {why}; using weight matching{refined}")
     task = _task_for(data, choice, a, record, model_spec) if data is not None else None
     candidates = info = None
     t1 = time.perf_counter()
     if model is None and method == "auto" and task is not None:
-        perm, used, candidates = _auto_with_data(a, b, choice, task, None, seed, max_iter, seconds, on_refine)
+        perm, used, candidates = _auto_with_data(a, b, choice, task, None, seed, max_iter, seconds,
+                                                 dict(steps=refine_steps, on_step=on_refine))
     elif model is None:
         if refine != "none" or task is not None:
             notes.append("--refine/--data apply to a learned answer; weight matching used them for nothing")
@@ -211,7 +215,8 @@ def align(
         seconds["learned"] = time.perf_counter() - t1
         used = "deep-align"
         if method == "auto" and task is not None:
-            perm, used, candidates = _auto_with_data(a, b, choice, task, perm, seed, max_iter, seconds, on_refine)
+            perm, used, candidates = _auto_with_data(a, b, choice, task, perm, seed, max_iter, seconds,
+                                                     dict(steps=refine_steps, on_step=on_refine))
         elif refine == "wm":
             t = time.perf_counter()
             perm, _ = weight_matching(a, b, choice.spec, seed=seed, max_iter=max_iter, init=perm)
@@ -221,7 +226,7 @@ def align(
             from modelmerge.deepalign.refine import refine_lmc
 
             t = time.perf_counter()
-            perm, _ = refine_lmc(a, b, choice.spec, *task, perm, seed=seed, on_step=on_refine)
+            perm, _ = refine_lmc(a, b, choice.spec, *task, perm, seed=seed, steps=refine_steps, on_step=on_refine)
             seconds["refine"] = time.perf_counter() - t
             used = "deep-align+lmc"
     if info is None:  # the weight-matching objective of whatever answer won, for the report
@@ -280,7 +285,7 @@ def _task_for(data: str, choice: SpecChoice, a, record, model_spec):
     return forward, task_data(load_dataset(data), forward, a)
 
 
-def _auto_with_data(a, b, choice, task, learned, seed, max_iter, seconds, on_refine=None):
+def _auto_with_data(a, b, choice, task, learned, seed, max_iter, seconds, refine_kw):
     """Candidates scored by the α = 0.5 merge's loss on the selection batch; the lowest wins.
 
     With a learned answer: it, weight matching, and its LMC refinement. Without one
@@ -296,7 +301,7 @@ def _auto_with_data(a, b, choice, task, learned, seed, max_iter, seconds, on_ref
         options["deep-align"] = learned
     base = "deep-align" if learned is not None else "weight-matching"
     t = time.perf_counter()
-    options[f"{base}+lmc"], _ = refine_lmc(a, b, choice.spec, *task, options[base], seed=seed, on_step=on_refine)
+    options[f"{base}+lmc"], _ = refine_lmc(a, b, choice.spec, *task, options[base], seed=seed, **refine_kw)
     seconds["refine"] = time.perf_counter() - t
     scores = {k: _merged_loss(a, b, choice.spec, p, task) for k, p in options.items()}
     best = min(scores, key=scores.get)

@@ -53,6 +53,43 @@ def test_auto_with_data_refines_any_model_through_its_real_forward(resnets, tmp_
     assert report["verified"]["forward"] == "model"
 
 
+def test_half_precision_checkpoints_refine_through_the_real_forward(tmp_path, save_sd, monkeypatch):
+    monkeypatch.chdir(TESTS)
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        state = {k: v.half() if v.is_floating_point() else v for k, v in ResNetish().state_dict().items()}
+        paths.append(save_sd(state, f"h{seed}.safetensors"))
+    out = tmp_path / "o.safetensors"
+    r = run("align", *paths, "-o", out, "--model", "archs:ResNetish", "--data", "digits", "--refine-steps", "3",
+            "--json")
+    assert r.exit_code == 0, r.output
+    assert set(json.loads(r.stdout)["candidates"]) == {"weight-matching", "weight-matching+lmc"}
+    assert all(v.dtype == torch.float16 for k, v in load_checkpoint(out).state.items() if v.is_floating_point())
+
+
+def test_tied_weights_run_through_functional_call():
+    from types import SimpleNamespace
+
+    from modelmerge.deepalign.refine import task_forward
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+            self.again = self.fc  # tied: two state-dict keys, one parameter
+            self.out = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.again(torch.relu(self.fc(x)))))
+
+    module = Tied()
+    forward = task_forward(None, module.state_dict(), model=SimpleNamespace(model=module, input_shape=(4,)))
+    x = torch.randn(5, 4)
+    assert torch.allclose(forward.run(module.state_dict(), x), module(x))
+    assert forward.params == {"fc.weight", "fc.bias", "out.weight", "out.bias"}
+
+
 def test_data_that_does_not_fit_the_model_is_one_line(resnets, tmp_path):
     a, b = resnets
     r = run("align", a, b, "-o", tmp_path / "o.safetensors", "--model", "archs:ResNetish", "--data", "mnist1d")

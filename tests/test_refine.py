@@ -54,10 +54,18 @@ def test_auto_with_data_outside_every_family_refines_weight_matching(tmp_path, s
     a = save_sd(mlp([64, 24, 24, 24, 24, 10], seed=0).state_dict(), "a.safetensors")
     b = save_sd(mlp([64, 24, 24, 24, 24, 10], seed=1).state_dict(), "b.safetensors")
     out = tmp_path / "o.safetensors"
-    r = runner.invoke(app, ["align", str(a), str(b), "-o", str(out), "--data", "digits", "--json"])
+    r = runner.invoke(app, ["align", str(a), str(b), "-o", str(out), "--data", "digits", "--refine-steps", "7",
+                            "--json"])
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     assert set(report["candidates"]) == {"weight-matching", "weight-matching+lmc"}
     assert report["method"] == min(report["candidates"], key=report["candidates"].get)
     assert any("no bundled aligner" in n for n in report["notes"]) and out.is_file()
-    assert "LMC refinement: 100/100" in r.stderr  # progress (plain lines when not a terminal)
+    assert "LMC refinement: 7/7" in r.stderr  # progress (plain lines when not a terminal)
+
+
+def test_class_count_of_a_dataset_with_an_empty_split():
+    from modelmerge.zoo.data import Dataset
+
+    d = Dataset("tiny", torch.zeros(2, 3), torch.tensor([0, 4]), torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+    assert d.num_classes == 5

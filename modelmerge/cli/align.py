@@ -59,6 +59,8 @@ def align_command(
     json_out: JsonOut = False,
     seed: Seed = 0,
     max_iter: Annotated[int, typer.Option("--max-iter", min=1, help="Weight-matching sweeps at most.")] = 100,
+    refine_steps: Annotated[int, typer.Option("--refine-steps", min=1, help="LMC refinement steps (--refine lmc, "
+                                              "auto --data); each is one weight-matching projection.")] = 100,
     revision: Revision = None,
     threads: Threads = None,
     force: Force = False,
@@ -98,6 +100,7 @@ def align_command(
     with progress_bar("LMC refinement") as bar:
         result = align(ck_a.state, ck_b.state, spec=given_spec, record=ck_a.arch, model=model_spec, method=method,
                        aligner=aligner, refine=refine, data=data, seed=seed, max_iter=max_iter,
+                       refine_steps=refine_steps,
                        on_refine=lambda done, total, loss: bar(done, total, f"best merged loss {loss:.4f}"))
 
     meta = provenance(result.method, ck_a, ck_b)

@@ -77,7 +77,6 @@ class TaskForward:
         source: ``"model"`` (``--model``'s real module), ``"record"`` (the
             checkpoint's architecture record) or ``"mlp"`` (a bare Linear chain run
             as a ReLU MLP).
-        record: the architecture record the data is shaped for (None for ``"model"``).
         params: the checkpoint keys that are parameters (not buffers such as
             BatchNorm statistics, which take no gradient).
         record: the architecture record the data is shaped for (None for ``"model"``).
@@ -106,11 +105,20 @@ def task_forward(chain: Chain | None, state: Mapping[str, torch.Tensor], record:
     """
     if model is not None:
         module = model.model.eval()
+        # named_* drop tied duplicates, which functional_call refuses to receive twice
+        params = frozenset(name for name, _ in module.named_parameters())
+        keys = params | {name for name, _ in module.named_buffers()}
 
         def run_module(st, x):
-            return torch.func.functional_call(module, dict(st), (x,))
+            try:
+                out = torch.func.functional_call(module, {k: st[k] for k in keys if k in st}, (x,))
+            except Exception as e:  # noqa: BLE001 - user code: any failure is the model's
+                raise ModelMergeError(f"running --model on data failed ({type(e).__name__}: "
+                                      f"{str(e).splitlines()[0][:200]})") from None
+            if not isinstance(out, torch.Tensor) or out.ndim != 2:
+                raise ModelMergeError("--data needs a model whose forward returns logits [batch, classes]")
+            return out
 
-        params = frozenset(name for name, _ in module.named_parameters())
         return TaskForward(run_module, "model", params, None, tuple(model.input_shape))
     rec, key_map = builder_layout(chain, state, record)
 
@@ -126,6 +134,7 @@ def task_data(data: Dataset, forward: TaskForward, state: Mapping[str, torch.Ten
 
     Raises:
         DataError: the inputs do not fit the model, or there are more classes than outputs.
+        ModelMergeError: the model fails on the data, or does not return logits.
     """
     if forward.record is not None:
         return fit_inputs(forward.record, data)
@@ -134,8 +143,9 @@ def task_data(data: Dataset, forward: TaskForward, state: Mapping[str, torch.Ten
         raise DataError(f"{data.name} inputs have shape {list(data.input_shape)} but the model expects "
                         f"{list(shape)}; pass --input-shape or other data")
     x_tr, x_te = data.x_train.reshape(-1, *shape), data.x_test.reshape(-1, *shape)
+    as_float = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}  # half checkpoints too
     with torch.no_grad():
-        n_out = forward.run(state, x_tr[:1]).shape[-1]
+        n_out = forward.run(as_float, x_tr[:1]).shape[-1]
     if data.num_classes > n_out:
         raise DataError(f"{data.name} has {data.num_classes} classes but the model outputs {n_out}")
     return Dataset(data.name, x_tr, data.y_train, x_te, data.y_test)

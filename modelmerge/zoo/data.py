@@ -38,7 +38,7 @@ class Dataset:
 
     @property
     def num_classes(self) -> int:
-        return int(max(self.y_train.max(), self.y_test.max())) + 1
+        return max((int(y.max()) for y in (self.y_train, self.y_test) if len(y)), default=-1) + 1
 
     def flat(self) -> Dataset:
         """The same data with each input flattened (for MLPs)."""
