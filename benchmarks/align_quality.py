@@ -24,9 +24,10 @@ from datetime import date
 import torch
 
 from modelmerge.align import align
+from modelmerge.data import load_dataset
 from modelmerge.evaluate import interpolation_curve
-from modelmerge.zoo.data import load_dataset
-from modelmerge.zoo.train import TrainConfig, state_metric, train_models
+from modelmerge.network import resolve_network
+from modelmerge.zoo.train import TrainConfig, train_models
 
 FAMILIES = {
     "digits-mlp": ({"family": "mlp", "widths": [64, 128, 128, 128, 10], "activation": "relu"}, "digits"),
@@ -70,6 +71,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", help="also write every pair's barrier per method to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     record, dataset_name = FAMILIES[args.family]
@@ -77,7 +79,7 @@ def main() -> None:
     data = load_dataset(dataset_name)
     seeds = list(range(HELD_OUT_SEED, HELD_OUT_SEED + 2 * args.pairs))
     models = train_models(record, data, seeds, TrainConfig(epochs=args.epochs))
-    metric = state_metric(record, data, "test")
+    metric = resolve_network(models[0].state, record=record).metric(data, "test")
     rows = {m: {"barrier": [], "auc": [], "seconds": [], "learned_s": [], "wm_s": []} for m in methods}
     for i in range(args.pairs):
         a, b = models[2 * i].state, models[2 * i + 1].state
@@ -90,6 +92,11 @@ def main() -> None:
             rows[m]["learned_s"].append(secs.get("learned", float("nan")))
             rows[m]["wm_s"].append(secs.get("weight_matching", float("nan")))
         print(f"pair {i}: " + ", ".join(f"{m} {rows[m]['barrier'][-1]:.4f}" for m in methods), flush=True)
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({m: rows[m]["barrier"] for m in methods}, f)
     print(f"\n### {args.family} — {date.today()} — {platform.machine()}, {os.cpu_count()} cores, "
           f"{args.threads} thread(s), torch {torch.__version__}")
     print(f"command: `python benchmarks/align_quality.py --family {args.family} --pairs {args.pairs}"

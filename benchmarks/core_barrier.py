@@ -23,13 +23,14 @@ from pathlib import Path
 
 import torch
 
+from modelmerge.archs import record_to_json
 from modelmerge.checkpoint import load_checkpoint, save_checkpoint
+from modelmerge.data import digits
 from modelmerge.evaluate import interpolation_curve
 from modelmerge.matching import weight_matching
+from modelmerge.network import resolve_network
 from modelmerge.spec import infer_spec
-from modelmerge.zoo.archs import record_to_json
-from modelmerge.zoo.data import digits
-from modelmerge.zoo.train import TrainConfig, state_metric, train_models
+from modelmerge.zoo.train import TrainConfig, train_models
 
 RECORD = {"family": "mlp", "widths": [64, 128, 128, 128, 10], "activation": "relu"}
 
@@ -52,7 +53,7 @@ def main() -> None:
     torch.set_num_threads(1)
     data = digits()
     models = train_models(RECORD, data, list(range(100, 100 + 2 * args.pairs)), TrainConfig(epochs=args.epochs))
-    metric = state_metric(RECORD, data, "test")
+    metric = resolve_network(models[0].state, record=RECORD).metric(data, "test")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.pairs):

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from modelmerge.checkpoint import save_checkpoint
+from modelmerge.data import digits
+from modelmerge.evaluate import evaluate_model
 from modelmerge.examples.models import ResNetish
-from modelmerge.zoo.data import digits
-from modelmerge.zoo.train import evaluate_model
 
 MODEL = "modelmerge.examples.models:ResNetish"
 

@@ -22,8 +22,8 @@ from datetime import date
 import torch
 import torch.nn.functional as F
 
-from modelmerge.zoo.archs import build
-from modelmerge.zoo.data import digits
+from modelmerge.archs import build
+from modelmerge.data import digits
 from modelmerge.zoo.train import TrainConfig, train_models
 
 RECORD = {"family": "mlp", "widths": [64, 128, 128, 128, 10], "activation": "relu"}

@@ -6,10 +6,11 @@ fast (it must not import torch)::
     import modelmerge as mm
     a = mm.load_checkpoint("a.safetensors")
     b = mm.load_checkpoint("b.safetensors")
-    spec = mm.infer_spec(a.state)
-    perm, info = mm.weight_matching(a.state, b.state, spec, seed=0)
-    b_aligned = mm.apply_permutation(b.state, spec, perm)
-    merged = mm.interpolate(a.state, b_aligned, alpha=0.5)
+    result = mm.align(a.state, b.state, record=a.arch)   # or module=MyNet() holding A's weights
+    merged = mm.interpolate(a.state, result.aligned, alpha=0.5)
+
+    net = mm.resolve_network(a.state, record=a.arch)     # what runs it: spec, forward, data shape
+    perm, info = mm.weight_matching(a.state, b.state, net.spec, seed=0)
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ _LAZY = {
     "weight_matching": "modelmerge.matching",
     "interpolate": "modelmerge.merge",
     "align": "modelmerge.align",
+    "Network": "modelmerge.network",
+    "resolve_network": "modelmerge.network",
     "trace_spec": "modelmerge.trace",
     "load_aligner": "modelmerge.deepalign.pretrained",
     "list_aligners": "modelmerge.deepalign.pretrained",

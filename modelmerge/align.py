@@ -1,6 +1,9 @@
-"""Aligning B to A: choose a spec and a method, permute, verify.
+"""Aligning B to A: resolve the network, produce candidates, refine, choose, verify.
 
 This is the library entry point behind ``modelmerge align``; it reads no files.
+The methods themselves live in :mod:`modelmerge.methods` (one registration
+each); this module only decides which of them run for the options given, and
+refuses combinations that would do nothing.
 """
 
 from __future__ import annotations
@@ -10,87 +13,46 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
-from modelmerge.errors import ModelMergeError, SpecError
-from modelmerge.forward import Forward, chain_forward_of, record_forward_of
-from modelmerge.matching import MatchInfo, alignment_objective, weight_matching
+from modelmerge.errors import ModelMergeError
+from modelmerge.matching import alignment_objective
 from modelmerge.merge import check_same_architecture
+from modelmerge.network import Network, resolve_network
 from modelmerge.permutation import Permutation, apply_permutation, permutation_to_lists
-from modelmerge.spec import Chain, PermutationSpec, infer_chain
+from modelmerge.spec import PermutationSpec
 from modelmerge.verify import Verification, verify_permuted
 
+#: ``--method`` values: ``auto`` plus the registered alignment methods
 METHODS = ("auto", "weight-matching", "deep-align")
+#: ``--refine`` values: ``none`` plus the registered refinements
 REFINES = ("none", "wm", "lmc")
 
 
 @dataclass(frozen=True)
-class SpecChoice:
-    """A spec, where it came from, and the forward it can be verified with (if known)."""
-
-    spec: PermutationSpec
-    source: str  # "inferred" | "file"
-    chain: Chain | None = None
-    forward: Forward | None = None
-
-
-def choose_spec(
-    state: Mapping[str, torch.Tensor],
-    spec: PermutationSpec | None = None,
-    record: Mapping | None = None,
-    model=None,
-) -> SpecChoice:
-    """The given spec (checked against ``state``), the traced one, or one inferred from the state dict.
-
-    The forward used for verification is ``--model``'s real forward when a
-    model is given (a :class:`~modelmerge.trace.ModelSpec`; its traced spec is
-    used unless a spec is given), else the record's real model, else the
-    inferred chain's generic forward; a given spec that differs from the
-    inferred chain's gets no generic forward.
-
-    Raises:
-        SpecError: inference fails (and no spec was given), or the spec does not fit.
-        ArchError: the record does not fit the state dict.
-    """
-    if model is not None:
-        from modelmerge.trace import model_forward
-
-        forward = model_forward(model.model, model.input_shape)
-        chosen = spec if spec is not None else model.spec
-        chosen.check(state)
-        try:
-            chain = infer_chain(state)
-            chain = chain if chain.spec(state) == chosen else None
-        except SpecError:
-            chain = None
-        return SpecChoice(chosen, "file" if spec is not None else "traced", chain, forward)
-    forward = None
-    if record is not None:
-        from modelmerge.zoo.archs import module_from_state
-
-        module_from_state(record, state)  # fails early, naming keys, if the record does not fit
-        forward = record_forward_of(record)
-    if spec is None:
-        chain = infer_chain(state)
-        return SpecChoice(chain.spec(state), "inferred", chain, forward or chain_forward_of(chain, state))
-    spec.check(state)
-    try:
-        chain = infer_chain(state)
-    except SpecError:
-        return SpecChoice(spec, "file", None, forward)
-    if chain.spec(state) != spec:
-        return SpecChoice(spec, "file", None, forward)
-    return SpecChoice(spec, "file", chain, forward or chain_forward_of(chain, state))
-
-
-@dataclass(frozen=True)
 class AlignResult:
-    """Everything ``align`` produced; ``report()`` is the JSON report."""
+    """Everything ``align`` produced; ``report()`` is the JSON report.
+
+    Attributes:
+        method: the winning recipe, e.g. ``"deep-align+lmc"``.
+        perm: its permutation; ``aligned`` is B permuted by it (verified).
+        network: the resolved network (spec, forward).
+        objective: weight matching's objective ``sum <A, P(B)>`` before and after.
+        iterations, converged: what the winning method did (None for a one-pass answer).
+        verification: how the answer was checked.
+        seconds: per stage (``weight_matching``, ``learned``, ``refine``, ``align``, ``verify``, ``total``).
+        notes: what the user should know (fallbacks, tracer warnings, assumptions).
+        aligner: the learned aligner's name, if one answered.
+        candidates: each candidate's α = 0.5 merged loss, when ``auto --data`` ranked them.
+    """
 
     method: str
     perm: Permutation
     aligned: dict[str, torch.Tensor]
-    spec: SpecChoice
-    match: MatchInfo
+    network: Network
+    objective: tuple[float, float]
+    iterations: int | None
+    converged: bool | None
     verification: Verification
     seconds: dict[str, float]
     notes: list[str] = field(default_factory=list)
@@ -101,14 +63,11 @@ class AlignResult:
         out = {
             "method": self.method,
             "aligner": self.aligner,
-            "spec": {
-                "source": self.spec.source,
-                "groups": dict(self.spec.spec.groups),
-            },
+            "spec": {"source": self.network.spec_source, "groups": dict(self.network.spec.groups)},
             "permutations": permutation_to_lists(self.perm),
-            "objective": {"before": self.match.objective_before, "after": self.match.objective_after},
-            "iterations": self.match.iterations,
-            "converged": self.match.converged,
+            "objective": {"before": self.objective[0], "after": self.objective[1]},
+            "iterations": self.iterations,
+            "converged": self.converged,
             "seconds": dict(self.seconds),
             "verified": self.verification.to_dict(),
             "notes": list(self.notes),
@@ -118,21 +77,9 @@ class AlignResult:
         return out
 
 
-def _learned(model, chain: Chain, a, b):
-    """The learned answer, keyed by group."""
-    from modelmerge.weightspace import to_weight_space
-
-    perms = model.align(to_weight_space(chain, a), to_weight_space(chain, b))
-    return {chain.group(l): p for l, p in enumerate(perms)}
-
-
-def _merged_loss(a, b, spec, perm, task) -> float:
-    """Loss of the α = 0.5 merge on the selection batch (how `auto --data` ranks answers)."""
-    from modelmerge.deepalign.refine import merged_loss, selection_batch
-
-    forward, dataset = task
-    with torch.no_grad():
-        return float(merged_loss(forward, a, apply_permutation(b, spec, perm), *selection_batch(dataset)))
+def uses_data(method: str, refine: str | None) -> bool:
+    """Whether ``align`` reads ``data`` with these options (``auto`` ranks candidates; ``lmc`` trains on it)."""
+    return method == "auto" or refine == "lmc"
 
 
 def align(
@@ -141,10 +88,12 @@ def align(
     *,
     spec: PermutationSpec | None = None,
     record: Mapping | None = None,
-    model=None,
+    module: nn.Module | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    network: Network | None = None,
     method: str = "auto",
     aligner: str | None = None,
-    refine: str = "none",
+    refine: str | None = None,
     data: str | None = None,
     seed: int = 0,
     max_iter: int = 100,
@@ -155,19 +104,23 @@ def align(
 
     Args:
         a, b: state dicts of one architecture.
-        spec: the permutation spec; inferred from A when None.
-        record: A's architecture record, if known: verification then runs the real model.
-        model: a :class:`~modelmerge.trace.ModelSpec` from ``--model``: its traced spec
-            (unless ``spec`` is given) and its real forward for verification.
-        method: ``"auto"`` (the bundled learned aligner when the network is in its
-            family and depth, else weight matching), ``"weight-matching"`` or
-            ``"deep-align"``.
+        spec, record, module, input_shape: what describes the network, resolved by
+            :func:`~modelmerge.network.resolve_network` from A (ignored when
+            ``network`` is given): a spec (else traced from ``module`` or inferred),
+            the architecture record, a model instance holding A's weights (its real
+            forward verifies the answer) and that model's input shape.
+        network: an already resolved network.
+        method: ``"auto"`` (the learned aligner when the network is in a bundled
+            aligner's family, or ``aligner``'s, else weight matching, saying why),
+            ``"weight-matching"`` or ``"deep-align"``.
         aligner: bundled aligner name or trained folder/file (default: the family's bundled one).
-        refine: ``"none"``, ``"wm"`` (weight matching from the learned answer) or
-            ``"lmc"`` (short LMC optimisation from it; needs ``data``).
-        data: dataset name or file. With ``auto`` it also tries weight matching and
-            the LMC-refined answer and keeps the merge with the lowest loss at α = 0.5.
-        seed: seeds the method's randomness.
+        refine: ``"none"``, ``"wm"`` (weight matching from the answer) or ``"lmc"``
+            (a short LMC optimisation from it; needs ``data``). Default: ``"lmc"``
+            for ``auto`` with ``data``, else ``"none"``.
+        data: dataset name or file. With ``auto``, the answer, weight matching's and
+            the refined one are all candidates and the merge with the lowest loss
+            at α = 0.5 (training split) wins.
+        seed: seeds the methods' randomness and the verification inputs.
         max_iter: weight-matching sweeps at most.
         refine_steps: LMC refinement steps (each one weight-matching projection).
         on_refine: progress of the LMC refinement: (steps done, steps, best loss so far).
@@ -176,133 +129,88 @@ def align(
         An :class:`AlignResult`; ``result.aligned`` is B permuted onto A and verified.
 
     Raises:
+        ModelMergeError: an unknown option, or a combination that would do nothing
+            (``data`` nothing reads, ``--refine wm`` of weight matching's own answer).
         MismatchError: A and B differ in keys or shapes.
         SpecError: no spec can be inferred or the given one does not fit.
         OutOfFamilyError: ``deep-align`` on a network its aligner cannot read.
         VerificationError: the permuted B does not compute B's function.
     """
+    from modelmerge import methods
+
     t0 = time.perf_counter()
+    refine = _check_options(method, refine, data)
+    check_same_architecture(a, b)
+    net = network or resolve_network(a, spec=spec, record=record, module=module, input_shape=input_shape)
+    ctx = methods.Context(a, b, net, seed, max_iter, refine_steps, aligner, data, on_refine)
+    notes = [f"traced: {w}" for w in net.warnings]
+    first = _first_method(method, refine, ctx, notes)
+    if refine == "wm" and first == "weight-matching":
+        if method == "weight-matching":
+            raise ModelMergeError("--refine wm would restart weight matching from its own answer; use --refine lmc "
+                                  "or --method auto/deep-align")
+        notes.append("--refine wm: auto fell back to weight matching, whose answer it would not change")
+        refine = "none"
+    ranked = method == "auto" and data is not None
+    if data is not None:
+        ctx.task()  # the data must fit before any work is done
+        if net.data_note:
+            notes.append(net.data_note)
+    t1 = time.perf_counter()
+    answers = [methods.get("align", name).run(ctx, None)
+               for name in (["weight-matching"] if ranked and first != "weight-matching" else []) + [first]]
+    ran = list(answers)
+    if refine != "none":
+        ran.append(methods.get("refine", refine).run(ctx, answers[-1]))
+        answers = ran if ranked else ran[-1:]
+    candidates = None
+    if ranked:
+        from modelmerge.methods.lmc import score
+
+        candidates = {ans.name: score(net, a, b, ans.perm, ctx.task()) for ans in answers}
+        best = min(candidates, key=candidates.get)  # ties: the earlier (simpler) answer
+        chosen = next(ans for ans in answers if ans.name == best)
+    else:
+        chosen = answers[-1]
+    t2 = time.perf_counter()
+    aligned = apply_permutation(b, net.spec, chosen.perm)
+    verification = verify_permuted(b, aligned, net, seed=seed)
+    t3 = time.perf_counter()
+    seconds = {}
+    for ans in ran:
+        seconds[ans.stage] = seconds.get(ans.stage, 0.0) + ans.seconds
+    seconds.update({"align": t2 - t1, "verify": t3 - t2, "total": t3 - t0})
+    objective = chosen.objective or (alignment_objective(a, b, net.spec),
+                                     alignment_objective(a, b, net.spec, chosen.perm))
+    return AlignResult(chosen.name, chosen.perm, aligned, net, objective, chosen.iterations, chosen.converged,
+                       verification, seconds, notes, chosen.aligner, candidates)
+
+
+def _check_options(method: str, refine: str | None, data: str | None) -> str:
+    """The refinement to run (the default resolved), after refusing options that cannot work."""
     if method not in METHODS:
         raise ModelMergeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if refine is None:
+        refine = "lmc" if method == "auto" and data is not None else "none"
     if refine not in REFINES:
         raise ModelMergeError(f"unknown refinement {refine!r}; choose one of {', '.join(REFINES)}")
     if refine == "lmc" and data is None:
         raise ModelMergeError("--refine lmc needs --data (a dataset name or file)")
-    check_same_architecture(a, b)
-    choice = choose_spec(a, spec, record, model)
-    notes: list[str] = [f"traced: {w}" for w in (model.warnings if model is not None else [])]
-    seconds: dict[str, float] = {}
-    model_spec, model, card = model, None, None
-    if method in ("auto", "deep-align"):
-        model, card, why = _pick_aligner(choice, a, method, aligner)
-        if model is None:
-            refined = " (and its LMC refinement on --data; the best is kept)" if data is not None and method == "auto" else ""
-            notes.append(f"auto: {why}; using weight matching{refined}")
-    task = _task_for(data, choice, a, record, model_spec) if data is not None else None
-    candidates = info = None
-    t1 = time.perf_counter()
-    if model is None and method == "auto" and task is not None:
-        perm, used, candidates = _auto_with_data(a, b, choice, task, None, seed, max_iter, seconds,
-                                                 dict(steps=refine_steps, on_step=on_refine))
-    elif model is None:
-        if refine != "none" or task is not None:
-            notes.append("--refine/--data apply to a learned answer; weight matching used them for nothing")
-        perm, info = weight_matching(a, b, choice.spec, seed=seed, max_iter=max_iter)
-        used = "weight-matching"
-        seconds["weight_matching"] = time.perf_counter() - t1
-    else:
-        perm = _learned(model, choice.chain, a, b)
-        seconds["learned"] = time.perf_counter() - t1
-        used = "deep-align"
-        if method == "auto" and task is not None:
-            perm, used, candidates = _auto_with_data(a, b, choice, task, perm, seed, max_iter, seconds,
-                                                     dict(steps=refine_steps, on_step=on_refine))
-        elif refine == "wm":
-            t = time.perf_counter()
-            perm, _ = weight_matching(a, b, choice.spec, seed=seed, max_iter=max_iter, init=perm)
-            seconds["refine"] = time.perf_counter() - t
-            used = "deep-align+wm"
-        elif refine == "lmc":
-            from modelmerge.deepalign.refine import refine_lmc
-
-            t = time.perf_counter()
-            perm, _ = refine_lmc(a, b, choice.spec, *task, perm, seed=seed, steps=refine_steps, on_step=on_refine)
-            seconds["refine"] = time.perf_counter() - t
-            used = "deep-align+lmc"
-    if info is None:  # the weight-matching objective of whatever answer won, for the report
-        info = MatchInfo(alignment_objective(a, b, choice.spec), alignment_objective(a, b, choice.spec, perm), 0,
-                         True)
-    t2 = time.perf_counter()
-    seconds["align"] = t2 - t1
-    aligned = apply_permutation(b, choice.spec, perm)
-    verification = verify_permuted(b, aligned, choice.spec, choice.forward, seed=seed)
-    t3 = time.perf_counter()
-    seconds.update({"verify": t3 - t2, "total": t3 - t0})
-    name = card.get("name") if card else None
-    return AlignResult(used, perm, aligned, choice, info, verification, seconds, notes, name, candidates)
+    if data is not None and not uses_data(method, refine):
+        raise ModelMergeError(f"--data does nothing with --method {method} and --refine {refine}: it is read by "
+                              "--method auto (to rank candidates) and --refine lmc; drop it or add one of those")
+    return refine
 
 
-def _pick_aligner(choice: SpecChoice, a, method: str, aligner: str | None):
-    """(model, card, why-not) for the learned methods."""
-    from modelmerge.deepalign.pretrained import default_aligner, load_aligner
-    from modelmerge.deepalign.train import family_of
+def _first_method(method: str, refine: str, ctx, notes: list[str]) -> str:
+    """The alignment method whose answer is refined: ``auto`` falls back to weight matching, saying why."""
+    from modelmerge import methods
 
-    if choice.chain is None:
-        why = "the learned aligner reads Linear/Conv chains, and this spec is not one"
-        if method == "deep-align":
-            raise ModelMergeError(f"deep-align: {why}; use --method weight-matching")
-        return None, None, why
-    family, depth = family_of(choice.chain), len(choice.chain.layers)
-    if aligner is not None:
-        model, card = load_aligner(aligner)
-        return model, card, ""
-    weights = default_aligner(family, depth)
-    if weights is None:
-        why = f"no bundled aligner covers a {depth}-layer {family.upper()}"
-        if method == "deep-align":
-            raise ModelMergeError(f"deep-align: {why}; pass --aligner PATH or use --method weight-matching")
-        return None, None, why
-    if method == "auto":
-        from modelmerge.deepalign.model import OutOfFamilyError
-        from modelmerge.weightspace import to_weight_space
-
-        model, card = load_aligner(weights.name)
-        try:
-            model.check_supports(to_weight_space(choice.chain, a))
-        except OutOfFamilyError as e:
-            return None, None, str(e).split(";")[0]
-        return model, card, ""
-    model, card = load_aligner(weights.name)
-    return model, card, ""
-
-
-def _task_for(data: str, choice: SpecChoice, a, record, model_spec):
-    """``(forward, dataset)``: the differentiable forward and the data shaped for it."""
-    from modelmerge.deepalign.refine import task_data, task_forward
-    from modelmerge.zoo.data import load_dataset
-
-    forward = task_forward(choice.chain, a, record, model_spec)
-    return forward, task_data(load_dataset(data), forward, a)
-
-
-def _auto_with_data(a, b, choice, task, learned, seed, max_iter, seconds, refine_kw):
-    """Candidates scored by the α = 0.5 merge's loss on the selection batch; the lowest wins.
-
-    With a learned answer: it, weight matching, and its LMC refinement. Without one
-    (outside every aligner's family): weight matching and its LMC refinement.
-    """
-    from modelmerge.deepalign.refine import refine_lmc
-
-    t = time.perf_counter()
-    wm, _ = weight_matching(a, b, choice.spec, seed=seed, max_iter=max_iter)
-    seconds["weight_matching"] = time.perf_counter() - t
-    options = {"weight-matching": wm}
-    if learned is not None:
-        options["deep-align"] = learned
-    base = "deep-align" if learned is not None else "weight-matching"
-    t = time.perf_counter()
-    options[f"{base}+lmc"], _ = refine_lmc(a, b, choice.spec, *task, options[base], seed=seed, **refine_kw)
-    seconds["refine"] = time.perf_counter() - t
-    scores = {k: _merged_loss(a, b, choice.spec, p, task) for k, p in options.items()}
-    best = min(scores, key=scores.get)
-    return options[best], best, scores
+    if method != "auto":
+        return method
+    why = methods.get("align", "deep-align").unavailable(ctx)
+    if why is None:
+        return "deep-align"
+    then = " (and its LMC refinement on --data; the best is kept)" if ctx.data is not None and refine == "lmc" else ""
+    notes.append(f"auto: {why}; using weight matching{then}")
+    return "weight-matching"

@@ -19,6 +19,7 @@ import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -52,9 +53,9 @@ class Checkpoint:
     path: Path | None = None
     source: str = ""
 
-    @property
+    @cached_property
     def sha256(self) -> str:
-        """sha256 of the file that was read (hex)."""
+        """sha256 of the file that was read (hex; computed once)."""
         return file_sha256(self.path) if self.path is not None else ""
 
     @property
@@ -67,7 +68,7 @@ class Checkpoint:
         raw = self.metadata.get(META_PREFIX + "arch")
         if not raw:
             return None
-        from modelmerge.zoo.archs import ArchError, record_from_json
+        from modelmerge.archs import ArchError, record_from_json
 
         try:
             return record_from_json(raw)
@@ -391,17 +392,34 @@ def atomic_path(out: str | os.PathLike) -> Iterator[str]:
             os.unlink(tmp)
 
 
+def write_json_atomic(path: str | os.PathLike, data: object) -> None:
+    """Write ``data`` as indented JSON through :func:`atomic_path` (no partial file on failure)."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(data, indent=2) + "\n")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-def provenance(method: str, *checkpoints: Checkpoint, **extra: object) -> dict[str, str]:
-    """Metadata recording how an output was made: version, method, input hashes."""
+def provenance(method: str, *checkpoints: Checkpoint, arch_of: Checkpoint | None = None,
+               **extra: object) -> dict[str, str]:
+    """Metadata recording how an output was made: version, method, input hashes.
+
+    Args:
+        method: what made the output.
+        checkpoints: the inputs (A, B), hashed into the metadata.
+        arch_of: the input whose architecture record the output carries on (the
+            output then runs with the same forward), if any.
+        extra: more ``modelmerge.KEY`` entries (non-strings as JSON).
+    """
     from modelmerge import __version__
 
     meta = {META_PREFIX + "version": __version__, META_PREFIX + "method": method}
+    if arch_of is not None and META_PREFIX + "arch" in arch_of.metadata:
+        meta[META_PREFIX + "arch"] = arch_of.metadata[META_PREFIX + "arch"]
     for label, ck in zip("ab", checkpoints):
         meta[f"{META_PREFIX}input_{label}"] = ck.source
         meta[f"{META_PREFIX}input_{label}_sha256"] = ck.sha256

@@ -36,3 +36,8 @@ class VerificationError(ModelMergeError):
 
 class DataError(ModelMergeError):
     """A dataset name or data file is unknown or malformed."""
+
+
+def preview(items: list[str], n: int = 5) -> str:
+    """``a, b, c (+N more)``: the first ``n`` names of a list, for one-line messages."""
+    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from modelmerge.merge import interpolate
 
@@ -72,3 +73,21 @@ def interpolation_curve(
         losses.append(float(loss))
         accs.append(float(acc))
     return Curve(grid, losses, accs, loss_barrier(grid, losses), barrier_auc(grid, losses))
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` (inputs -> logits ``[B, classes]``) on ``(x, y)``.
+
+    An ``nn.Module`` is put in eval mode first.
+    """
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    loss, correct = 0.0, 0
+    for i in range(0, len(x), batch_size):
+        out = model(x[i:i + batch_size])
+        loss += float(F.cross_entropy(out, y[i:i + batch_size], reduction="sum"))
+        correct += int((out.argmax(1) == y[i:i + batch_size]).sum())
+    return loss / len(x), correct / len(x)

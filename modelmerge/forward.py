@@ -1,4 +1,4 @@
-"""Forward passes computed straight from a state dict.
+"""The generic forward of a chain inferred from a bare state dict (see :mod:`modelmerge.network`).
 
 For a chain inferred from a bare state dict (:func:`modelmerge.spec.infer_chain`)
 the true activation, strides and pooling are unknown, so
@@ -13,8 +13,7 @@ real network.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -40,14 +39,6 @@ def _norm(x: torch.Tensor, norm: Norm, state: Mapping[str, torch.Tensor]) -> tor
     shape = (1, -1) + (1,) * (x.ndim - 2)  # per-channel affine on (N, C, *spatial)
     x = x * w.reshape(shape) if w is not None and w.numel() > 1 else x * (w if w is not None else 1)
     return x + b.reshape(shape) if b is not None else x
-
-
-def chain_input(chain: Chain, state: Mapping[str, torch.Tensor], n: int, generator=None,
-                spatial: int = 8) -> torch.Tensor:
-    """Random inputs the chain accepts: ``[n, in]`` or ``[n, C_in, spatial, ...]``."""
-    w = state[chain.layers[0].weight]
-    shape = (n, w.shape[1]) + ((spatial,) * (w.ndim - 2) if chain.layers[0].kind == "conv" else ())
-    return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
 def chain_forward(chain: Chain, state: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -82,41 +73,3 @@ def chain_forward(chain: Chain, state: Mapping[str, torch.Tensor], x: torch.Tens
         if i < last:
             x = F.relu(x)
     return x
-
-
-@dataclass(frozen=True)
-class Forward:
-    """A known forward pass: ``run(state, x)`` and random inputs for it.
-
-    Attributes:
-        kind: ``"record"`` (the real model from an architecture record) or
-            ``"chain"`` (the generic forward of an inferred chain).
-        run: state dict, inputs -> outputs.
-        make_input: (n, generator) -> ``[n, *input_shape]`` float32 inputs.
-    """
-
-    kind: str
-    run: Callable[[Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor]
-    make_input: Callable[[int, torch.Generator], torch.Tensor]
-
-
-def chain_forward_of(chain: Chain, state: Mapping[str, torch.Tensor]) -> Forward:
-    """The generic forward of an inferred chain (see the module docstring)."""
-    return Forward(
-        "chain",
-        lambda st, x: chain_forward(chain, st, x),
-        lambda n, g: chain_input(chain, state, n, generator=g),
-    )
-
-
-def record_forward_of(record: Mapping) -> Forward:
-    """The real forward of the model an architecture record describes."""
-    from modelmerge.zoo.archs import input_shape, module_from_state
-
-    shape = input_shape(record)
-
-    def run(state, x):
-        with torch.no_grad():
-            return module_from_state(record, state)(x)
-
-    return Forward("record", run, lambda n, g: torch.randn((n, *shape), generator=g))

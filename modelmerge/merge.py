@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
-from modelmerge.errors import MismatchError, ModelMergeError
+from modelmerge.errors import MismatchError, ModelMergeError, preview
 
 
 def check_same_architecture(
@@ -18,9 +18,9 @@ def check_same_architecture(
     if only_a or only_b:
         parts = []
         if only_a:
-            parts.append(f"only in {names[0]}: {_preview(only_a)}")
+            parts.append(f"only in {names[0]}: {preview(only_a)}")
         if only_b:
-            parts.append(f"only in {names[1]}: {_preview(only_b)}")
+            parts.append(f"only in {names[1]}: {preview(only_b)}")
         raise MismatchError(
             f"{names[0]} and {names[1]} have different parameters ({'; '.join(parts)}); "
             "pass two checkpoints of the same architecture"
@@ -28,13 +28,9 @@ def check_same_architecture(
     bad = [f"{k} {list(a[k].shape)} vs {list(b[k].shape)}" for k in a if a[k].shape != b[k].shape]
     if bad:
         raise MismatchError(
-            f"{names[0]} and {names[1]} differ in shape at {_preview(bad, 3)}; "
+            f"{names[0]} and {names[1]} differ in shape at {preview(bad, 3)}; "
             "pass two checkpoints of the same architecture and widths"
         )
-
-
-def _preview(items: list[str], n: int = 5) -> str:
-    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
 def interpolate(
@@ -59,14 +55,16 @@ def interpolate(
     if not float("-inf") < float(alpha) < float("inf"):
         raise ModelMergeError(f"alpha must be a finite number, got {alpha}")
     check_same_architecture(a, b)
-    out = {}
-    for k, ta in a.items():
-        tb = b[k]
-        if ta.is_floating_point():
-            # (1-α)·a + α·b rather than lerp: exact at both ends
-            work = torch.promote_types(ta.dtype, torch.float32)  # half precision mixes in fp32
-            mixed = (1.0 - alpha) * ta.to(work) + alpha * tb.to(work)
-            out[k] = mixed.to(ta.dtype)
-        else:
-            out[k] = ta.clone()
-    return out
+    return {k: mix(ta, b[k], alpha).to(ta.dtype) if ta.is_floating_point() else ta.clone() for k, ta in a.items()}
+
+
+def mix(a: torch.Tensor, b: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
+    """``(1 - alpha) * a + alpha * b`` in at least float32; differentiable in all three.
+
+    The one interpolation formula of the package (merges, the LMC refinement's
+    α = 0.5 merge, the aligner's stacked LMC loss). Not ``lerp``: α = 0 and α = 1
+    give the ends bit-for-bit. ``alpha`` may be a tensor broadcasting against
+    ``a`` (one α per stacked pair).
+    """
+    work = torch.promote_types(a.dtype, torch.float32)  # half precision mixes in fp32
+    return (1.0 - alpha) * a.to(work) + alpha * b.to(work)

@@ -24,7 +24,7 @@ from types import MappingProxyType
 
 import torch
 
-from modelmerge.errors import SpecError
+from modelmerge.errors import SpecError, preview
 
 SPEC_FORMAT = "modelmerge.spec/1"
 Axes = tuple[str | None, ...]
@@ -87,11 +87,11 @@ class PermutationSpec:
         if missing:
             raise SpecError(
                 f"the spec does not cover {len(missing)} parameter(s) of the {what}: "
-                f"{_preview(missing)}; add them (null axes hold them fixed)"
+                f"{preview(missing)}; add them (null axes hold them fixed)"
             )
         if extra:
             raise SpecError(
-                f"the spec names {len(extra)} parameter(s) the {what} lacks: {_preview(extra)}; "
+                f"the spec names {len(extra)} parameter(s) the {what} lacks: {preview(extra)}; "
                 "is it the spec of another architecture?"
             )
         for p, ax in self.axes.items():
@@ -165,11 +165,6 @@ class PermutationSpec:
         return cls.from_dict(data)
 
 
-def _preview(names: list[str], n: int = 5) -> str:
-    shown = ", ".join(names[:n])
-    return shown + (f" (+{len(names) - n} more)" if len(names) > n else "")
-
-
 # --------------------------------------------------------------------------- chains
 
 _LEAVES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -214,6 +209,11 @@ class Chain:
 
     layers: tuple[Layer, ...]
     blocks: tuple[int, ...]
+
+    @property
+    def family(self) -> str:
+        """``"mlp"`` (Linear layers only) or ``"cnn"`` (Conv layers, then Linear)."""
+        return "mlp" if all(layer.kind == "linear" for layer in self.layers) else "cnn"
 
     def group(self, i: int) -> str:
         """Name of the group permuting the outputs of hidden layer ``i``."""

@@ -21,18 +21,13 @@ The model's inputs and outputs are never permuted.
 
 from __future__ import annotations
 
-import importlib
-import json
 import operator
-import sys
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from modelmerge.errors import ModelMergeError, SpecError
+from modelmerge.errors import SpecError
 from modelmerge.spec import PermutationSpec
 
 FIXED = "<fixed>"
@@ -272,130 +267,3 @@ def _dims(node) -> tuple:
     if isinstance(dims, int):
         return (dims,)
     return tuple(dims) if isinstance(dims, (tuple, list)) else ()
-
-
-# ----------------------------------------------------------------- --model
-
-
-def import_model_class(target: str):
-    """Import ``pkg.module:Class`` (the current folder on the import path).
-
-    Raises:
-        ModelMergeError: bad form, missing module or attribute.
-    """
-    if ":" not in target:
-        raise ModelMergeError(f"--model must look like package.module:ClassName, got {target!r}")
-    module_name, _, attr = target.partition(":")
-    cwd = str(Path.cwd())
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ModelMergeError(f"cannot import {module_name!r} for --model ({_short(e)}); run from the folder that "
-                              "holds it or install it") from None
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ModelMergeError(f"{module_name} has no {attr!r} (from --model {target})")
-        obj = getattr(obj, part)
-    return obj
-
-
-def build_model(target: str, kwargs_json: str | None, state: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Build ``--model`` with ``--model-kwargs`` and load ``state`` strictly, in eval mode.
-
-    Raises:
-        ModelMergeError: the class cannot be built or the checkpoint does not fit it (keys named).
-    """
-    cls = import_model_class(target)
-    try:
-        kwargs = json.loads(kwargs_json) if kwargs_json else {}
-    except json.JSONDecodeError as e:
-        raise ModelMergeError(f"--model-kwargs is not valid JSON ({e.msg})") from None
-    if not isinstance(kwargs, dict):
-        raise ModelMergeError("--model-kwargs must be a JSON object, e.g. '{\"width\": 64}'")
-    try:
-        model = cls(**kwargs)
-    except Exception as e:  # user code
-        raise ModelMergeError(f"cannot build {target}({kwargs}): {type(e).__name__}: {_short(e)}") from None
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [k for k in expected if k in state and expected[k].shape != state[k].shape]
-    if missing or unexpected or wrong:
-        parts = [f"{label}: {', '.join(keys[:4])}" + (" ..." if len(keys) > 4 else "")
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-                 if keys]
-        raise ModelMergeError(f"the checkpoint does not fit {target} ({'; '.join(parts)}); check --model-kwargs")
-    model.load_state_dict(dict(state))
-    return model.eval()
-
-
-def find_input_shape(model: nn.Module, given: tuple[int, ...] | None = None) -> tuple[int, ...]:
-    """A per-sample input shape the model accepts (``given``, or found by trying common sizes).
-
-    Raises:
-        ModelMergeError: no candidate works; pass --input-shape.
-    """
-    candidates = [given] if given else []
-    first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))), None)
-    if first is not None and not given:
-        if isinstance(first, nn.Linear):
-            candidates.append((first.in_features,))
-        else:
-            dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(first)]
-            candidates += [(first.in_channels, *([s] * dims)) for s in (8, 16, 28, 32, 40, 64, 224)]
-    for shape in candidates:
-        try:
-            with torch.no_grad():
-                model(torch.zeros(2, *shape))
-            return tuple(shape)
-        except Exception:  # noqa: BLE001 - any failure means "not this shape"
-            continue
-    raise ModelMergeError("cannot find an input shape the model accepts; pass --input-shape, e.g. 1,28,28")
-
-
-def model_forward(model: nn.Module, input_shape: tuple[int, ...] | None = None):
-    """A :class:`~modelmerge.forward.Forward` running ``model`` (its real forward) on any state dict."""
-    from modelmerge.forward import Forward
-
-    shape = find_input_shape(model, input_shape)
-
-    def run(state, x):
-        model.load_state_dict(dict(state))
-        with torch.no_grad():
-            return model.eval()(x)
-
-    return Forward("model", run, lambda n, g: torch.randn((n, *shape), generator=g))
-
-
-@dataclass
-class ModelSpec:
-    """What ``--model`` gives: the built model, its traced spec and the tracer's warnings."""
-
-    model: nn.Module
-    spec: PermutationSpec
-    warnings: list[str]
-    input_shape: tuple[int, ...]
-
-
-def from_model_option(
-    target: str, kwargs_json: str | None, state: Mapping[str, torch.Tensor], input_shape: str | None = None
-) -> ModelSpec:
-    """Build ``--model`` for ``state``, trace its spec and find an input shape.
-
-    Raises:
-        ModelMergeError: import, build, strict load, trace or input-shape problems.
-    """
-    shape = None
-    if input_shape:
-        try:
-            shape = tuple(int(v) for v in input_shape.split(","))
-        except ValueError:
-            raise ModelMergeError(
-                f"--input-shape must be comma-separated integers like 1,28,28; got {input_shape!r}") from None
-    model = build_model(target, kwargs_json, state)
-    traced = trace_spec(model)
-    model.load_state_dict(dict(state))  # tracing does not change weights; keep the loaded ones explicit
-    return ModelSpec(model, traced.spec, traced.warnings, find_input_shape(model, shape))

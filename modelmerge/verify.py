@@ -8,8 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from modelmerge.errors import VerificationError
-from modelmerge.forward import Forward
-from modelmerge.spec import PermutationSpec
+from modelmerge.network import Network
 
 
 @dataclass(frozen=True)
@@ -18,9 +17,10 @@ class Verification:
 
     Attributes:
         coverage: the spec covers every parameter with consistent sizes.
-        forward: which forward compared outputs: ``"record"`` (the real model of
-            the checkpoint's architecture record), ``"chain"`` (the generic forward
-            built from the state dict), or None when no forward is known.
+        forward: which forward compared outputs (:attr:`Network.forward_kind`):
+            ``"model"`` (``--model``'s), ``"record"`` (the architecture record's
+            model), ``"chain"`` (the generic forward of the inferred chain), or
+            None when no forward is known.
         max_abs_diff: largest |output(B) - output(permuted B)| over the random inputs.
         tolerance: the largest difference accepted (float round-off).
     """
@@ -42,8 +42,7 @@ class Verification:
 def verify_permuted(
     original: Mapping[str, torch.Tensor],
     permuted: Mapping[str, torch.Tensor],
-    spec: PermutationSpec,
-    forward: Forward | None = None,
+    network: Network,
     *,
     samples: int = 32,
     seed: int = 0,
@@ -51,21 +50,20 @@ def verify_permuted(
 ) -> Verification:
     """Check ``permuted`` is ``original`` with hidden units reordered.
 
-    Always checks the spec covers ``permuted``. With a ``forward``, random inputs
-    (independent of any other model) go through both and the outputs must agree
-    to float tolerance ``rtol * (1 + max|output|)``.
+    Always checks the network's spec covers ``permuted``. With a forward, random
+    inputs (independent of any other model) go through both and the outputs must
+    agree to float tolerance ``rtol * (1 + max|output|)``.
 
     Raises:
         SpecError: the spec does not cover the state dict.
         VerificationError: the outputs differ (the permutation or spec is wrong).
     """
-    spec.check(permuted, "permuted checkpoint")
-    if forward is None:
+    network.check(permuted, "permuted checkpoint")
+    if network.forward_kind is None:
         return Verification(coverage=True)
-    x = forward.make_input(samples, torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        y0 = forward.run(original, x)
-        y1 = forward.run(permuted, x)
+    x = network.random_inputs(samples, torch.Generator().manual_seed(seed))
+    y0 = network.forward(original, x)
+    y1 = network.forward(permuted, x)
     diff = float((y0 - y1).abs().max())
     tol = rtol * (1.0 + float(y0.abs().max()))
     if not diff <= tol:
@@ -73,4 +71,4 @@ def verify_permuted(
             f"the permuted model's outputs differ from the original's by {diff:.3g} "
             f"(tolerance {tol:.3g}); the spec does not describe this network, pass a correct --spec"
         )
-    return Verification(coverage=True, forward=forward.kind, max_abs_diff=diff, tolerance=tol)
+    return Verification(coverage=True, forward=network.forward_kind, max_abs_diff=diff, tolerance=tol)

@@ -8,6 +8,10 @@ BatchNorm in eval form is folded into the layer before it (an equivalent
 function, so the same permutation aligns both); LayerNorm parameters are not
 part of the view (they are still permuted through the spec).
 
+Networks come stacked: every tensor has a leading batch axis ``N`` (``N = 1``
+for one network), which is how the aligner reads them and how training
+batches pairs.
+
 Node sets: layer 0 are the inputs, layer ``L`` the outputs (both fixed),
 layers ``1..L-1`` the hidden units, whose permutation groups are
 ``chain.group(0) .. chain.group(L-2)``.
@@ -25,11 +29,11 @@ from modelmerge.spec import Chain
 
 @dataclass(frozen=True)
 class WeightSpace:
-    """Per-layer canonical tensors of one network.
+    """Per-layer canonical tensors of ``N`` stacked networks of one shape.
 
     Attributes:
-        weights: ``weights[l]`` is ``[n_{l+1}, n_l, T_l]`` (float32).
-        biases: ``biases[l]`` is ``[n_{l+1}]`` (zeros where the layer has none).
+        weights: ``weights[l]`` is ``[N, n_{l+1}, n_l, T_l]``.
+        biases: ``biases[l]`` is ``[N, n_{l+1}]`` (zeros where the layer has none).
         kinds: ``"linear"``, ``"conv"`` or ``"flatten"`` (a linear layer reading a conv map).
     """
 
@@ -38,9 +42,14 @@ class WeightSpace:
     kinds: tuple[str, ...]
 
     @property
+    def n(self) -> int:
+        """How many networks are stacked."""
+        return self.weights[0].shape[0]
+
+    @property
     def widths(self) -> tuple[int, ...]:
         """``(n_0, n_1, ..., n_L)``: inputs, hidden widths, outputs."""
-        return (self.weights[0].shape[1],) + tuple(w.shape[0] for w in self.weights)
+        return (self.weights[0].shape[2],) + tuple(w.shape[1] for w in self.weights)
 
     @property
     def family(self) -> str:
@@ -48,8 +57,22 @@ class WeightSpace:
         return "mlp" if all(k == "linear" for k in self.kinds) else "cnn"
 
     def signature(self) -> tuple:
-        """Everything that must match for two networks to be batched together."""
-        return tuple((tuple(w.shape), k) for w, k in zip(self.weights, self.kinds))
+        """Everything but the batch size that must match for two weight spaces to be batched together."""
+        return tuple((tuple(w.shape[1:]), k) for w, k in zip(self.weights, self.kinds))
+
+    def to(self, dtype: torch.dtype) -> WeightSpace:
+        return WeightSpace(tuple(w.to(dtype) for w in self.weights), tuple(b.to(dtype) for b in self.biases),
+                           self.kinds)
+
+    def cat(self, other: WeightSpace) -> WeightSpace:
+        """``self`` then ``other`` along the batch axis (same signature)."""
+        return WeightSpace(tuple(torch.cat(p) for p in zip(self.weights, other.weights)),
+                           tuple(torch.cat(p) for p in zip(self.biases, other.biases)), self.kinds)
+
+    def split(self, n: int) -> tuple[WeightSpace, WeightSpace]:
+        """The first ``n`` networks and the rest."""
+        return (WeightSpace(tuple(w[:n] for w in self.weights), tuple(b[:n] for b in self.biases), self.kinds),
+                WeightSpace(tuple(w[n:] for w in self.weights), tuple(b[n:] for b in self.biases), self.kinds))
 
 
 def _float(t: torch.Tensor) -> torch.Tensor:
@@ -67,13 +90,12 @@ def _fold_batchnorm(w: torch.Tensor, b: torch.Tensor, norm, state) -> tuple[torc
     return w * scale.view(*scale.shape, *([1] * (w.ndim - 2))), b * scale + shift
 
 
-def stacked_weight_space(
-    chain: Chain, state: Mapping[str, torch.Tensor]
-) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple[str, ...]]:
+def stacked_weight_space(chain: Chain, state: Mapping[str, torch.Tensor]) -> WeightSpace:
     """Canonical tensors of ``N`` stacked networks (``state``: name -> ``[N, *shape]``).
 
-    Differentiable in ``state``. Returns weights ``[N, n_out, n_in, T]`` and
-    biases ``[N, n_out]`` per layer, and the layer kinds.
+    Differentiable in ``state``. Shapes per layer: Linear ``[N, out, in]`` ->
+    ``[N, out, in, 1]``; Conv ``[N, out, in, *k]`` -> ``[N, out, in, prod(k)]``;
+    flatten-Linear ``[N, out, C*s]`` -> ``[N, out, C, s]``; biases ``[N, out]``.
     """
     weights, biases, kinds = [], [], []
     for i, layer in enumerate(chain.layers):
@@ -94,24 +116,9 @@ def stacked_weight_space(
             w = w[..., None]
         weights.append(w)
         biases.append(b)
-    return weights, biases, tuple(kinds)
+    return WeightSpace(tuple(weights), tuple(biases), tuple(kinds))
 
 
 def to_weight_space(chain: Chain, state: Mapping[str, torch.Tensor]) -> WeightSpace:
-    """Canonical per-layer tensors of the network ``chain`` describes.
-
-    Shapes: Linear ``[out, in]`` -> ``[out, in, 1]``; Conv ``[out, in, *k]`` ->
-    ``[out, in, prod(k)]``; flatten-Linear ``[out, C*s]`` -> ``[out, C, s]``.
-    """
-    weights, biases, kinds = stacked_weight_space(chain, {k: v[None] for k, v in state.items()})
-    return WeightSpace(tuple(w[0] for w in weights), tuple(b[0] for b in biases), kinds)
-
-
-def stack(spaces: list[WeightSpace]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Stack networks of one signature: weights ``[N, n_out, n_in, T]``, biases ``[N, n_out]`` per layer."""
-    sig = spaces[0].signature()
-    if any(s.signature() != sig for s in spaces):
-        raise ValueError("cannot stack weight spaces of different shapes")
-    weights = [torch.stack([s.weights[i] for s in spaces]) for i in range(len(sig))]
-    biases = [torch.stack([s.biases[i] for s in spaces]) for i in range(len(sig))]
-    return weights, biases
+    """The weight space of one network (a batch of one)."""
+    return stacked_weight_space(chain, {k: v[None] for k, v in state.items()})

@@ -9,10 +9,19 @@ from conftest import VGGish, aligner_answer, check_equivariance, mlp
 from modelmerge.deepalign.model import AlignerConfig, DeepAlign, OutOfFamilyError
 
 
+class PositionBiased(DeepAlign):
+    """The negative control: unit indices leak into the affinity (prefers matching unit i with unit i)."""
+
+    def forward(self, a, b):
+        scores = super().forward(a, b)
+        pos = [torch.linspace(0, 1, s.shape[-1], dtype=s.dtype) for s in scores]
+        return [s - 10.0 * (p[:, None] - p[None, :]).abs() for s, p in zip(scores, pos)]
+
+
 def _aligner(equivariant=True, family="mlp", seed=0, weighted_costs=False):
     torch.manual_seed(seed)
-    cfg = AlignerConfig(family=family, equivariant=equivariant, weighted_costs=weighted_costs)
-    return DeepAlign(cfg).double().eval()
+    cfg = AlignerConfig(family=family, weighted_costs=weighted_costs)
+    return (DeepAlign if equivariant else PositionBiased)(cfg).double().eval()
 
 
 def _pair(widths, seed):

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from modelmerge.cli.app import app
 from modelmerge.evaluate import barrier_auc, loss_barrier
-from modelmerge.zoo.examples import example_paths
+from modelmerge.examples import example_paths
 
 runner = CliRunner()
 

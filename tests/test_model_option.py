@@ -69,9 +69,7 @@ def test_half_precision_checkpoints_refine_through_the_real_forward(tmp_path, sa
 
 
 def test_tied_weights_run_through_functional_call():
-    from types import SimpleNamespace
-
-    from modelmerge.deepalign.refine import task_forward
+    from modelmerge.network import resolve_network
 
     class Tied(torch.nn.Module):
         def __init__(self):
@@ -84,10 +82,10 @@ def test_tied_weights_run_through_functional_call():
             return self.out(torch.relu(self.again(torch.relu(self.fc(x)))))
 
     module = Tied()
-    forward = task_forward(None, module.state_dict(), model=SimpleNamespace(model=module, input_shape=(4,)))
+    network = resolve_network(module.state_dict(), module=module, input_shape=(4,))
     x = torch.randn(5, 4)
-    assert torch.allclose(forward.run(module.state_dict(), x), module(x))
-    assert forward.params == {"fc.weight", "fc.bias", "out.weight", "out.bias"}
+    assert torch.allclose(network.forward(module.state_dict(), x), module(x))
+    assert network.trainable == {"fc.weight", "fc.bias", "out.weight", "out.bias"}
 
 
 def test_data_that_does_not_fit_the_model_is_one_line(resnets, tmp_path):
@@ -123,12 +121,42 @@ def test_reset_bn_changes_only_statistics(resnets, tmp_path):
     assert not torch.allclose(merged["bn.running_var"], 0.5 * sa["bn.running_var"] + 0.5 * sb["bn.running_var"])
 
 
-def test_evaluate_with_model_and_reset_bn(resnets):
+def _independent_curve_point(state_a, state_b, alpha, reset, data):
+    """Loss of the α-merge through a fresh ResNetish, BatchNorm statistics reset by hand (not the code under test)."""
+    model = ResNetish()
+    model.load_state_dict({k: (1 - alpha) * v + alpha * state_b[k] if v.is_floating_point() else v
+                           for k, v in state_a.items()})
+    x_train = data.x_train
+    if reset:
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+        model.train()
+        with torch.no_grad():
+            for i in range(0, len(x_train), 256):
+                model(x_train[i:i + 256])
+    model.eval()
+    with torch.no_grad():
+        return float(torch.nn.functional.cross_entropy(model(data.x_test), data.y_test))
+
+
+def test_evaluate_with_model_and_reset_bn_matches_an_independent_reset(resnets):
+    from modelmerge.data import load_dataset
+
     a, b = resnets
-    r = run("evaluate", a, b, "--dataset", "digits", "--model", "archs:ResNetish", "--alphas", "3", "--reset-bn",
-            "--json")
-    assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["reset_bn"] is True
+    sa, sb = load_checkpoint(a).state, load_checkpoint(b).state
+    data = load_dataset("digits")
+    curves = {}
+    for reset in (False, True):
+        r = run("evaluate", a, b, "--dataset", "digits", "--model", "archs:ResNetish", "--alphas", "3", "--json",
+                *(["--reset-bn"] if reset else []))
+        assert r.exit_code == 0, r.output
+        curves[reset] = json.loads(r.stdout)["losses"]
+        expected = [_independent_curve_point(sa, sb, al, reset, data) for al in (0.0, 0.5, 1.0)]
+        assert curves[reset] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    # the reset matters: the merge's statistics were wrong before it
+    assert abs(curves[True][1] - curves[False][1]) > 1e-3
 
 
 @pytest.mark.parametrize(

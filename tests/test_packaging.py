@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,19 +38,31 @@ def test_bundled_cards_carry_their_hold_out_numbers():
             assert 0 < r["learned"] and 0 < r["weight_matching"] and r["wins"].endswith("/10")
 
 
-def test_aligners_command_lists_names_and_hold_out_ratios():
+def test_aligners_command_lists_names_and_hold_out_ratios(monkeypatch):
     import json
+    from pathlib import Path
 
     from typer.testing import CliRunner
 
     from modelmerge.cli.app import app
-    from modelmerge.deepalign.pretrained import list_aligners
+    from modelmerge.deepalign import pretrained
 
+    def fake(name, card):
+        return pretrained.AlignerWeights(name, "mlp", (3, 4), Path(f"{name}.safetensors"), "0" * 64, card)
+
+    cards = {
+        "held-out": {"name": "held-out", "holdout": {"families": {
+            "fam-a": {"learned": 0.02, "weight_matching": 0.08}, "fam-b": {"learned": 0.3, "weight_matching": 0.2}}}},
+        "validated": {"name": "validated", "validation": {"barrier": 0.05, "weight_matching_barrier": 0.1}},
+        "bare": {"name": "bare"},
+    }
+    monkeypatch.setattr(pretrained, "list_aligners", lambda: [fake(n, c) for n, c in cards.items()])
     r = CliRunner().invoke(app, ["aligners"])
     assert r.exit_code == 0, r.output
-    for w in list_aligners():
-        assert w.name in r.output
-        for fam, x in w.card["holdout"]["families"].items():
-            assert f"{fam} {x['learned'] / x['weight_matching']:.2f}x" in r.output
+    lines = {line.split()[1]: line for line in r.output.splitlines() if line.split()[1:2] and
+             line.split()[1] in cards}
+    assert "fam-a 0.25x" in lines["held-out"] and "fam-b 1.50x" in r.output
+    assert "0.50x (validation)" in lines["validated"]
+    assert lines["bare"].rstrip(" │|").endswith("-")
     r = CliRunner().invoke(app, ["aligners", "--json"])
-    assert {c["name"] for c in json.loads(r.stdout)} == {w.name for w in list_aligners()}
+    assert [c["name"] for c in json.loads(r.stdout)] == list(cards)

@@ -9,42 +9,57 @@ from typer.testing import CliRunner
 
 from modelmerge.checkpoint import load_checkpoint
 from modelmerge.cli.app import app
-from modelmerge.deepalign.refine import refine_lmc, selection_batch, task_data, task_forward
+from modelmerge.data import load_dataset
+from modelmerge.methods.lmc import refine_lmc, selection_batch
+from modelmerge.network import resolve_network
 from modelmerge.permutation import apply_permutation, check_permutation, identity_permutation
-from modelmerge.spec import infer_chain
-from modelmerge.zoo.data import load_dataset
-from modelmerge.zoo.stacked import stacked_forward
 
 runner = CliRunner()
 
 
-def _merged_loss(a, b, spec, perm, record, data):
-    x, y = selection_batch(data)
+def _independent_merged_loss(a, b, spec, perm, x, y):
+    """The α = 0.5 merge's loss through a hand-built nn.Sequential (not the code under test)."""
     aligned = apply_permutation(b, spec, perm)
-    merged = {k: (0.5 * (a[k] + aligned[k]))[None] for k in a}
+    model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 10))
+    model.load_state_dict({k: 0.5 * a[k] + 0.5 * aligned[k] for k in a})
     with torch.no_grad():
-        return float(torch.nn.functional.cross_entropy(stacked_forward(record, merged, x[None])[0], y))
+        return float(torch.nn.functional.cross_entropy(model(x.flatten(1)), y))
 
 
 def test_refinement_lowers_the_merged_loss_from_an_unaligned_start(tiny_zoo):
     a = load_checkpoint(tiny_zoo / "model_00000.safetensors").state
     b = load_checkpoint(tiny_zoo / "model_00001.safetensors").state
     record = {"family": "mlp", "widths": [64, 16, 16, 10], "activation": "relu"}
-    chain = infer_chain(a)
-    spec = chain.spec(a)
-    forward = task_forward(chain, a, record)
-    data = task_data(load_dataset("digits"), forward, a)
+    network = resolve_network(a, record=record)
+    data = network.shape_data(load_dataset("digits"))
     assert data.x_train.shape[1:] == (64,)
+    spec = network.spec
     start = identity_permutation(spec)
-    perm, info = refine_lmc(a, b, spec, forward, data, start, steps=30, seed=0)
+    perm, loss = refine_lmc(a, b, network, data, start, steps=30, seed=0)
     check_permutation(spec, perm)
-    # the reported losses are those of the start and of the answer, on the selection batch
-    assert abs(info.loss_before - _merged_loss(a, b, spec, start, record, data)) < 1e-4
-    assert abs(info.loss_after - _merged_loss(a, b, spec, perm, record, data)) < 1e-4
-    assert info.loss_after < info.loss_before - 0.05
+    x, y = selection_batch(data)
+    before = _independent_merged_loss(a, b, spec, start, x, y)
+    # the reported loss is the answer's, as an independent forward computes it
+    assert abs(loss - _independent_merged_loss(a, b, spec, perm, x, y)) < 1e-4
+    assert loss < before - 0.05
     # started from its own answer, it never gets worse
-    again, info2 = refine_lmc(a, b, spec, forward, data, perm, steps=10, seed=1)
-    assert info2.loss_after <= info2.loss_before + 1e-6
+    _, again = refine_lmc(a, b, network, data, perm, steps=10, seed=1)
+    assert again <= loss + 1e-6
+
+
+def test_bare_bias_free_mlp_runs_on_data_like_its_module():
+    """A bare Linear chain without biases is run as a ReLU MLP, exactly as nn.Sequential would."""
+    from conftest import mlp
+
+    module = mlp([64, 12, 10], seed=3)
+    module[0].bias = None
+    module[2].bias = None
+    state = module.state_dict()
+    network = resolve_network(state)
+    assert network.forward_kind == "chain" and network.runs_on_data
+    x = torch.randn(7, 64)
+    torch.testing.assert_close(network.forward(state, x), module(x))
 
 
 def test_auto_with_data_outside_every_family_refines_weight_matching(tmp_path, save_sd):
@@ -65,7 +80,7 @@ def test_auto_with_data_outside_every_family_refines_weight_matching(tmp_path, s
 
 
 def test_class_count_of_a_dataset_with_an_empty_split():
-    from modelmerge.zoo.data import Dataset
+    from modelmerge.data import Dataset
 
     d = Dataset("tiny", torch.zeros(2, 3), torch.tensor([0, 4]), torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
     assert d.num_classes == 5

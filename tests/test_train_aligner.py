@@ -146,6 +146,62 @@ def test_deep_align_refuses_out_of_family(trained, tmp_path, save_sd):
     assert r.exit_code == 1 and "MLP" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_auto_with_an_aligner_path_falls_back_out_of_family(trained, tmp_path, save_sd):
+    from conftest import VGGish
+
+    a = save_sd(VGGish(seed=0).state_dict(), "a.safetensors")
+    b = save_sd(VGGish(seed=1).state_dict(), "b.safetensors")
+    r = runner.invoke(app, ["align", str(a), str(b), "-o", str(tmp_path / "o.safetensors"), "--aligner",
+                            str(trained), "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["method"] == "weight-matching" and any("reads MLP" in n for n in report["notes"])
+
+
+def test_auto_with_data_honours_refine(trained, tiny_zoo, tmp_path):
+    """--refine under auto --data changes the candidates instead of being dropped."""
+    a, b = tiny_zoo / "model_00002.safetensors", tiny_zoo / "model_00003.safetensors"
+    expect = {"wm": {"deep-align", "weight-matching", "deep-align+wm"}, "none": {"deep-align", "weight-matching"}}
+    for refine, names in expect.items():
+        r = runner.invoke(app, ["align", str(a), str(b), "-o", str(tmp_path / f"{refine}.safetensors"), "--aligner",
+                                str(trained), "--data", "digits", "--refine", refine, "--json"])
+        assert r.exit_code == 0, r.output
+        assert set(json.loads(r.stdout)["candidates"]) == names
+
+
+def test_learned_answer_reports_no_iterations(trained, tiny_zoo, tmp_path):
+    a, b = tiny_zoo / "model_00000.safetensors", tiny_zoo / "model_00001.safetensors"
+    r = runner.invoke(app, ["align", str(a), str(b), "-o", str(tmp_path / "o.safetensors"), "--aligner",
+                            str(trained), "--json"])
+    report = json.loads(r.stdout)
+    assert report["method"] == "deep-align" and report["iterations"] is None and report["converged"] is None
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--method", "weight-matching", "--data", "digits"], "--data does nothing"),
+    (["--method", "deep-align", "--data", "digits"], "--data does nothing"),
+    (["--method", "weight-matching", "--refine", "wm"], "its own answer"),
+    (["--refine", "lmc"], "needs --data"),
+])
+def test_option_combinations_that_would_do_nothing_are_refused(trained, tiny_zoo, tmp_path, extra, needle):
+    a, b = tiny_zoo / "model_00000.safetensors", tiny_zoo / "model_00001.safetensors"
+    out = tmp_path / "o.safetensors"
+    r = runner.invoke(app, ["align", str(a), str(b), "-o", str(out), "--aligner", str(trained), *extra])
+    assert r.exit_code == 1 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_weight_matching_with_lmc_refinement(tiny_zoo, tmp_path):
+    a, b = tiny_zoo / "model_00000.safetensors", tiny_zoo / "model_00001.safetensors"
+    r = runner.invoke(app, ["align", str(a), str(b), "-o", str(tmp_path / "o.safetensors"), "--method",
+                            "weight-matching", "--refine", "lmc", "--data", "digits", "--refine-steps", "3",
+                            "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["method"] == "weight-matching+lmc" and report["iterations"] == 3
+    assert {"weight_matching", "refine"} <= set(report["seconds"])
+
+
 def test_torchrun_two_processes(tiny_zoo, tmp_path):
     out = tmp_path / "dist"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -9,12 +9,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from modelmerge.archs import ArchError, build, module_from_state, record_from_json, record_to_json
 from modelmerge.checkpoint import load_checkpoint
 from modelmerge.cli.app import app
+from modelmerge.data import digits, from_file, load_dataset
 from modelmerge.errors import DataError, ModelMergeError
 from modelmerge.spec import infer_spec
-from modelmerge.zoo.archs import ArchError, build, module_from_state, record_from_json, record_to_json
-from modelmerge.zoo.data import digits, from_file, load_dataset
 from modelmerge.zoo.train import TrainConfig, train_models
 
 MLP = {"family": "mlp", "widths": [64, 16, 16, 10], "activation": "relu"}

@@ -10,8 +10,9 @@ import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -99,11 +100,9 @@ def print_json(data: Any) -> None:
 
 def write_json(path: Path, data: Any, inputs: list[str], force: bool) -> None:
     """Write JSON atomically with the same safety rules as checkpoints."""
-    from modelmerge.checkpoint import atomic_path, check_output_path
+    from modelmerge.checkpoint import check_output_path, write_json_atomic
 
-    out = check_output_path(path, inputs, force, suffix=".json")
-    with atomic_path(out) as tmp:
-        Path(tmp).write_text(json.dumps(data, indent=2) + "\n")
+    write_json_atomic(check_output_path(path, inputs, force, suffix=".json"), data)
 
 
 class progress_bar:
@@ -131,7 +130,13 @@ class progress_bar:
                 self._console.print(f"{self.description}: {done}/{total} {info}", soft_wrap=True)
             return
         if self._progress is None:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
 
             self._progress = Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -146,28 +151,27 @@ class progress_bar:
             self._progress.__exit__(*exc)
 
 
-def model_option(model: str | None, model_kwargs: str | None, input_shape: str | None, state):
-    """The :class:`~modelmerge.trace.ModelSpec` for ``--model`` (None without it)."""
-    from modelmerge.errors import ModelMergeError
+def resolve(state, spec_file: Path | None = None, record=None, model: str | None = None,
+            model_kwargs: str | None = None, input_shape: str | None = None):
+    """The :class:`~modelmerge.network.Network` for a checkpoint and the options every command shares.
 
+    ``--spec`` is read, ``--model`` imported and built with A's weights, then
+    :func:`~modelmerge.network.resolve_network` decides the rest.
+
+    Raises:
+        ModelMergeError: bad options, user code that fails, or a spec/record that does not fit.
+    """
+    from modelmerge.errors import ModelMergeError
+    from modelmerge.network import resolve_network
+    from modelmerge.spec import PermutationSpec
+
+    given = PermutationSpec.load(spec_file) if spec_file is not None else None
     if model is None:
         if model_kwargs is not None or input_shape is not None:
             raise ModelMergeError("--model-kwargs and --input-shape need --model")
-        return None
-    from modelmerge.trace import from_model_option
+        return resolve_network(state, spec=given, record=record)
+    from modelmerge.cli._model import build_model, parse_shape
 
-    return from_model_option(model, model_kwargs, state, input_shape)
-
-
-def reset_bn_module(record, model_spec, state):
-    """(module, input shape) to run a BN reset with: --model's, or the record's."""
-    from modelmerge.errors import ModelMergeError
-
-    if model_spec is not None:
-        return model_spec.model, model_spec.input_shape
-    if record is not None:
-        from modelmerge.zoo.archs import input_shape, module_from_state
-
-        return module_from_state(record, state), input_shape(record)
-    raise ModelMergeError("--reset-bn needs the model's forward: pass --model (or use a checkpoint with an "
-                          "architecture record)")
+    shape = parse_shape(input_shape)
+    module = build_model(model, model_kwargs, state)
+    return resolve_network(state, spec=given, record=record, module=module, input_shape=shape)

@@ -9,8 +9,22 @@ from typing import Annotated
 import typer
 
 from modelmerge.cli._common import (
-    Force, InputShape, JsonOut, ModelKwargs, ModelOpt, Revision, Seed, SpecFile, Threads, console,
-    handle_errors, model_option, print_json, progress_bar, reset_bn_module, set_threads, write_json,
+    Force,
+    InputShape,
+    JsonOut,
+    ModelKwargs,
+    ModelOpt,
+    Revision,
+    Seed,
+    SpecFile,
+    Threads,
+    console,
+    handle_errors,
+    print_json,
+    progress_bar,
+    resolve,
+    set_threads,
+    write_json,
 )
 
 EXAMPLES = """
@@ -41,9 +55,9 @@ def align_command(
         str | None, typer.Option("--aligner", help="Bundled aligner name, or a folder/file from train-aligner.")
     ] = None,
     refine: Annotated[
-        str, typer.Option("--refine", help="none | wm (weight matching from the learned answer) | "
-                          "lmc (short LMC optimisation; needs --data).")
-    ] = "none",
+        str | None, typer.Option("--refine", help="none | wm (weight matching from the answer) | lmc (short LMC "
+                                 "optimisation; needs --data). Default: lmc for auto with --data, else none.")
+    ] = None,
     data: Annotated[
         str | None, typer.Option("--data", help="digits | mnist1d | FILE: for --refine lmc, and for auto to "
                                  "also try weight matching and LMC refinement and keep the best merge.")
@@ -67,72 +81,90 @@ def align_command(
 ) -> None:
     """Align B to A: find per-layer permutations of B's hidden units and write permuted B."""
     t0 = time.perf_counter()
-    from modelmerge.align import METHODS, REFINES, align
-    from modelmerge.checkpoint import check_output_path, load_checkpoint, provenance, save_checkpoint
-    from modelmerge.errors import ModelMergeError, OutputError
-    from modelmerge.merge import interpolate
-    from modelmerge.spec import PermutationSpec
+    from modelmerge.align import align, uses_data
+    from modelmerge.checkpoint import load_checkpoint
 
-    if method not in METHODS:
-        raise ModelMergeError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
-    if refine not in REFINES:
-        raise ModelMergeError(f"unknown --refine {refine!r}; choose one of {', '.join(REFINES)}")
-    if reset_bn and (merged is None or data is None):
-        raise ModelMergeError("--reset-bn needs --merged (the model to reset) and --data (the data to reset on)")
-    if refine != "none" and method == "weight-matching":
-        raise ModelMergeError("--refine applies to the learned answer; use --method deep-align or auto")
-    inputs = [a, b]
-    outputs = [output] + [p for p in (merged, report) if p is not None]
-    if len({Path(p).expanduser().resolve() for p in outputs}) < len(outputs):
-        raise OutputError("-o, --merged and --report must be different files")
-    # Fail on unsafe outputs before any work is done.
-    check_output_path(output, inputs, force)
-    if merged is not None:
-        check_output_path(merged, inputs, force)
-    if report is not None:
-        check_output_path(report, inputs, force, suffix=".json")
+    _check_options(a, b, output, merged, report, alpha, method, refine, data, reset_bn, force)
     set_threads(threads)
-
-    given_spec = PermutationSpec.load(spec) if spec is not None else None
-    ck_a = load_checkpoint(a, revision)
-    ck_b = load_checkpoint(b, revision)
-    model_spec = model_option(model, model_kwargs, input_shape, ck_a.state)
+    ck_a, ck_b = load_checkpoint(a, revision), load_checkpoint(b, revision)
+    network = resolve(ck_a.state, spec, ck_a.arch, model, model_kwargs, input_shape)
+    dataset = _reset_bn_data(network, data) if reset_bn else None  # fits, before any work
     with progress_bar("LMC refinement") as bar:
-        result = align(ck_a.state, ck_b.state, spec=given_spec, record=ck_a.arch, model=model_spec, method=method,
-                       aligner=aligner, refine=refine, data=data, seed=seed, max_iter=max_iter,
-                       refine_steps=refine_steps,
+        result = align(ck_a.state, ck_b.state, network=network, method=method, aligner=aligner, refine=refine,
+                       data=data if uses_data(method, refine) or not reset_bn else None, seed=seed,
+                       max_iter=max_iter, refine_steps=refine_steps,
                        on_refine=lambda done, total, loss: bar(done, total, f"best merged loss {loss:.4f}"))
-
-    meta = provenance(result.method, ck_a, ck_b)
-    if ck_b.arch is not None:
-        meta["modelmerge.arch"] = ck_b.metadata["modelmerge.arch"]
-    save_checkpoint(result.aligned, output, meta, inputs, force)
-    if merged is not None:
-        mixed = interpolate(ck_a.state, result.aligned, alpha)
-        if reset_bn:
-            from modelmerge.bnreset import inputs_for, reset_bn_state
-            from modelmerge.zoo.data import load_dataset
-
-            module, shape = reset_bn_module(ck_a.arch, model_spec, ck_a.state)
-            mixed = reset_bn_state(mixed, module, inputs_for(load_dataset(data), shape)[0])
-        save_checkpoint(mixed, merged, {**meta, "modelmerge.alpha": str(alpha),
-                                        "modelmerge.reset_bn": str(reset_bn).lower()}, inputs, force)
+    written = _write(result, ck_a, ck_b, output, merged, alpha, dataset, force)
     data = result.report()
     data["seconds"]["total"] = time.perf_counter() - t0
     data["inputs"] = {"a": ck_a.source, "b": ck_b.source, "a_sha256": ck_a.sha256, "b_sha256": ck_b.sha256}
-    data["outputs"] = {"aligned": str(output), "merged": str(merged) if merged else None}
+    data["outputs"] = {"aligned": written[0], "merged": written[1] if merged is not None else None}
     if report is not None:
-        write_json(report, data, inputs, force)
+        write_json(report, data, [a, b], force)
     if json_out:
         print_json(data)
     else:
         _summary(data, result)
 
 
+def _check_options(a, b, output, merged, report, alpha, method, refine, data, reset_bn, force) -> None:
+    """Refuse bad option combinations and unsafe outputs before any work is done."""
+    import math
+
+    from modelmerge.align import METHODS, REFINES
+    from modelmerge.checkpoint import check_output_path
+    from modelmerge.errors import ModelMergeError, OutputError
+
+    if method not in METHODS:
+        raise ModelMergeError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    if refine is not None and refine not in REFINES:
+        raise ModelMergeError(f"unknown --refine {refine!r}; choose one of {', '.join(REFINES)}")
+    if reset_bn and (merged is None or data is None):
+        raise ModelMergeError("--reset-bn needs --merged (the model to reset) and --data (the data to reset on)")
+    if merged is not None and not math.isfinite(alpha):
+        raise ModelMergeError(f"--alpha must be a finite number, got {alpha}")
+    outputs = [output] + [p for p in (merged, report) if p is not None]
+    if len({Path(p).expanduser().resolve() for p in outputs}) < len(outputs):
+        raise OutputError("-o, --merged and --report must be different files")
+    check_output_path(output, [a, b], force)
+    if merged is not None:
+        check_output_path(merged, [a, b], force)
+    if report is not None:
+        check_output_path(report, [a, b], force, suffix=".json")
+
+
+def _reset_bn_data(network, data: str):
+    """The train split's inputs for ``--reset-bn``, checked against the network now."""
+    from modelmerge.data import load_dataset
+
+    network.bn_module()  # a module with BatchNorm, or the error that says what is missing
+    return network.shape_data(load_dataset(data)).x_train
+
+
+def _write(result, ck_a, ck_b, output, merged, alpha, reset_x, force) -> list[str]:
+    """Write aligned B, then the merge (BatchNorm statistics recomputed on ``reset_x`` if given)."""
+    from modelmerge.checkpoint import provenance, save_checkpoint
+    from modelmerge.merge import interpolate
+
+    inputs = [ck_a.source, ck_b.source]
+    meta = provenance(result.method, ck_a, ck_b, arch_of=ck_b)
+    mixed = None
+    if merged is not None:  # computed before anything is written: a failure leaves no file
+        mixed = interpolate(ck_a.state, result.aligned, alpha)
+        if reset_x is not None:
+            mixed = result.network.reset_bn(mixed, reset_x)
+    written = [str(save_checkpoint(result.aligned, output, meta, inputs, force))]
+    if mixed is not None:
+        written.append(str(save_checkpoint(mixed, merged, {**meta, "modelmerge.alpha": str(alpha),
+                                                           "modelmerge.reset_bn": str(reset_x is not None).lower()},
+                                           inputs, force)))
+    return written
+
+
 def _summary(data: dict, result) -> None:
     from rich.table import Table
 
-    spec = result.spec.spec
+    spec = result.network.spec
     units = sum(spec.groups.values())
     table = Table(title="modelmerge align", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -146,7 +178,12 @@ def _summary(data: dict, result) -> None:
 
     moved = sum(int((p != torch.arange(p.numel())).sum()) for p in result.perm.values())
     table.add_row("units moved", f"{moved} of {units}")
-    table.add_row("iterations", f"{data['iterations']} ({'converged' if data['converged'] else 'max-iter reached'})")
+    if data["iterations"] is None:
+        table.add_row("iterations", "one forward pass (learned)")
+    elif data["converged"] is None:
+        table.add_row("iterations", f"{data['iterations']} refinement steps")
+    else:
+        table.add_row("iterations", f"{data['iterations']} ({'converged' if data['converged'] else 'max-iter reached'})")
     table.add_row("verified", result.verification.describe())
     stages = ", ".join(f"{k} {v:.3f}" for k, v in data["seconds"].items())
     table.add_row("seconds", stages)

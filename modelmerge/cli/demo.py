@@ -28,9 +28,9 @@ def demo_command(
     from modelmerge.checkpoint import load_checkpoint, provenance, save_checkpoint
     from modelmerge.errors import OutputError
     from modelmerge.evaluate import interpolation_curve
+    from modelmerge.examples import example_paths, example_test_data
     from modelmerge.merge import interpolate
-    from modelmerge.zoo.examples import example_paths, example_test_data
-    from modelmerge.zoo.train import state_metric
+    from modelmerge.network import resolve_network
 
     set_threads(threads)
     con = console()
@@ -44,19 +44,19 @@ def demo_command(
     pa, pb = example_paths()
     a, b = load_checkpoint(pa), load_checkpoint(pb)
     con.print(f"[bold]modelmerge demo[/]: two digits MLPs {a.arch['widths']} trained from different seeds")
+    network = resolve_network(a.state, record=a.arch)
     t0 = time.perf_counter()
-    result = align(a.state, b.state, record=a.arch, seed=0)  # auto: the bundled aligner if it covers the net
+    result = align(a.state, b.state, network=network, seed=0)  # auto: the bundled aligner if it covers the net
     seconds = time.perf_counter() - t0
-    wm = result if result.method == "weight-matching" else align(a.state, b.state, record=a.arch,
+    wm = result if result.method == "weight-matching" else align(a.state, b.state, network=network,
                                                                   method="weight-matching", seed=0)
     merged = interpolate(a.state, result.aligned, 0.5)
-    meta = provenance(result.method, a, b)
-    meta["modelmerge.arch"] = a.metadata["modelmerge.arch"]
+    meta = provenance(result.method, a, b, arch_of=a)
     aligned_path = save_checkpoint(result.aligned, output_dir / "b_aligned.safetensors", meta, [pa, pb], force=True)
     merged_path = save_checkpoint(merged, output_dir / "merged.safetensors", {**meta, "modelmerge.alpha": "0.5"},
                                   [pa, pb], force=True)
 
-    metric = state_metric(a.arch, example_test_data(), "test")
+    metric = network.metric(example_test_data(), "test")
     naive = interpolation_curve(a.state, b.state, metric, 11)
     aligned = interpolation_curve(a.state, result.aligned, metric, 11)
     rows = [("naive", naive, None)]

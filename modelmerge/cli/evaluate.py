@@ -8,8 +8,18 @@ from typing import Annotated
 import typer
 
 from modelmerge.cli._common import (
-    Force, InputShape, JsonOut, ModelKwargs, ModelOpt, Revision, Threads, console, handle_errors, model_option,
-    print_json, reset_bn_module, set_threads,
+    Force,
+    InputShape,
+    JsonOut,
+    ModelKwargs,
+    ModelOpt,
+    Revision,
+    Threads,
+    console,
+    handle_errors,
+    print_json,
+    resolve,
+    set_threads,
 )
 
 EXAMPLES = """
@@ -43,11 +53,10 @@ def evaluate_command(
 ) -> None:
     """Loss/accuracy of (1-alpha)*A + alpha*B over alpha, with the loss barrier and its AUC."""
     from modelmerge.checkpoint import check_output_path, load_checkpoint
+    from modelmerge.data import load_dataset
     from modelmerge.errors import ModelMergeError
     from modelmerge.evaluate import interpolation_curve
     from modelmerge.merge import check_same_architecture
-    from modelmerge.zoo.data import load_dataset
-    from modelmerge.zoo.train import metric_for
 
     if split not in ("test", "train"):
         raise ModelMergeError(f"--split must be test or train, got {split!r}")
@@ -57,12 +66,9 @@ def evaluate_command(
     set_threads(threads)
     ck_a, ck_b = load_checkpoint(a, revision), load_checkpoint(b, revision)
     check_same_architecture(ck_a.state, ck_b.state)
-    model_spec = model_option(model, model_kwargs, input_shape, ck_a.state)
-    ds = load_dataset(dataset)
-    if model_spec is not None or reset_bn:
-        metric, note = _module_metric(ck_a, model_spec, ds, split, reset_bn), None
-    else:
-        metric, note = metric_for(ck_a.state, ck_a.arch, ds, split)
+    network = resolve(ck_a.state, None, ck_a.arch, model, model_kwargs, input_shape)
+    metric = network.metric(load_dataset(dataset), split, reset_bn)
+    note = network.data_note
     curve = interpolation_curve(ck_a.state, ck_b.state, metric, alphas)
     data = {"a": ck_a.source, "b": ck_b.source, "dataset": dataset, "split": split, "reset_bn": reset_bn,
             **curve.to_dict(), "notes": [note] if note else []}
@@ -82,24 +88,6 @@ def evaluate_command(
     con.print(f"loss barrier {curve.barrier:.4f}   AUC {curve.auc:.4f}" + (f"   plot {plot}" if plot else ""))
     if note:
         con.print(f"note: {note}")
-
-
-def _module_metric(ck_a, model_spec, ds, split: str, reset_bn: bool):
-    """(loss, accuracy) through --model's or the record's module, optionally after a BN reset."""
-    from modelmerge.bnreset import inputs_for, reset_bn_state
-    from modelmerge.zoo.train import evaluate_model
-
-    module, shape = reset_bn_module(ck_a.arch, model_spec, ck_a.state)
-    x, y = inputs_for(ds, shape, split)
-    x_train = inputs_for(ds, shape, "train")[0] if reset_bn else None
-
-    def metric(state):
-        if reset_bn:
-            state = reset_bn_state(state, module, x_train)
-        module.load_state_dict(dict(state))
-        return evaluate_model(module, x, y)
-
-    return metric
 
 
 def _require_matplotlib() -> None:

@@ -7,7 +7,15 @@ from typing import Annotated
 import typer
 
 from modelmerge.cli._common import (
-    InputShape, ModelKwargs, ModelOpt, Revision, SpecFile, console, handle_errors, model_option, print_json,
+    InputShape,
+    ModelKwargs,
+    ModelOpt,
+    Revision,
+    SpecFile,
+    console,
+    handle_errors,
+    print_json,
+    resolve,
 )
 
 
@@ -24,14 +32,11 @@ def inspect_command(
     revision: Revision = None,
 ) -> None:
     """Show the permutation groups, their sizes, the parameters each touches, and what is fixed."""
-    from modelmerge.align import choose_spec
     from modelmerge.checkpoint import load_checkpoint
-    from modelmerge.spec import PermutationSpec
 
     ck = load_checkpoint(checkpoint, revision)
-    model_spec = model_option(model, model_kwargs, input_shape, ck.state)
-    choice = choose_spec(ck.state, PermutationSpec.load(spec) if spec is not None else None, ck.arch, model_spec)
-    s = choice.spec
+    network = resolve(ck.state, spec, ck.arch, model, model_kwargs, input_shape)
+    s = network.spec
     if json_out:
         print_json(s.to_dict())
         return
@@ -39,8 +44,8 @@ def inspect_command(
 
     n_params = sum(t.numel() for t in ck.state.values())
     con = console()
-    con.print(f"[bold]{ck.source}[/]: {len(ck.state)} tensors, {n_params:,} values; spec {choice.source}"
-              + (f", chain of {len(choice.chain.layers)} layers" if choice.chain else ""))
+    con.print(f"[bold]{ck.source}[/]: {len(ck.state)} tensors, {n_params:,} values; spec {network.spec_source}"
+              + (f", chain of {network.depth} layers" if network.chain else ""))
     table = Table("group", "size", "acts on (parameter:axis, xk = blocks of k)")
     for g, n in s.groups.items():
         members = []
@@ -51,5 +56,5 @@ def inspect_command(
     con.print(table)
     con.print(f"fixed (no group): {', '.join(s.fixed) or 'none'}")
     con.print("input and output units are never permuted")
-    for w in model_spec.warnings if model_spec is not None else []:
+    for w in network.warnings:
         con.print(f"traced: {w}")

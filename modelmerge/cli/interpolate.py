@@ -8,7 +8,14 @@ from typing import Annotated
 import typer
 
 from modelmerge.cli._common import (
-    Force, InputShape, ModelKwargs, ModelOpt, Revision, console, handle_errors, model_option, reset_bn_module,
+    Force,
+    InputShape,
+    ModelKwargs,
+    ModelOpt,
+    Revision,
+    console,
+    handle_errors,
+    resolve,
 )
 
 
@@ -31,27 +38,30 @@ def interpolate_command(
     force: Force = False,
 ) -> None:
     """Write (1-alpha)*A + alpha*B per tensor (integer buffers are copied from A)."""
-    from modelmerge.checkpoint import check_output_path, load_checkpoint, provenance, save_checkpoint
-    from modelmerge.merge import interpolate
-
+    from modelmerge.checkpoint import (
+        check_output_path,
+        load_checkpoint,
+        provenance,
+        save_checkpoint,
+    )
     from modelmerge.errors import ModelMergeError
+    from modelmerge.merge import check_same_architecture, interpolate
 
     if reset_bn and dataset is None:
         raise ModelMergeError("--reset-bn needs --dataset (the data to recompute statistics on)")
     check_output_path(output, [a, b], force)
-    ck_a = load_checkpoint(a, revision)
-    ck_b = load_checkpoint(b, revision)
-    model_spec = model_option(model, model_kwargs, input_shape, ck_a.state)
+    ck_a, ck_b = load_checkpoint(a, revision), load_checkpoint(b, revision)
+    check_same_architecture(ck_a.state, ck_b.state)
     merged = interpolate(ck_a.state, ck_b.state, alpha)
     if reset_bn:
-        from modelmerge.bnreset import inputs_for, reset_bn_state
-        from modelmerge.zoo.data import load_dataset
+        from modelmerge.data import load_dataset
 
-        module, shape = reset_bn_module(ck_a.arch, model_spec, ck_a.state)
-        merged = reset_bn_state(merged, module, inputs_for(load_dataset(dataset), shape)[0])
-    meta = provenance("interpolate", ck_a, ck_b, alpha=str(alpha), reset_bn=str(reset_bn).lower())
-    if ck_a.arch is not None:
-        meta["modelmerge.arch"] = ck_a.metadata["modelmerge.arch"]
+        network = resolve(ck_a.state, None, ck_a.arch, model, model_kwargs, input_shape)
+        merged = network.reset_bn(merged, network.shape_data(load_dataset(dataset)).x_train)
+    elif model is not None or model_kwargs is not None or input_shape is not None:
+        raise ModelMergeError("--model, --model-kwargs and --input-shape are used by --reset-bn only; drop them or "
+                              "add --reset-bn --dataset NAME")
+    meta = provenance("interpolate", ck_a, ck_b, arch_of=ck_a, alpha=str(alpha), reset_bn=str(reset_bn).lower())
     save_checkpoint(merged, output, meta, [a, b], force)
     console().print(f"wrote {output}: (1-{alpha})*A + {alpha}*B over {len(merged)} tensors"
                     + (f", BatchNorm statistics recomputed on {dataset}" if reset_bn else ""))

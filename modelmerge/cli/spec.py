@@ -8,7 +8,15 @@ from typing import Annotated
 import typer
 
 from modelmerge.cli._common import (
-    Force, InputShape, ModelKwargs, ModelOpt, Revision, console, handle_errors, model_option, write_json,
+    Force,
+    InputShape,
+    ModelKwargs,
+    ModelOpt,
+    Revision,
+    console,
+    handle_errors,
+    resolve,
+    write_json,
 )
 
 EXAMPLES = """
@@ -31,17 +39,15 @@ def spec_command(
     force: Force = False,
 ) -> None:
     """Trace (--model) or infer the permutation spec and write it as JSON (docs/spec-format.md)."""
-    from modelmerge.align import choose_spec
     from modelmerge.checkpoint import check_output_path, load_checkpoint
 
     check_output_path(output, [checkpoint], force, suffix=".json")
     ck = load_checkpoint(checkpoint, revision)
-    model_spec = model_option(model, model_kwargs, input_shape, ck.state)
-    choice = choose_spec(ck.state, None, ck.arch, model_spec)
-    write_json(output, choice.spec.to_dict(), [checkpoint], force)
+    network = resolve(ck.state, None, ck.arch, model, model_kwargs, input_shape)
+    write_json(output, network.spec.to_dict(), [checkpoint], force)
     con = console()
-    units = sum(choice.spec.groups.values())
-    con.print(f"wrote {output}: {choice.source} spec, {len(choice.spec.groups)} groups, {units} units, "
-              f"{len(choice.spec.fixed)} fixed parameters")
-    for w in model_spec.warnings if model_spec is not None else []:
+    units = sum(network.spec.groups.values())
+    con.print(f"wrote {output}: {network.spec_source} spec, {len(network.spec.groups)} groups, {units} units, "
+              f"{len(network.spec.fixed)} fixed parameters")
+    for w in network.warnings:
         con.print(f"traced: {w}")

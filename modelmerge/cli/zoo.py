@@ -53,8 +53,8 @@ def zoo_command(
     threads: Threads = None,
 ) -> None:
     """Train N independent models (seeds SEED..SEED+N-1), vectorised, into a zoo folder."""
+    from modelmerge.data import load_dataset
     from modelmerge.errors import ModelMergeError
-    from modelmerge.zoo.data import load_dataset
     from modelmerge.zoo.store import make_zoo
     from modelmerge.zoo.train import TrainConfig
 

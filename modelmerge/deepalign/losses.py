@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from modelmerge.deepalign.model import hungarian, perm_matrix, sinkhorn
+from modelmerge.merge import mix
 from modelmerge.spec import PermutationSpec
-from modelmerge.zoo.stacked import stacked_forward
+from modelmerge.stacked import stacked_forward
 
 Stacked = Mapping[str, torch.Tensor]
 
@@ -70,14 +71,8 @@ def straight_through(logits: list[torch.Tensor], iters: int = 20) -> tuple[list[
 
 def interpolate_stacked(a: Stacked, b: Stacked, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
     """``(1-α_n)·a_n + α_n·b_n`` per pair ``n``; ``alpha [N]``."""
-    out = {}
-    for k, ta in a.items():
-        if ta.is_floating_point():
-            al = alpha.to(ta.dtype).view(-1, *([1] * (ta.ndim - 1)))
-            out[k] = (1 - al) * ta + al * b[k]
-        else:
-            out[k] = ta
-    return out
+    return {k: mix(ta, b[k], alpha.to(ta.dtype).view(-1, *([1] * (ta.ndim - 1)))) if ta.is_floating_point()
+            else ta for k, ta in a.items()}
 
 
 def lmc_loss(

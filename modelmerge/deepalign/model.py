@@ -74,8 +74,6 @@ class AlignerConfig:
         weighted_costs: learn, in the unrolled iterations, separate weights for the
             incoming, outgoing and bias terms and a per-input-unit importance for the
             first layer (read from both networks' input-node features).
-        equivariant: False builds the deliberately broken negative control, whose
-            affinity prefers units with the same index.
     """
 
     family: str = "mlp"
@@ -88,7 +86,6 @@ class AlignerConfig:
     conv_taps: tuple[int, ...] = (9, 3)
     unroll: int = 3
     weighted_costs: bool = False
-    equivariant: bool = True
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -159,7 +156,8 @@ def _sym_sinkhorn(logits: torch.Tensor, iters: int = 10) -> torch.Tensor:
     return 0.5 * (both[:n] + both[n:].transpose(1, 2))
 
 
-def _cross_costs(a: tuple, b: tuple, soft: list[torch.Tensor], weights=None, importance=None) -> list[torch.Tensor]:
+def _cross_costs(a: WeightSpace, b: WeightSpace, soft: list[torch.Tensor], weights=None, importance=None
+                 ) -> list[torch.Tensor]:
     """Weight-matching cost of every hidden layer given its neighbours' soft permutations.
 
     For hidden layer l: ``W_A,in · P_{l-1} · W_B,in^T + W_A,out^T · P_{l+1} · W_B,out + b_A b_B^T``
@@ -167,8 +165,7 @@ def _cross_costs(a: tuple, b: tuple, soft: list[torch.Tensor], weights=None, imp
     With ``weights`` (incoming, outgoing, bias) each term is standardised and weighted;
     ``importance [N, n_0]`` weights the first layer's input units.
     """
-    wa, ba, _ = a
-    wb, bb, _ = b
+    wa, ba, wb, bb = a.weights, a.biases, b.weights, b.biases
     n_layers = len(wa)
     out = []
     for l in range(1, n_layers):
@@ -277,8 +274,6 @@ class DeepAlign(nn.Module):
             self.input_importance = nn.Linear(c, 1)  # starts at softplus(0.5413) = 1 for every input
             nn.init.zeros_(self.input_importance.weight)
             nn.init.constant_(self.input_importance.bias, math.log(math.e - 1))
-        # negative control only: a learned preference for matching units at the same index
-        self.position_scale = None if config.equivariant else nn.Parameter(torch.tensor(10.0))
 
     # ------------------------------------------------------------------ checks
     def check_supports(self, ws: WeightSpace) -> None:
@@ -292,14 +287,15 @@ class DeepAlign(nn.Module):
         if len(ws.weights) < 2:
             raise OutOfFamilyError("the network has no hidden layer, so there is nothing to align")
         for w, kind in zip(ws.weights, ws.kinds):
-            if kind == "conv" and str(w.shape[2]) not in self.tap_conv:
+            if kind == "conv" and str(w.shape[-1]) not in self.tap_conv:
                 raise OutOfFamilyError(
                     f"this aligner knows conv kernels with {', '.join(map(str, self.config.conv_taps))} taps, "
-                    f"not {w.shape[2]}; use --method weight-matching"
+                    f"not {w.shape[-1]}; use --method weight-matching"
                 )
 
     # ----------------------------------------------------------------- encoder
-    def _embed(self, weights: list[torch.Tensor], biases: list[torch.Tensor], kinds: tuple[str, ...]):
+    def _embed(self, ws: WeightSpace):
+        weights, biases, kinds = ws.weights, ws.biases, ws.kinds
         L = len(weights)
         E, V = [], []
         for l, (w, kind) in enumerate(zip(weights, kinds)):
@@ -322,14 +318,14 @@ class DeepAlign(nn.Module):
             V[l] = v + self.node_role.weight[ROLES_NODE.index(role)]
         return E, V
 
-    def encode(self, weights, biases, kinds):
+    def encode(self, ws: WeightSpace):
         """Encoder features: edges ``E[l] [N, n_{l+1}, n_l, C]`` and nodes ``V[l] [N, n_l, C]``."""
-        E, V = self._embed(weights, biases, kinds)
+        E, V = self._embed(ws)
         for layer in self.layers:
             E, V = layer(E, V)
         return E, V
 
-    def _probes(self, enc_a, enc_b, a) -> torch.Tensor:
+    def _probes(self, enc_a, enc_b, a: WeightSpace) -> torch.Tensor:
         """Probe inputs shared by A and B: ``[N, K, n_0]`` (MLP) or ``[N, K, C_in, *s]`` (CNN).
 
         Fixed Gaussian inputs (seeded; drawn for whatever input size the network
@@ -338,9 +334,9 @@ class DeepAlign(nn.Module):
         for A and B, and symmetric in them).
         """
         cfg = self.config
-        w0 = a[0][0]  # (N, n_1, n_0, T)
+        w0 = a.weights[0]  # (N, n_1, n_0, T)
         n, n_in, k = w0.shape[0], w0.shape[2], cfg.probes
-        conv = a[2][0] == "conv"
+        conv = a.kinds[0] == "conv"
         spatial = ((cfg.probe_size,) * (2 if w0.shape[-1] == 9 else 1)) if conv else ()
         g = torch.Generator().manual_seed(1234)
         base = torch.randn((k, n_in, *spatial), generator=g, dtype=w0.dtype)
@@ -351,7 +347,7 @@ class DeepAlign(nn.Module):
         return base * scale.reshape(n, k, n_in, *extra) + shift.reshape(n, k, n_in, *extra)
 
     @staticmethod
-    def probe_responses(weights, biases, kinds, x) -> list[torch.Tensor]:
+    def probe_responses(ws: WeightSpace, x: torch.Tensor) -> list[torch.Tensor]:
         """Standardised pre-activations of every hidden unit on probes ``x``: ``[N, n_l, samples]``.
 
         The generic forward of the chain (layer, ReLU; convolutions keep the size;
@@ -360,7 +356,8 @@ class DeepAlign(nn.Module):
         """
         n = x.shape[0]
         out = []
-        for l, (w, b, kind) in enumerate(zip(weights, biases, kinds)):
+        weights = ws.weights
+        for l, (w, b, kind) in enumerate(zip(weights, ws.biases, ws.kinds)):
             if kind == "conv":
                 k_probes, c_in, spatial = x.shape[1], x.shape[2], x.shape[3:]
                 kernel = (3, 3) if w.shape[-1] == 9 and len(spatial) == 2 else (w.shape[-1],) * len(spatial)
@@ -384,12 +381,11 @@ class DeepAlign(nn.Module):
             x = F.relu(z)
         return out
 
-    def features(self, a: tuple, b: tuple) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor]:
+    def features(self, a: WeightSpace, b: WeightSpace) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor]:
         """Matching features of every hidden layer of A and B.
 
         Args:
-            a, b: ``(weights, biases, kinds)`` of stacked networks (see
-                :func:`modelmerge.weightspace.stacked_weight_space`), ``N`` pairs.
+            a, b: ``N`` stacked networks each (``N`` pairs), of one signature.
 
         Returns:
             ``(per_layer, v0)``: per hidden layer ``(F_A, F_B, Z_A, Z_B)``, the
@@ -399,23 +395,23 @@ class DeepAlign(nn.Module):
         """
         # A and B go through the encoder and the probes as one batch of 2N networks:
         # the same answer per network, half the (overhead-bound) operations
-        n = a[0][0].shape[0]
-        both = ([torch.cat(p) for p in zip(a[0], b[0])], [torch.cat(p) for p in zip(a[1], b[1])], a[2])
-        E, V = self.encode(*both)
+        n = a.n
+        both = a.cat(b)
+        E, V = self.encode(both)
         enc_a = ([e[:n] for e in E], [v[:n] for v in V])
         enc_b = ([e[n:] for e in E], [v[n:] for v in V])
         z = None
         if self.config.probes:
             x = self._probes(enc_a, enc_b, a)
-            z = self.probe_responses(*both, torch.cat([x, x]))
+            z = self.probe_responses(both, torch.cat([x, x]))
         feats = []
-        for l in range(1, len(a[0])):
+        for l in range(1, len(a.weights)):
             f = F.normalize(self.readout(torch.cat([V[l], E[l - 1].mean(2), E[l].mean(1)], -1)), dim=-1)
             zl = (None, None) if z is None else (z[l - 1][:n], z[l - 1][n:])
             feats.append((f[:n], f[n:], *zl))
         return feats, V[0][:n] + V[0][n:]
 
-    def forward(self, a: tuple, b: tuple) -> list[torch.Tensor]:
+    def forward(self, a: WeightSpace, b: WeightSpace) -> list[torch.Tensor]:
         """Affinity logits per hidden layer: ``[N, n_l (A), n_l (B)]``.
 
         First from the features (encoder cosine + probe correlation), then
@@ -441,14 +437,12 @@ class DeepAlign(nn.Module):
                 weights = self.term_weights[t]
             costs = _cross_costs(a, b, soft, weights, importance)
             scores = [self.unroll_keep[t] * s + self.unroll_cost[t] * c for s, c in zip(scores, costs)]
-        if self.position_scale is not None:  # negative control: unit indices leak into the answer
-            pos = [torch.linspace(0, 1, s.shape[-1], dtype=s.dtype) for s in scores]
-            scores = [s - self.position_scale * (p[:, None] - p[None, :]).abs() for s, p in zip(scores, pos)]
         return scores
 
     @torch.no_grad()
     def align(self, a: WeightSpace, b: WeightSpace) -> list[torch.Tensor]:
-        """Hungarian answer for one pair: per hidden layer, ``perm[i]`` = B's unit for A's unit ``i``.
+        """Hungarian answer for one pair (weight spaces of one network each): per hidden layer,
+        ``perm[i]`` = B's unit for A's unit ``i``.
 
         Raises:
             OutOfFamilyError: the networks are outside this aligner's family.
@@ -458,11 +452,7 @@ class DeepAlign(nn.Module):
         if a.signature() != b.signature():
             raise ModelMergeError("the two networks differ in shape; pass two checkpoints of one architecture")
         dtype = next(self.parameters()).dtype
-
-        def pack(ws):
-            return [w[None].to(dtype) for w in ws.weights], [x[None].to(dtype) for x in ws.biases], ws.kinds
-
-        return [hungarian(s[0]) for s in self(pack(a), pack(b))]
+        return [hungarian(s[0]) for s in self(a.to(dtype), b.to(dtype))]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

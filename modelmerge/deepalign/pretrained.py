@@ -132,29 +132,3 @@ def load_aligner(name_or_path: str | Path) -> tuple[DeepAlign, dict]:
         return _model_from_file(p, card), card
     weights = get_aligner(str(name_or_path))
     return _model_from_file(weights.path, weights.card), weights.card
-
-
-
-def bundle_aligner(src: str | Path, name: str, *, default: bool = False, extra: dict | None = None,
-                   folder: Path | None = None) -> Path:
-    """Copy a trained aligner into the bundle as ``NAME.safetensors`` + ``NAME.json``.
-
-    The card gets the bundle fields (``name``, ``file``, ``sha256``, ``default``)
-    and ``extra`` (e.g. hold-out numbers). Used when releasing; see docs/pretrained.md.
-    """
-    import hashlib
-
-    from modelmerge.checkpoint import load_checkpoint, save_checkpoint
-
-    src = Path(src)
-    card = json.loads((src / "aligner.json").read_text())
-    card.pop("history", None)
-    card.update({"name": name, "file": f"{name}.safetensors", "default": default, **(extra or {})})
-    folder = folder or pretrained_dir()
-    target = folder / card["file"]
-    state = load_checkpoint(src / "aligner.safetensors").state
-    save_checkpoint(state, target, {"modelmerge.aligner": json.dumps(card)}, force=True)
-    card["sha256"] = hashlib.sha256(target.read_bytes()).hexdigest()
-    (folder / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
-    _registry.cache_clear()
-    return target

@@ -37,8 +37,8 @@ from modelmerge.deepalign.model import AlignerConfig, DeepAlign, hungarian, perm
 from modelmerge.errors import ModelMergeError
 from modelmerge.matching import weight_matching
 from modelmerge.spec import Chain, PermutationSpec, infer_chain
+from modelmerge.stacked import stacked_forward
 from modelmerge.weightspace import stacked_weight_space
-from modelmerge.zoo.stacked import stacked_forward
 
 ALIGNER_FILE = "aligner.safetensors"
 CARD_FILE = "aligner.json"
@@ -111,10 +111,6 @@ def load_zoo_for_training(folder: str | Path) -> Zoo:
     return Zoo(str(folder), index["arch"], chain, chain.spec(first), states, seeds, index.get("dataset"))
 
 
-def family_of(chain: Chain) -> str:
-    return "mlp" if all(layer.kind == "linear" for layer in chain.layers) else "cnn"
-
-
 def align_stacked(model: DeepAlign, zoo: Zoo, a: Mapping, b: Mapping) -> list[torch.Tensor]:
     """Hard answers for stacked pairs: per hidden layer ``[N, n]``."""
     with torch.no_grad():
@@ -130,7 +126,7 @@ def apply_hard(zoo: Zoo, b: Mapping, perms: list[torch.Tensor]) -> dict[str, tor
 def pair_barriers(record: Mapping, a: Mapping, b_aligned: Mapping, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Loss barrier of each pair over ``VAL_ALPHAS`` on ``(x, y)``: ``[N]``."""
     n, k = next(iter(a.values())).shape[0], len(VAL_ALPHAS)
-    rep = lambda s: {name: t.repeat_interleave(k, 0) for name, t in s.items()}  # noqa: E731
+    rep = lambda s: {name: t.repeat_interleave(k, 0) for name, t in s.items()}
     alphas = torch.tensor(VAL_ALPHAS).repeat(n)
     with torch.no_grad():
         merged = interpolate_stacked(rep(a), rep(b_aligned), alphas)
@@ -196,12 +192,11 @@ def _dist_info() -> tuple[int, int]:
 
 def save_aligner(model: DeepAlign, folder: Path, card: Mapping) -> None:
     """Write ``aligner.safetensors`` and ``aligner.json`` atomically."""
-    from modelmerge.checkpoint import atomic_path, save_checkpoint
+    from modelmerge.checkpoint import save_checkpoint, write_json_atomic
 
     state = {k: v.detach().float() for k, v in model.state_dict().items()}
     save_checkpoint(state, folder / ALIGNER_FILE, {"modelmerge.aligner": json.dumps(card)}, force=True)
-    with atomic_path(folder / CARD_FILE) as tmp:
-        Path(tmp).write_text(json.dumps(card, indent=2) + "\n")
+    write_json_atomic(folder / CARD_FILE, card)
 
 
 def _save_last(model: DeepAlign, opt, step: int, epoch: int, best: float, folder: Path) -> None:
@@ -224,8 +219,8 @@ class _Part:
 
 
 def _prepare(zoo_dirs, data, settings, rank) -> list[_Part]:
-    from modelmerge.zoo.data import load_dataset
-    from modelmerge.zoo.train import fit_inputs
+    from modelmerge.archs import fit_inputs
+    from modelmerge.data import load_dataset
 
     parts = []
     for i, folder in enumerate(zoo_dirs):
@@ -241,7 +236,7 @@ def _prepare(zoo_dirs, data, settings, rank) -> list[_Part]:
         if len(train_idx) < 2:
             raise ModelMergeError(f"zoo {folder} is too small to split; use a larger zoo or a smaller --val-fraction")
         parts.append(_Part(zoo, train_idx, val_idx, dataset))
-    families = {family_of(p.zoo.chain) for p in parts}
+    families = {p.zoo.chain.family for p in parts}
     if len(families) > 1:
         raise ModelMergeError("the zoos mix MLP and CNN networks; train one aligner per family")
     per_zoo = max(1, settings.val_pairs // len(parts))
@@ -290,13 +285,25 @@ def train_aligner(
     Raises:
         ModelMergeError: bad zoo, no loss left to train with, or nothing to resume.
     """
-    t_start = time.perf_counter()
     rank, world = _dist_info()
-    out = Path(out_dir)
     dirs = [zoo_dirs] if isinstance(zoo_dirs, (str, Path)) else list(zoo_dirs)
     parts = _prepare(dirs, data, settings, rank)
-    family = family_of(parts[0].zoo.chain)
-    start = None
+    lmc_w = settings.lmc if data is not None else 0.0
+    if lmc_w == 0 and settings.l2 == 0 and settings.planted == 0:
+        raise ModelMergeError("no loss to train with: pass --data for the LMC loss, or set --l2/--planted weights")
+    model, init_name = _make_model(parts, config, init, settings.seed)
+    run = _Run(model, parts, settings, Path(out_dir), data, lmc_w, command, init_name, rank, world)
+    if resume:
+        run.resume()
+    run.make_folder()
+    run.fit(on_step)
+    return run.finish(resume)
+
+
+def _make_model(parts: list[_Part], config: AlignerConfig | None, init, seed: int) -> tuple[DeepAlign, str | None]:
+    """A fresh aligner shaped for the zoos (family, depths), or ``init``'s weights and shape."""
+    family = parts[0].zoo.chain.family
+    start = start_card = None
     if init is not None:
         from modelmerge.deepalign.pretrained import load_aligner
 
@@ -311,120 +318,144 @@ def train_aligner(
     depths = tuple(sorted({len(p.zoo.chain.layers) for p in parts}))
     config = AlignerConfig(**{**base.to_dict(), "family": family, "depths": depths,
                               "conv_taps": tuple(base.conv_taps)})
-    lmc_w = settings.lmc if data is not None else 0.0
-    if lmc_w == 0 and settings.l2 == 0 and settings.planted == 0:
-        raise ModelMergeError("no loss to train with: pass --data for the LMC loss, or set --l2/--planted weights")
-    torch.manual_seed(settings.seed)
+    torch.manual_seed(seed)
     model = DeepAlign(config)
     if start is not None:
         missing, unexpected = model.load_state_dict(start.state_dict(), strict=False)
         new_parts = ("term_weights", "input_importance")
         if unexpected or any(not k.startswith(new_parts) for k in missing):
             raise ModelMergeError(f"--init {init} does not fit the aligner being trained")
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    step = epoch0 = 0
-    best = math.inf
-    if resume:
-        last = out / LAST_FILE
+    return model, start_card.get("name") if start_card is not None else None
+
+
+class _Run:
+    """One training run: the model, its optimiser, the zoos, the step count and the best score so far."""
+
+    def __init__(self, model: DeepAlign, parts: list[_Part], settings: TrainSettings, out: Path, data, lmc_w: float,
+                 command: str, init_name: str | None, rank: int, world: int) -> None:
+        self.t_start = time.perf_counter()
+        self.model, self.parts, self.settings, self.out = model, parts, settings, out
+        self.data, self.lmc_w, self.command, self.init_name = data, lmc_w, command, init_name
+        self.rank, self.world = rank, world
+        self.opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        self.trained = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+            model, find_unused_parameters=True)
+        self.metric = "barrier" if lmc_w > 0 else "l2"
+        self.step = self.epoch0 = 0
+        self.best = math.inf
+        self.history: list = []
+        self.card: dict = {}
+        n_train = sum(len(p.train_idx) for p in parts)
+        self.steps_per_epoch = max(1, n_train // (settings.batch_size * world))
+        self.weights = np.array([len(p.train_idx) for p in parts], dtype=float)
+        self.weights /= self.weights.sum()
+
+    def resume(self) -> None:
+        last = self.out / LAST_FILE
         if not last.is_file():
             raise ModelMergeError(f"nothing to resume: {last} does not exist; drop --resume to start afresh")
         saved = torch.load(last, map_location="cpu", weights_only=True)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        step, epoch0, best = saved["step"], saved["epoch"], saved["best"]
-    trained = model
-    if world > 1:
-        trained = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-    metric = "barrier" if lmc_w > 0 else "l2"
-    n_train = sum(len(p.train_idx) for p in parts)
-    steps_per_epoch = max(1, n_train // (settings.batch_size * world))
-    total = steps_per_epoch * settings.epochs
-    weights = np.array([len(p.train_idx) for p in parts], dtype=float)
-    weights /= weights.sum()
-    card: dict = {}
-    history: list = []
+        self.model.load_state_dict(saved["model"])
+        self.opt.load_state_dict(saved["optimizer"])
+        self.step, self.epoch0, self.best = saved["step"], saved["epoch"], saved["best"]
 
-    def reference(key):
-        return _mean([getattr(p.validator, key) for p in parts])
+    def make_folder(self) -> None:
+        if self.rank != 0:
+            return
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            from modelmerge.errors import OutputError
 
-    def write(final_val: dict) -> dict:
-        card.update({
-            "name": out.name, "family": family, "config": config.to_dict(),
+            raise OutputError(f"cannot create aligner folder {self.out}: {e.strerror}; choose another -o") from None
+
+    def write_card(self, final_val: dict) -> dict:
+        """The card (config, zoos, settings, validation), updated with ``final_val``."""
+        model, config, settings, parts = self.model, self.model.config, self.settings, self.parts
+        self.card.update({
+            "name": self.out.name, "family": config.family, "config": config.to_dict(),
             "supported_depths": list(config.depths), "parameters": model.num_parameters(),
             "zoos": [{"folder": str(p.zoo.folder), "size": p.zoo.size, "arch": p.zoo.record,
                       "dataset": p.zoo.dataset, "seeds": [min(p.zoo.seeds), max(p.zoo.seeds)],
                       "train_networks": len(p.train_idx), "val_networks": len(p.val_idx)} for p in parts],
-            "data": data, "losses": {"lmc": lmc_w, "l2": settings.l2, "planted": settings.planted},
+            "data": self.data, "losses": {"lmc": self.lmc_w, "l2": settings.l2, "planted": settings.planted},
             "settings": {**asdict(settings), "alpha_range": list(settings.alpha_range)},
-            "steps": step, "seconds": time.perf_counter() - t_start,
-            "validation": {**final_val, "metric": metric, "weight_matching_barrier": reference("wm_barrier"),
-                           "weight_matching_l2": reference("wm_l2"),
+            "steps": self.step, "seconds": time.perf_counter() - self.t_start,
+            "validation": {**final_val, "metric": self.metric,
+                           "weight_matching_barrier": _mean([p.validator.wm_barrier for p in parts]),
+                           "weight_matching_l2": _mean([p.validator.wm_l2 for p in parts]),
                            "pairs": sum(len(next(iter(p.validator.a.values()))) for p in parts)},
-            "command": command, "init": start_card.get("name") if start is not None else None,
+            "command": self.command, "init": self.init_name,
         })
-        return card
+        return self.card
 
-    def validate_and_save(ep: int) -> dict:
-        nonlocal best
-        model.eval()
-        scores = [p.validator.score(model, p.zoo) for p in parts]
-        model.train()
+    def validate_and_save(self, epoch: int) -> dict:
+        """Score the held-out pairs; save the aligner if it is the best so far, and ``last.pt`` always."""
+        self.model.eval()
+        scores = [p.validator.score(self.model, p.zoo) for p in self.parts]
+        self.model.train()
         val = {"l2": _mean([x["l2"] for x in scores])}
-        if metric == "barrier":
+        if self.metric == "barrier":
             val["barrier"] = _mean([x.get("barrier") for x in scores])
-        history.append({"step": step, **val})
-        if val[metric] < best:
-            best = val[metric]
-            save_aligner(model, out, write({**val, "step": step}))
-        _save_last(model, opt, step, ep, best, out)
+        self.history.append({"step": self.step, **val})
+        if val[self.metric] < self.best:
+            self.best = val[self.metric]
+            save_aligner(self.model, self.out, self.write_card({**val, "step": self.step}))
+        _save_last(self.model, self.opt, self.step, epoch, self.best, self.out)
         return val
 
-    if rank == 0:
+    def fit(self, on_step: Callable[[dict], None] | None) -> None:
+        """The epochs; on Ctrl-C, ``last.pt`` (and an aligner, if none was saved yet) is written first."""
+        settings, rank = self.settings, self.rank
+        rng = np.random.default_rng([settings.seed, rank, self.step])
+        gen = torch.Generator().manual_seed(settings.seed * 1000 + rank + self.step)
+        total = self.steps_per_epoch * settings.epochs
+        report = on_step if rank == 0 else None
+        self.model.train()
+        val: dict = {}
+        ep = self.epoch0
         try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            from modelmerge.errors import OutputError
-
-            raise OutputError(f"cannot create aligner folder {out}: {e.strerror}; choose another -o") from None
-    rng = np.random.default_rng([settings.seed, rank, step])
-    gen = torch.Generator().manual_seed(settings.seed * 1000 + rank + step)
-    model.train()
-    val: dict = {}
-    ep = epoch0
-    try:
-        for ep in range(epoch0, settings.epochs):
-            for _ in range(steps_per_epoch):
-                part = parts[rng.choice(len(parts), p=weights)]
-                losses = _train_step(trained, part.zoo, part.train_idx, settings, part.dataset, lmc_w, rng, gen)
-                opt.zero_grad(set_to_none=True)
-                losses["loss"].backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip)
-                opt.step()
-                step += 1
-                if on_step is not None and rank == 0:
-                    on_step({"step": step, "total": total, **{k: float(v.detach()) for k, v in losses.items()},
-                             **val})
+            for ep in range(self.epoch0, settings.epochs):
+                for _ in range(self.steps_per_epoch):
+                    losses = self._one_step(rng, gen)
+                    if report is not None:
+                        report({"step": self.step, "total": total,
+                                **{k: float(v.detach()) for k, v in losses.items()}, **val})
+                if rank == 0:
+                    val = self.validate_and_save(ep + 1)
+                    if report is not None:
+                        report({"step": self.step, "total": total, "validation": True, **val})
+                if self.world > 1:
+                    torch.distributed.barrier()
+        except KeyboardInterrupt:
             if rank == 0:
-                val = validate_and_save(ep + 1)
-                if on_step is not None:
-                    on_step({"step": step, "total": total, "validation": True, **val})
-            if world > 1:
-                torch.distributed.barrier()
-    except KeyboardInterrupt:
-        if rank == 0:
-            _save_last(model, opt, step, ep, best, out)
-            if not (out / ALIGNER_FILE).exists():
-                save_aligner(model, out, write({"interrupted": True}))
-        raise
-    if rank == 0:
-        card = json.loads((out / CARD_FILE).read_text())
-        card["history"] = card.get("history", []) + history if resume else history
-        card["seconds"] = time.perf_counter() - t_start
-        from modelmerge.checkpoint import atomic_path
+                _save_last(self.model, self.opt, self.step, ep, self.best, self.out)
+                if not (self.out / ALIGNER_FILE).exists():
+                    save_aligner(self.model, self.out, self.write_card({"interrupted": True}))
+            raise
 
-        with atomic_path(out / CARD_FILE) as tmp:
-            Path(tmp).write_text(json.dumps(card, indent=2) + "\n")
-    return card
+    def _one_step(self, rng, gen) -> dict:
+        part = self.parts[rng.choice(len(self.parts), p=self.weights)]
+        losses = _train_step(self.trained, part.zoo, part.train_idx, self.settings, part.dataset, self.lmc_w, rng,
+                             gen)
+        self.opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.clip)
+        self.opt.step()
+        self.step += 1
+        return losses
+
+    def finish(self, resumed: bool) -> dict:
+        """The card on disk, with the validation history and the run's total seconds."""
+        if self.rank != 0:
+            return self.card
+        from modelmerge.checkpoint import write_json_atomic
+
+        card = json.loads((self.out / CARD_FILE).read_text())
+        card["history"] = card.get("history", []) + self.history if resumed else self.history
+        card["seconds"] = time.perf_counter() - self.t_start
+        write_json_atomic(self.out / CARD_FILE, card)
+        return card
 
 
 def _train_step(trained, zoo: Zoo, train_idx, settings, dataset, lmc_w, rng, gen) -> dict:
@@ -446,7 +477,7 @@ def _train_step(trained, zoo: Zoo, train_idx, settings, dataset, lmc_w, rng, gen
                  for l in range(len(zoo.chain.layers) - 1)]
         batch_a.append(a)
         batch_b.append(apply_hard(zoo, augment(a, gen), perms))  # copy unit i = augmented A unit perm[i]
-    cat = lambda parts: {k: torch.cat([p[k] for p in parts]) for k in parts[0]}  # noqa: E731
+    cat = lambda parts: {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     logits = trained(stacked_weight_space(zoo.chain, cat(batch_a)), stacked_weight_space(zoo.chain, cat(batch_b)))
     losses: dict = {}
     total = torch.zeros(())

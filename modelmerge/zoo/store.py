@@ -13,10 +13,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
-from modelmerge.checkpoint import META_PREFIX, atomic_path, load_checkpoint, save_checkpoint
+from modelmerge.archs import record_to_json, validate_record
+from modelmerge.checkpoint import META_PREFIX, load_checkpoint, save_checkpoint, write_json_atomic
+from modelmerge.data import load_dataset
 from modelmerge.errors import CheckpointError, ModelMergeError, OutputError
-from modelmerge.zoo.archs import record_to_json, validate_record
-from modelmerge.zoo.data import load_dataset
 from modelmerge.zoo.train import TrainConfig, train_models
 
 ZOO_FORMAT = "modelmerge.zoo/1"
@@ -28,8 +28,7 @@ def model_file(i: int) -> str:
 
 
 def _write_index(folder: Path, index: Mapping) -> None:
-    with atomic_path(folder / INDEX) as tmp:
-        Path(tmp).write_text(json.dumps(index, indent=2) + "\n")
+    write_json_atomic(folder / INDEX, index)
 
 
 def read_index(folder: str | Path) -> dict:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from modelmerge.zoo.archs import validate_record
+from modelmerge.archs import validate_record
 
 _ACT = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu, "leaky_relu": F.leaky_relu}
 
@@ -32,7 +32,7 @@ def stacked_forward(
     """Run N models of the record's architecture, each on its own batch.
 
     Args:
-        record: architecture record (the layer names match :func:`modelmerge.zoo.archs.build`).
+        record: architecture record (the layer names match :func:`modelmerge.archs.build`).
         params: stacked state dict, ``name -> [N, *shape]``.
         x: ``[N, B, *input_shape]``.
         train: BatchNorm uses batch statistics (True) or running statistics (False).

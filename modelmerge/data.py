@@ -6,6 +6,7 @@ number measured today can be measured again tomorrow.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,6 @@ import numpy as np
 import torch
 
 from modelmerge.errors import DataError
-
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,29 @@ class Dataset:
     def flat(self) -> Dataset:
         """The same data with each input flattened (for MLPs)."""
         return Dataset(self.name, self.x_train.flatten(1), self.y_train, self.x_test.flatten(1), self.y_test)
+
+    def shaped(self, input_shape: tuple[int, ...], num_outputs: int | None = None) -> Dataset:
+        """The same data with each input reshaped to ``input_shape`` (e.g. flattened for an MLP).
+
+        Args:
+            input_shape: one example's shape as the model takes it.
+            num_outputs: the model's output count, checked against the classes (None: unchecked).
+
+        Raises:
+            DataError: the sizes differ, or there are more classes than outputs.
+        """
+        shape = tuple(input_shape)
+        if self.input_shape != shape:
+            if math.prod(self.input_shape) != math.prod(shape):
+                raise DataError(f"{self.name} inputs have shape {list(self.input_shape)} but the model expects "
+                                f"{list(shape)}")
+            data = Dataset(self.name, self.x_train.reshape(-1, *shape), self.y_train,
+                           self.x_test.reshape(-1, *shape), self.y_test)
+        else:
+            data = self
+        if num_outputs is not None and self.num_classes > num_outputs:
+            raise DataError(f"{self.name} has {self.num_classes} classes but the model outputs {num_outputs}")
+        return data
 
 
 def _split(name: str, x: np.ndarray, y: np.ndarray, test_fraction: float = 0.2, seed: int = 0) -> Dataset:

@@ -24,7 +24,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from modelmerge.errors import ModelMergeError
+from modelmerge.data import Dataset
+from modelmerge.errors import ModelMergeError, preview
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "leaky_relu": nn.LeakyReLU}
 FAMILIES = ("mlp", "cnn")
@@ -129,22 +130,48 @@ def record_from_json(text: str) -> dict:
         raise ArchError(f"architecture record is not valid JSON ({e.msg})") from None
 
 
+def num_outputs(record: Mapping) -> int:
+    """How many outputs (classes) the record's model has."""
+    r = validate_record(record)
+    return r["widths"][-1] if r["family"] == "mlp" else r["num_classes"]
+
+
+def fit_inputs(record: Mapping, data: Dataset) -> Dataset:
+    """The dataset shaped for the record's model (flattened for MLPs).
+
+    Raises:
+        DataError: the data's input size or class count does not fit the record.
+    """
+    return data.shaped(input_shape(record), num_outputs(record))
+
+
+def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> nn.Module:
+    """Load ``state`` into ``module`` strictly (eval mode), or say which keys do not fit.
+
+    Args:
+        module: the model to fill.
+        state: the checkpoint's state dict.
+        what: how the error names the model, e.g. ``"its architecture record"``.
+
+    Raises:
+        ArchError: missing, unexpected or wrongly shaped keys (named, sorted).
+    """
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and expected[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        detail = "; ".join(f"{label}: {preview(keys, 4)}" for label, keys in
+                           (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys)
+        raise ArchError(f"the checkpoint does not fit {what} ({detail})")
+    module.load_state_dict(dict(state))
+    return module.eval()
+
+
 def module_from_state(record: Mapping, state: Mapping[str, torch.Tensor]) -> nn.Sequential:
     """Build the record's module and load ``state`` strictly, in eval mode.
 
     Raises:
         ArchError: the state dict does not fit the record (keys or shapes named).
     """
-    model = build(record)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [k for k in expected if k in state and expected[k].shape != state[k].shape]
-    if missing or unexpected or wrong:
-        detail = "; ".join(
-            f"{label}: {', '.join(keys[:4])}" for label, keys in
-            (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys
-        )
-        raise ArchError(f"checkpoint does not fit its architecture record ({detail})")
-    model.load_state_dict(dict(state))
-    return model.eval()
+    return load_strict(build(record), state, "its architecture record")

@@ -1,0 +1,80 @@
+"""``--model pkg.module:Class``: importing and building the user's model class (user code).
+
+The only place that edits ``sys.path`` (the current folder is importable, as
+for ``python -m``) and parses ``--model-kwargs`` / ``--input-shape``; what the
+built module means for alignment is decided by
+:func:`modelmerge.network.resolve_network`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from modelmerge.errors import ModelMergeError
+
+
+def _short(e: BaseException) -> str:
+    return " ".join(str(e).split())[:160]
+
+
+def import_model_class(target: str):
+    """Import ``pkg.module:Class`` (the current folder on the import path).
+
+    Raises:
+        ModelMergeError: bad form, missing module or attribute.
+    """
+    if ":" not in target:
+        raise ModelMergeError(f"--model must look like package.module:ClassName, got {target!r}")
+    module_name, _, attr = target.partition(":")
+    cwd = str(Path.cwd())
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ModelMergeError(f"cannot import {module_name!r} for --model ({_short(e)}); run from the folder that "
+                              "holds it or install it") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ModelMergeError(f"{module_name} has no {attr!r} (from --model {target})")
+        obj = getattr(obj, part)
+    return obj
+
+
+def build_model(target: str, kwargs_json: str | None, state):
+    """Build ``--model`` with ``--model-kwargs`` and load ``state`` strictly, in eval mode.
+
+    Raises:
+        ModelMergeError: the class cannot be built or the checkpoint does not fit it (keys named).
+    """
+    from modelmerge.archs import load_strict
+
+    cls = import_model_class(target)
+    try:
+        kwargs = json.loads(kwargs_json) if kwargs_json else {}
+    except json.JSONDecodeError as e:
+        raise ModelMergeError(f"--model-kwargs is not valid JSON ({e.msg})") from None
+    if not isinstance(kwargs, dict):
+        raise ModelMergeError("--model-kwargs must be a JSON object, e.g. '{\"width\": 64}'")
+    try:
+        model = cls(**kwargs)
+    except Exception as e:  # user code
+        raise ModelMergeError(f"cannot build {target}({kwargs}): {type(e).__name__}: {_short(e)}") from None
+    try:
+        return load_strict(model, state, target)
+    except ModelMergeError as e:
+        raise ModelMergeError(f"{e}; check --model-kwargs") from None
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    """``--input-shape 1,28,28`` as a tuple (None when not given)."""
+    if not text:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ModelMergeError(f"--input-shape must be comma-separated integers like 1,28,28; got {text!r}") from None

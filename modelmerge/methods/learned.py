@@ -1,0 +1,65 @@
+"""DEEP-ALIGN as a method: a learned aligner's one-pass answer (bundled default or ``--aligner``)."""
+
+from __future__ import annotations
+
+import time
+
+from modelmerge.methods.base import Answer, Context, Method, register
+
+
+def _load(ctx: Context):
+    """``(model, card, why_not)``: the aligner for this pair, or why there is none (computed once)."""
+    return ctx.once("aligner", lambda: _choose(ctx))
+
+
+def _choose(ctx: Context):
+    from modelmerge.deepalign.model import OutOfFamilyError
+    from modelmerge.deepalign.pretrained import default_aligner, load_aligner
+
+    net = ctx.network
+    if net.chain is None:
+        return None, None, "the learned aligner reads Linear/Conv chains, and this spec is not one"
+    if ctx.aligner is not None:
+        model, card = load_aligner(ctx.aligner)
+    else:
+        weights = default_aligner(net.family, net.depth)
+        if weights is None:
+            return None, None, f"no bundled aligner covers a {net.depth}-layer {net.family.upper()}"
+        model, card = load_aligner(weights.name)
+    try:
+        model.check_supports(_weight_spaces(ctx)[0])
+    except OutOfFamilyError as e:
+        return None, None, str(e).split(";")[0]
+    return model, card, None
+
+
+def _weight_spaces(ctx: Context):
+    """A's and B's weight spaces (built once) and the seconds that took."""
+    def make():
+        t = time.perf_counter()
+        return ctx.network.weight_space(ctx.a), ctx.network.weight_space(ctx.b), time.perf_counter() - t
+
+    return ctx.once("weight_spaces", make)
+
+
+def _unavailable(ctx: Context) -> str | None:
+    return _load(ctx)[2]
+
+
+def _run(ctx: Context, start: Answer | None) -> Answer:
+    model, card, why = _load(ctx)
+    if why is not None:
+        from modelmerge.deepalign.model import OutOfFamilyError
+
+        raise OutOfFamilyError(f"deep-align: {why}; pass another --aligner or use --method weight-matching")
+    t = time.perf_counter()
+    ws_a, ws_b, build_seconds = _weight_spaces(ctx)
+    perms = model.align(ws_a, ws_b)
+    chain = ctx.network.chain
+    perm = {chain.group(layer): p for layer, p in enumerate(perms)}
+    # the learned stage is reading both networks (the weight spaces) plus the forward pass
+    return Answer("deep-align", perm, "learned", build_seconds + time.perf_counter() - t, aligner=card.get("name"))
+
+
+register(Method("deep-align", "align", False, "a learned DEEP-ALIGN aligner's one-pass answer (data-free)", _run,
+                _unavailable))

@@ -1,0 +1,354 @@
+"""What runs a checkpoint, decided once: the :class:`Network`.
+
+Every command and library function that needs a spec, a forward pass, data
+shaped for the model, a BatchNorm reset or the learned aligners' weight-space
+view takes a :class:`Network` built by :func:`resolve_network`. The rules live
+here and nowhere else:
+
+* **spec**: the given one (checked against the state dict), else the one traced
+  from ``module``, else the chain inferred from the state dict;
+* **forward**: ``module``'s real one (``--model``), else the architecture
+  record's, else the *generic* forward of the inferred chain when the spec is
+  that chain's (an assumption: skip connections are invisible in a state dict),
+  else none;
+* **data**: the real forwards run on data; a bare checkpoint only when it is a
+  plain Linear chain, run as a ReLU MLP (an assumption the notes say).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+from torch import nn
+
+from modelmerge.data import Dataset
+from modelmerge.errors import ModelMergeError, SpecError
+from modelmerge.spec import Chain, PermutationSpec, infer_chain
+
+#: what ``spec_source`` says: where the spec came from
+SOURCES = ("inferred", "file", "traced")
+#: what ``forward_kind`` says: which forward runs the network (None: no forward known)
+FORWARDS = ("model", "record", "chain")
+#: spatial side of the random inputs that verify a bare conv chain (its real input size is not in the weights)
+CHAIN_SPATIAL = 8
+_NO_DATA = ("running this checkpoint on data needs its real forward: pass --model pkg.module:Class, or use a "
+            "checkpoint with an architecture record (bare checkpoints run only as plain Linear MLPs)")
+
+
+@dataclass(frozen=True, eq=False)
+class Network:
+    """One resolved architecture: its spec, its forward, and how data and aligners see it.
+
+    Built by :func:`resolve_network` from one checkpoint of the architecture; the
+    weights themselves are always passed in (``forward(state, x)``), so one
+    ``Network`` serves A, B, their merges and the refinement's free weights.
+
+    Attributes:
+        spec: the permutation spec.
+        spec_source: ``"inferred"``, ``"file"`` (given) or ``"traced"`` (from ``module``).
+        forward_kind: ``"model"`` (``module``'s real forward), ``"record"`` (the
+            architecture record's model), ``"chain"`` (the generic forward of the
+            inferred chain: assumed) or None (no forward known).
+        input_shape: one example's shape (None without a forward).
+        num_outputs: outputs per example, when the forward returns ``[batch, outputs]``.
+        chain: the Linear/Conv chain when the spec is that chain's (what learned aligners read).
+        record: the architecture record, if any.
+        module: ``--model``'s module (weights loaded from the resolving checkpoint), if any.
+        warnings: what the tracer could not follow.
+    """
+
+    spec: PermutationSpec
+    spec_source: str
+    forward_kind: str | None
+    input_shape: tuple[int, ...] | None = None
+    num_outputs: int | None = None
+    chain: Chain | None = None
+    record: dict | None = None
+    module: nn.Module | None = None
+    warnings: tuple[str, ...] = field(default=())
+
+    # ------------------------------------------------------------ what it is
+    @property
+    def family(self) -> str | None:
+        """``"mlp"`` (a Linear chain), ``"cnn"`` (Conv layers, then Linear) or None (not a chain)."""
+        return None if self.chain is None else self.chain.family
+
+    @property
+    def depth(self) -> int | None:
+        """Number of Linear/Conv layers of the chain (None: not a chain)."""
+        return None if self.chain is None else len(self.chain.layers)
+
+    @property
+    def runs_on_data(self) -> bool:
+        """Its forward may be trusted on data: a real one, or a bare plain Linear chain (a ReLU MLP)."""
+        if self.forward_kind in ("model", "record"):
+            return True
+        return self.forward_kind == "chain" and all(
+            layer.kind == "linear" and not layer.norms for layer in self.chain.layers)
+
+    @property
+    def data_note(self) -> str | None:
+        """What running it on data assumes (None when the forward is real)."""
+        if self.forward_kind == "chain":
+            return "no architecture record: run on data as a Linear+ReLU MLP (pass --model if it is not one)"
+        return None
+
+    @cached_property
+    def trainable(self) -> frozenset[str]:
+        """The state-dict keys that are parameters (take gradients), not buffers."""
+        if self.forward_kind == "model":
+            # named_parameters drops tied duplicates, which functional_call refuses twice
+            return frozenset(name for name, _ in self.module.named_parameters())
+        if self.forward_kind == "record":
+            return frozenset(name for name, _ in self._record_module.named_parameters())
+        if self.chain is None:
+            return frozenset()
+        keys = [k for layer in self.chain.layers for k in (layer.weight, layer.bias) if k is not None]
+        return frozenset(keys + [key for layer in self.chain.layers for norm in layer.norms
+                                 for role, key in norm.params.items() if role in ("weight", "bias")])
+
+    # ------------------------------------------------------------ running it
+    def forward(self, state: Mapping[str, torch.Tensor], x: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        """Outputs of the network with weights ``state`` on inputs ``x [B, *input_shape]``.
+
+        Floating-point weights run in float32 (half-precision checkpoints too), as
+        a strict ``load_state_dict`` into the float32 module would.
+
+        Args:
+            state: a state dict of this architecture (any of A, B, a merge...).
+            x: a batch of inputs.
+            grad: keep the autograd graph (gradients reach ``state``).
+
+        Raises:
+            ModelMergeError: no forward is known, or the user's model failed.
+        """
+        if self.forward_kind is None:
+            raise ModelMergeError("no forward is known for this network: pass --model pkg.module:Class")
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            return self._run(state, x)
+
+    def _run(self, state, x):
+        if self.forward_kind == "model":
+            return self._run_module(state, x)
+        floats = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        if self.forward_kind == "record":
+            from modelmerge.stacked import stacked_forward
+
+            return stacked_forward(self.record, {k: v[None] for k, v in floats.items()}, x[None])[0]
+        from modelmerge.forward import chain_forward
+
+        return chain_forward(self.chain, floats, x)
+
+    @cached_property
+    def _module_keys(self) -> dict[str, torch.dtype]:
+        ref = {name: t for name, t in self.module.named_parameters()}
+        ref.update(self.module.named_buffers())
+        return {k: t.dtype for k, t in ref.items()}
+
+    def _run_module(self, state, x):
+        dtypes = self._module_keys
+        params = {k: state[k].to(dtypes[k]) for k in dtypes if k in state}
+        try:
+            return torch.func.functional_call(self.module, params, (x,))
+        except Exception as e:  # noqa: BLE001 - user code: any failure is the model's
+            raise ModelMergeError(f"running --model failed ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+
+    def random_inputs(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``[n, *input_shape]`` Gaussian inputs (independent of any model), for verification."""
+        return torch.randn((n, *self.input_shape), generator=generator, dtype=torch.float32)
+
+    # ------------------------------------------------------------ data
+    def shape_data(self, data: Dataset) -> Dataset:
+        """``data`` with inputs shaped for this network, its classes checked against the outputs.
+
+        Raises:
+            ModelMergeError: the forward cannot be trusted on data (see :attr:`runs_on_data`).
+            DataError: the inputs do not fit, or there are more classes than outputs.
+        """
+        if not self.runs_on_data:
+            raise ModelMergeError(_NO_DATA)
+        if self.num_outputs is None:
+            raise ModelMergeError("--data needs a model whose forward returns logits [batch, classes]")
+        return data.shaped(self.input_shape, self.num_outputs)
+
+    def metric(self, data: Dataset, split: str = "test", reset_bn: bool = False
+               ) -> Callable[[Mapping[str, torch.Tensor]], tuple[float, float]]:
+        """A function state dict -> (mean cross-entropy, accuracy) on one split of ``data``.
+
+        Args:
+            data: the dataset (shaped here).
+            split: ``"test"`` or ``"train"``.
+            reset_bn: recompute BatchNorm statistics on the train split before measuring.
+
+        Raises:
+            as :meth:`shape_data`, and :meth:`reset_bn`'s errors.
+        """
+        from modelmerge.evaluate import evaluate_model
+
+        d = self.shape_data(data)
+        x, y = (d.x_test, d.y_test) if split == "test" else (d.x_train, d.y_train)
+        if reset_bn:
+            self.bn_module()  # fail now, not at the first α
+
+        def metric(state: Mapping[str, torch.Tensor]) -> tuple[float, float]:
+            if reset_bn:
+                state = self.reset_bn(state, d.x_train)
+            return evaluate_model(lambda xb: self.forward(state, xb), x, y)
+
+        return metric
+
+    def reset_bn(self, state: Mapping[str, torch.Tensor], x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``state`` with every BatchNorm's running statistics recomputed on inputs ``x``.
+
+        Raises:
+            ModelMergeError: no module to run (a bare checkpoint), or no BatchNorm in it.
+        """
+        from modelmerge.bnreset import reset_batchnorm
+
+        module = self.bn_module()
+        module.load_state_dict(dict(state))
+        reset_batchnorm(module, x)
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    def bn_module(self) -> nn.Module:
+        """The module a BatchNorm reset runs (``--model``'s or the record's).
+
+        Raises:
+            ModelMergeError: a bare checkpoint (no module), or no BatchNorm in the module.
+        """
+        from modelmerge.bnreset import has_batchnorm
+
+        if self.forward_kind == "model":
+            module = self.module
+        elif self.forward_kind == "record":
+            module = self._record_module
+        else:
+            raise ModelMergeError("--reset-bn needs the model's forward: pass --model (or use a checkpoint with an "
+                                  "architecture record)")
+        if not has_batchnorm(module):
+            raise ModelMergeError("--reset-bn: the model has no BatchNorm layer, so there is nothing to reset")
+        return module
+
+    @cached_property
+    def _record_module(self) -> nn.Module:
+        from modelmerge.archs import build
+
+        return build(self.record).eval()
+
+    # ------------------------------------------------------------ aligners
+    def weight_space(self, state: Mapping[str, torch.Tensor]):
+        """The canonical weight space of ``state`` (one network) for the learned aligners.
+
+        Raises:
+            ModelMergeError: the network is not a Linear/Conv chain.
+        """
+        from modelmerge.weightspace import to_weight_space
+
+        if self.chain is None:
+            raise ModelMergeError("the learned aligners read Linear/Conv chains, and this network is not one")
+        return to_weight_space(self.chain, state)
+
+    def check(self, state: Mapping[str, torch.Tensor], what: str = "checkpoint") -> None:
+        """Raise SpecError unless ``state`` fits this network's spec (keys and sizes)."""
+        self.spec.check(state, what)
+
+
+def _try_chain(state: Mapping[str, torch.Tensor]) -> Chain | None:
+    try:
+        return infer_chain(state)
+    except SpecError:
+        return None
+
+
+def resolve_network(
+    state: Mapping[str, torch.Tensor],
+    *,
+    spec: PermutationSpec | None = None,
+    record: Mapping | None = None,
+    module: nn.Module | None = None,
+    input_shape: tuple[int, ...] | None = None,
+) -> Network:
+    """Decide, once, what runs the checkpoint ``state``: spec, forward, input shape, chain.
+
+    Args:
+        state: one checkpoint of the architecture (A's).
+        spec: a user's spec (``--spec``); checked against ``state``.
+        record: the checkpoint's architecture record, if any.
+        module: a model instance holding ``state`` (``--model``): its traced spec
+            (unless ``spec`` is given) and its real forward.
+        input_shape: one example's shape for ``module`` (found by trying common sizes if None).
+
+    Returns:
+        The :class:`Network`.
+
+    Raises:
+        SpecError: no spec can be inferred or traced, or the given one does not fit.
+        ArchError: the record does not fit the state dict.
+        ModelMergeError: no input shape works for ``module``.
+    """
+    chain = _try_chain(state)
+    warnings: tuple[str, ...] = ()
+    if spec is not None:
+        spec.check(state)
+        chosen, source = spec, "file"
+    elif module is not None:
+        from modelmerge.trace import trace_spec
+
+        traced = trace_spec(module)
+        chosen, source, warnings = traced.spec, "traced", tuple(traced.warnings)
+        chosen.check(state)
+    else:
+        if chain is None:
+            infer_chain(state)  # raises the inference error, which says why
+        chosen, source = chain.spec(state), "inferred"
+    if chain is not None and chain.spec(state) != chosen:
+        chain = None  # the learned aligners and the generic forward describe the chain's spec only
+    if module is not None:
+        shape, n_out = find_input_shape(module, input_shape)
+        return Network(chosen, source, "model", shape, n_out, chain, None, module, warnings)
+    if record is not None:
+        from modelmerge.archs import build, load_strict, num_outputs, validate_record
+        from modelmerge.archs import input_shape as record_input
+
+        load_strict(build(record), state, "its architecture record")  # names the keys that do not fit
+        rec = validate_record(record)
+        return Network(chosen, source, "record", record_input(rec), num_outputs(rec), chain, rec, None, warnings)
+    if chain is not None:
+        first, last = state[chain.layers[0].weight], state[chain.layers[-1].weight]
+        # the generic forward keeps a conv map's size: probe it at 8 per spatial side (forward.chain_input)
+        shape = (first.shape[1],) + (CHAIN_SPATIAL,) * (first.ndim - 2) * (chain.layers[0].kind == "conv")
+        n_out = int(last.shape[0]) if chain.layers[-1].kind == "linear" else None
+        return Network(chosen, source, "chain", shape, n_out, chain, None, None, warnings)
+    return Network(chosen, source, None, None, None, None, None, None, warnings)
+
+
+def find_input_shape(module: nn.Module, given: tuple[int, ...] | None = None) -> tuple[tuple[int, ...], int | None]:
+    """A per-example input shape ``module`` accepts, and its output count if it returns ``[B, outputs]``.
+
+    Tries ``given``, else the first Linear's width or the first Conv's channels at
+    common image sizes.
+
+    Raises:
+        ModelMergeError: no candidate works; pass --input-shape.
+    """
+    candidates = [tuple(given)] if given else []
+    first = next((m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))), None)
+    if first is not None and not given:
+        if isinstance(first, nn.Linear):
+            candidates.append((first.in_features,))
+        else:
+            dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(first)]
+            candidates += [(first.in_channels, *([s] * dims)) for s in (8, 16, 28, 32, 40, 64, 224)]
+    for shape in candidates:
+        try:
+            with torch.no_grad():
+                out = module.eval()(torch.zeros(2, *shape))
+        except Exception:  # noqa: BLE001 - any failure means "not this shape"
+            continue
+        n_out = out.shape[1] if isinstance(out, torch.Tensor) and out.ndim == 2 else None
+        return tuple(shape), n_out
+    raise ModelMergeError("cannot find an input shape the model accepts; pass --input-shape, e.g. 1,28,28")
