@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from modelmerge import methods
 from modelmerge.errors import ModelMergeError
 from modelmerge.matching import alignment_objective
 from modelmerge.merge import check_same_architecture
@@ -24,9 +25,9 @@ from modelmerge.spec import PermutationSpec
 from modelmerge.verify import Verification, verify_permuted
 
 #: ``--method`` values: ``auto`` plus the registered alignment methods
-METHODS = ("auto", "weight-matching", "deep-align")
+METHODS = ("auto", *methods.names("align"))
 #: ``--refine`` values: ``none`` plus the registered refinements
-REFINES = ("none", "wm", "lmc")
+REFINES = ("none", *methods.names("refine"))
 
 
 @dataclass(frozen=True)
@@ -136,8 +137,6 @@ def align(
         OutOfFamilyError: ``deep-align`` on a network its aligner cannot read.
         VerificationError: the permuted B does not compute B's function.
     """
-    from modelmerge import methods
-
     t0 = time.perf_counter()
     refine = _check_options(method, refine, data)
     check_same_architecture(a, b)
@@ -204,8 +203,6 @@ def _check_options(method: str, refine: str | None, data: str | None) -> str:
 
 def _first_method(method: str, refine: str, ctx, notes: list[str]) -> str:
     """The alignment method whose answer is refined: ``auto`` falls back to weight matching, saying why."""
-    from modelmerge import methods
-
     if method != "auto":
         return method
     why = methods.get("align", "deep-align").unavailable(ctx)

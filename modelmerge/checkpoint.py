@@ -58,9 +58,9 @@ class Checkpoint:
         """sha256 of the file that was read (hex; computed once)."""
         return file_sha256(self.path) if self.path is not None else ""
 
-    @property
+    @cached_property
     def arch(self) -> dict | None:
-        """The architecture record stored in the metadata (validated), if any.
+        """The architecture record stored in the metadata (validated once), if any.
 
         Raises:
             CheckpointError: the stored record is malformed.

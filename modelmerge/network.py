@@ -56,7 +56,8 @@ class Network:
         num_outputs: outputs per example, when the forward returns ``[batch, outputs]``.
         chain: the Linear/Conv chain when the spec is that chain's (what learned aligners read).
         record: the architecture record, if any.
-        module: ``--model``'s module (weights loaded from the resolving checkpoint), if any.
+        module: the module holding the architecture: ``--model``'s, or the one the
+            record builds (weights loaded from the resolving checkpoint); None otherwise.
         warnings: what the tracer could not follow.
     """
 
@@ -99,11 +100,9 @@ class Network:
     @cached_property
     def trainable(self) -> frozenset[str]:
         """The state-dict keys that are parameters (take gradients), not buffers."""
-        if self.forward_kind == "model":
+        if self.module is not None:
             # named_parameters drops tied duplicates, which functional_call refuses twice
             return frozenset(name for name, _ in self.module.named_parameters())
-        if self.forward_kind == "record":
-            return frozenset(name for name, _ in self._record_module.named_parameters())
         if self.chain is None:
             return frozenset()
         keys = [k for layer in self.chain.layers for k in (layer.weight, layer.bias) if k is not None]
@@ -222,22 +221,13 @@ class Network:
         """
         from modelmerge.bnreset import has_batchnorm
 
-        if self.forward_kind == "model":
-            module = self.module
-        elif self.forward_kind == "record":
-            module = self._record_module
-        else:
+        module = self.module
+        if module is None:
             raise ModelMergeError("--reset-bn needs the model's forward: pass --model (or use a checkpoint with an "
                                   "architecture record)")
         if not has_batchnorm(module):
             raise ModelMergeError("--reset-bn: the model has no BatchNorm layer, so there is nothing to reset")
         return module
-
-    @cached_property
-    def _record_module(self) -> nn.Module:
-        from modelmerge.archs import build
-
-        return build(self.record).eval()
 
     # ------------------------------------------------------------ aligners
     def weight_space(self, state: Mapping[str, torch.Tensor]):
@@ -314,9 +304,9 @@ def resolve_network(
         from modelmerge.archs import build, load_strict, num_outputs, validate_record
         from modelmerge.archs import input_shape as record_input
 
-        load_strict(build(record), state, "its architecture record")  # names the keys that do not fit
         rec = validate_record(record)
-        return Network(chosen, source, "record", record_input(rec), num_outputs(rec), chain, rec, None, warnings)
+        held = load_strict(build(rec), state, "its architecture record")  # names the keys that do not fit
+        return Network(chosen, source, "record", record_input(rec), num_outputs(rec), chain, rec, held, warnings)
     if chain is not None:
         first, last = state[chain.layers[0].weight], state[chain.layers[-1].weight]
         # the generic forward keeps a conv map's size: probe it at 8 per spatial side (forward.chain_input)

@@ -4,7 +4,8 @@ Adding a method: write a module with a ``run(ctx, start) -> Answer`` function,
 ``register(Method(...))`` it, and import the module here.
 """
 
-from modelmerge.methods import learned, lmc, weight_matching  # noqa: F401  (registration)
+# registration order is the order of --method / --refine choices
+from modelmerge.methods import weight_matching, learned, lmc  # noqa: F401, I001
 from modelmerge.methods.base import Answer, Context, Method, get, names, register
 
 __all__ = ["Answer", "Context", "Method", "get", "names", "register"]
