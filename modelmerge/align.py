@@ -79,8 +79,8 @@ class AlignResult:
 
 
 def uses_data(method: str, refine: str | None) -> bool:
-    """Whether ``align`` reads ``data`` with these options (``auto`` ranks candidates; ``lmc`` trains on it)."""
-    return method == "auto" or refine == "lmc"
+    """Whether ``align`` reads ``data`` with these options (``auto`` ranks candidates; some refinements train)."""
+    return method == "auto" or (refine in REFINES[1:] and methods.get("refine", refine).needs_data)
 
 
 def align(
@@ -139,6 +139,8 @@ def align(
     """
     t0 = time.perf_counter()
     refine = _check_options(method, refine, data)
+    if aligner is not None and method == "weight-matching":
+        raise ModelMergeError("--aligner is read by --method auto and deep-align; drop it with --method weight-matching")
     check_same_architecture(a, b)
     net = network or resolve_network(a, spec=spec, record=record, module=module, input_shape=input_shape)
     ctx = methods.Context(a, b, net, seed, max_iter, refine_steps, aligner, data, on_refine)
@@ -150,6 +152,8 @@ def align(
                                   "or --method auto/deep-align")
         notes.append("--refine wm: auto fell back to weight matching, whose answer it would not change")
         refine = "none"
+    if refine != "none" and (why := methods.get("refine", refine).unavailable(ctx)) is not None:
+        raise ModelMergeError(f"--refine {refine}: {why}")
     ranked = method == "auto" and data is not None
     if data is not None:
         ctx.task()  # the data must fit before any work is done
@@ -193,8 +197,8 @@ def _check_options(method: str, refine: str | None, data: str | None) -> str:
         refine = "lmc" if method == "auto" and data is not None else "none"
     if refine not in REFINES:
         raise ModelMergeError(f"unknown refinement {refine!r}; choose one of {', '.join(REFINES)}")
-    if refine == "lmc" and data is None:
-        raise ModelMergeError("--refine lmc needs --data (a dataset name or file)")
+    if refine != "none" and methods.get("refine", refine).needs_data and data is None:
+        raise ModelMergeError(f"--refine {refine} needs --data (a dataset name or file)")
     if data is not None and not uses_data(method, refine):
         raise ModelMergeError(f"--data does nothing with --method {method} and --refine {refine}: it is read by "
                               "--method auto (to rank candidates) and --refine lmc; drop it or add one of those")

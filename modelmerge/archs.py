@@ -166,12 +166,3 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str)
         raise ArchError(f"the checkpoint does not fit {what} ({detail})")
     module.load_state_dict(dict(state))
     return module.eval()
-
-
-def module_from_state(record: Mapping, state: Mapping[str, torch.Tensor]) -> nn.Sequential:
-    """Build the record's module and load ``state`` strictly, in eval mode.
-
-    Raises:
-        ArchError: the state dict does not fit the record (keys or shapes named).
-    """
-    return load_strict(build(record), state, "its architecture record")

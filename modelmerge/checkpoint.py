@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from modelmerge.errors import CheckpointError, OutputError
+from modelmerge.errors import CheckpointError, OutputError, one_line
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -157,7 +157,7 @@ def resolve_source(source: str, revision: str | None = None) -> Path:
                 f"{source}: hub repository {repo_id!r} has no revision {revision!r}"
             ) from None
         except (OSError, hub_errors.HfHubHTTPError) as e:
-            raise CheckpointError(f"{source}: hub download failed ({_one_line(e)})") from None
+            raise CheckpointError(f"{source}: hub download failed ({one_line(e)})") from None
     if offline_misses:
         raise CheckpointError(
             f"{source}: not a local file, and {repo_id}/{offline_misses[0]} is not in the local "
@@ -167,11 +167,6 @@ def resolve_source(source: str, revision: str | None = None) -> Path:
         f"{source}: hub repository {repo_id!r} has none of {', '.join(candidates)}; "
         f"name the file, e.g. {repo_id}/weights.safetensors"
     )
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text[:200] or type(e).__name__
 
 
 def _read_safetensors(path: Path, source: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -184,7 +179,7 @@ def _read_safetensors(path: Path, source: str) -> tuple[dict[str, torch.Tensor],
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(
             f"{source}: cannot read as safetensors, the file is truncated or corrupt "
-            f"({_one_line(e)}); re-download or re-save it"
+            f"({one_line(e)}); re-download or re-save it"
         ) from None
     return state, metadata
 
@@ -220,12 +215,12 @@ def _read_torch(path: Path, source: str) -> dict[str, torch.Tensor]:
             ) from None
         raise CheckpointError(
             f"{source}: cannot read as a PyTorch checkpoint, the file is truncated or corrupt "
-            f"({_one_line(e)}); re-download or re-save it"
+            f"({one_line(e)}); re-download or re-save it"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
         raise CheckpointError(
             f"{source}: cannot read as a PyTorch checkpoint, the file is truncated or corrupt "
-            f"({_one_line(e)}); re-download or re-save it"
+            f"({one_line(e)}); re-download or re-save it"
         ) from None
     return _unwrap_state_dict(obj, source)
 
@@ -418,7 +413,7 @@ def provenance(method: str, *checkpoints: Checkpoint, arch_of: Checkpoint | None
     from modelmerge import __version__
 
     meta = {META_PREFIX + "version": __version__, META_PREFIX + "method": method}
-    if arch_of is not None and META_PREFIX + "arch" in arch_of.metadata:
+    if arch_of is not None and arch_of.arch is not None:  # .arch validates: a bad record is an error
         meta[META_PREFIX + "arch"] = arch_of.metadata[META_PREFIX + "arch"]
     for label, ck in zip("ab", checkpoints):
         meta[f"{META_PREFIX}input_{label}"] = ck.source

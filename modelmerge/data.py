@@ -52,11 +52,16 @@ class Dataset:
             num_outputs: the model's output count, checked against the classes (None: unchecked).
 
         Raises:
-            DataError: the sizes differ, or there are more classes than outputs.
+            DataError: the sizes differ (or only a reordering of axes would fit), or there are more
+                classes than outputs.
         """
         shape = tuple(input_shape)
         if self.input_shape != shape:
-            if math.prod(self.input_shape) != math.prod(shape):
+            # flatten (MLPs), unflatten ([N, 64] -> [N, 1, 8, 8]) or add/drop unit axes; never reorder
+            # axes of equal size (HWC data is not CHW data)
+            plain = len(shape) == 1 or len(self.input_shape) == 1 or (
+                [d for d in shape if d != 1] == [d for d in self.input_shape if d != 1])
+            if not plain or math.prod(self.input_shape) != math.prod(shape):
                 raise DataError(f"{self.name} inputs have shape {list(self.input_shape)} but the model expects "
                                 f"{list(shape)}")
             data = Dataset(self.name, self.x_train.reshape(-1, *shape), self.y_train,

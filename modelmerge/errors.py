@@ -38,6 +38,11 @@ class DataError(ModelMergeError):
     """A dataset name or data file is unknown or malformed."""
 
 
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's message folded to one line and cut at ``limit`` (its type name if empty)."""
+    return " ".join(str(e).split())[:limit] or type(e).__name__
+
+
 def preview(items: list[str], n: int = 5) -> str:
     """``a, b, c (+N more)``: the first ``n`` names of a list, for one-line messages."""
     return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")

@@ -28,13 +28,9 @@ from modelmerge.data import Dataset
 from modelmerge.errors import ModelMergeError, SpecError
 from modelmerge.spec import Chain, PermutationSpec, infer_chain
 
-#: what ``spec_source`` says: where the spec came from
-SOURCES = ("inferred", "file", "traced")
-#: what ``forward_kind`` says: which forward runs the network (None: no forward known)
-FORWARDS = ("model", "record", "chain")
 #: spatial side of the random inputs that verify a bare conv chain (its real input size is not in the weights)
 CHAIN_SPATIAL = 8
-_NO_DATA = ("running this checkpoint on data needs its real forward: pass --model pkg.module:Class, or use a "
+NO_DATA = ("running this checkpoint on data needs its real forward: pass --model pkg.module:Class, or use a "
             "checkpoint with an architecture record (bare checkpoints run only as plain Linear MLPs)")
 
 
@@ -169,9 +165,9 @@ class Network:
             DataError: the inputs do not fit, or there are more classes than outputs.
         """
         if not self.runs_on_data:
-            raise ModelMergeError(_NO_DATA)
+            raise ModelMergeError(NO_DATA)
         if self.num_outputs is None:
-            raise ModelMergeError("--data needs a model whose forward returns logits [batch, classes]")
+            raise ModelMergeError("running on data needs a model whose forward returns logits [batch, classes]")
         return data.shaped(self.input_shape, self.num_outputs)
 
     def metric(self, data: Dataset, split: str = "test", reset_bn: bool = False
@@ -186,12 +182,15 @@ class Network:
         Raises:
             as :meth:`shape_data`, and :meth:`reset_bn`'s errors.
         """
+        from modelmerge.errors import DataError
         from modelmerge.evaluate import evaluate_model
 
-        d = self.shape_data(data)
-        x, y = (d.x_test, d.y_test) if split == "test" else (d.x_train, d.y_train)
         if reset_bn:
             self.bn_module()  # fail now, not at the first α
+        d = self.shape_data(data)
+        x, y = (d.x_test, d.y_test) if split == "test" else (d.x_train, d.y_train)
+        if len(x) == 0 or (reset_bn and len(d.x_train) == 0):
+            raise DataError(f"{data.name}: the {split if len(x) == 0 else 'train'} split is empty; pass more data")
 
         def metric(state: Mapping[str, torch.Tensor]) -> tuple[float, float]:
             if reset_bn:
@@ -207,11 +206,21 @@ class Network:
             ModelMergeError: no module to run (a bare checkpoint), or no BatchNorm in it.
         """
         from modelmerge.bnreset import reset_batchnorm
+        from modelmerge.errors import DataError
 
-        module = self.bn_module()
+        if len(x) == 0:
+            raise DataError("--reset-bn: no training examples to recompute BatchNorm statistics on; pass more data")
+        module = self._bn_copy
         module.load_state_dict(dict(state))
         reset_batchnorm(module, x)
         return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    @cached_property
+    def _bn_copy(self) -> nn.Module:
+        # a copy: resetting must not change the module that holds the resolving checkpoint
+        import copy
+
+        return copy.deepcopy(self.bn_module())
 
     def bn_module(self) -> nn.Module:
         """The module a BatchNorm reset runs (``--model``'s or the record's).
@@ -245,6 +254,18 @@ class Network:
     def check(self, state: Mapping[str, torch.Tensor], what: str = "checkpoint") -> None:
         """Raise SpecError unless ``state`` fits this network's spec (keys and sizes)."""
         self.spec.check(state, what)
+
+
+def output_tensors(out) -> list[torch.Tensor]:
+    """Every tensor in a forward's output: a tensor, or tuples, lists and dicts of them (a
+    Hugging Face ``ModelOutput`` is a dict), in a fixed order; anything else is skipped."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for key in out for t in output_tensors(out[key])]
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in output_tensors(item)]
+    return []
 
 
 def _try_chain(state: Mapping[str, torch.Tensor]) -> Chain | None:
@@ -309,8 +330,8 @@ def resolve_network(
         return Network(chosen, source, "record", record_input(rec), num_outputs(rec), chain, rec, held, warnings)
     if chain is not None:
         first, last = state[chain.layers[0].weight], state[chain.layers[-1].weight]
-        # the generic forward keeps a conv map's size: probe it at 8 per spatial side (forward.chain_input)
-        shape = (first.shape[1],) + (CHAIN_SPATIAL,) * (first.ndim - 2) * (chain.layers[0].kind == "conv")
+        # the generic forward keeps a conv map's size: verify it on CHAIN_SPATIAL per spatial side
+        shape = (first.shape[1],) + (CHAIN_SPATIAL,) * (first.ndim - 2)
         n_out = int(last.shape[0]) if chain.layers[-1].kind == "linear" else None
         return Network(chosen, source, "chain", shape, n_out, chain, None, None, warnings)
     return Network(chosen, source, None, None, None, None, None, None, warnings)

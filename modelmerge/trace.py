@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from modelmerge.errors import SpecError
+from modelmerge.errors import SpecError, one_line
 from modelmerge.spec import PermutationSpec
 
 FIXED = "<fixed>"
@@ -94,7 +94,7 @@ def trace_spec(model: nn.Module) -> TraceResult:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception as e:  # fx raises many types for untraceable code
         raise SpecError(
-            f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {_short(e)}); "
+            f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {one_line(e, 160)}); "
             "write a spec file (docs/spec-format.md) and pass --spec FILE.json"
         ) from None
     uf = _UnionFind()
@@ -161,10 +161,6 @@ def _flat_nodes(args) -> list:
 
 def _dedupe(items: list[str]) -> list[str]:
     return list(dict.fromkeys(items))
-
-
-def _short(e: BaseException) -> str:
-    return " ".join(str(e).split())[:160]
 
 
 def _module_rule(name, mod, src, uf, entries, sizes, per_channel, fix) -> str:

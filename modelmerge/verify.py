@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from modelmerge.errors import VerificationError
-from modelmerge.network import Network
+from modelmerge.network import Network, output_tensors
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,9 @@ def verify_permuted(
     """Check ``permuted`` is ``original`` with hidden units reordered.
 
     Always checks the network's spec covers ``permuted``. With a forward, random
-    inputs (independent of any other model) go through both and the outputs must
-    agree to float tolerance ``rtol * (1 + max|output|)``.
+    inputs (independent of any other model) go through both and every tensor of
+    the outputs (tuples, lists and dicts are walked) must agree to float
+    tolerance ``rtol * (1 + max|output|)``.
 
     Raises:
         SpecError: the spec does not cover the state dict.
@@ -62,10 +63,16 @@ def verify_permuted(
     if network.forward_kind is None:
         return Verification(coverage=True)
     x = network.random_inputs(samples, torch.Generator().manual_seed(seed))
-    y0 = network.forward(original, x)
-    y1 = network.forward(permuted, x)
-    diff = float((y0 - y1).abs().max())
-    tol = rtol * (1.0 + float(y0.abs().max()))
+    y0, y1 = output_tensors(network.forward(original, x)), output_tensors(network.forward(permuted, x))
+    if not y0 or [t.shape for t in y0] != [t.shape for t in y1]:
+        raise VerificationError("the model's forward returns no tensor to compare (or differently shaped ones); "
+                                "pass a --model whose forward returns tensors")
+    floats = [(a.double(), b.double()) for a, b in zip(y0, y1) if a.is_floating_point()]
+    diff = max((float((a - b).abs().max()) if a.numel() else 0.0 for a, b in floats), default=0.0)
+    scale = max((float(a.abs().max()) if a.numel() else 0.0 for a, _ in floats), default=0.0)
+    if any(not torch.equal(a, b) for a, b in zip(y0, y1) if not a.is_floating_point()):
+        diff = float("inf")  # integer outputs (e.g. predicted labels) must match exactly
+    tol = rtol * (1.0 + scale)
     if not diff <= tol:
         raise VerificationError(
             f"the permuted model's outputs differ from the original's by {diff:.3g} "

@@ -199,3 +199,53 @@ def test_wrong_spec_is_caught_by_the_real_forward(resnets, tmp_path):
     out = tmp_path / "o.safetensors"
     r = run("align", a, b, "-o", out, "--spec", bad, "--model", "archs:ResNetish", "--method", "weight-matching")
     assert r.exit_code == 1 and "outputs differ" in r.stderr and not out.exists()
+
+
+class _TwoHeads(torch.nn.Module):
+    """A forward that returns a tuple and a dict, as Hugging Face-style models do."""
+
+    def __init__(self, as_dict=False):
+        super().__init__()
+        self.as_dict = as_dict
+        self.fc1, self.fc2, self.out = torch.nn.Linear(6, 9), torch.nn.Linear(9, 7), torch.nn.Linear(7, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc2(torch.relu(self.fc1(x))))
+        return {"logits": self.out(h), "hidden": (h,)} if self.as_dict else (self.out(h), h)
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_tuple_and_dict_outputs_are_verified_tensor_by_tensor(as_dict):
+    from modelmerge.align import align
+    from modelmerge.errors import VerificationError
+    from modelmerge.spec import PermutationSpec
+
+    torch.manual_seed(0)
+    a, b = _TwoHeads(as_dict), _TwoHeads(as_dict)
+    result = align(a.state_dict(), b.state_dict(), module=a, method="weight-matching")
+    assert result.verification.forward == "model" and result.verification.max_abs_diff < 1e-5
+    assert "fc2.out" not in result.network.spec.groups  # h is an output: its units are never permuted
+    # a spec that permutes fc2's units consistently keeps the logits but not the returned hidden state
+    spec = result.network.spec.to_dict()
+    spec["groups"]["g2"] = 7
+    spec["params"].update({"fc2.weight": ["g2", spec["params"]["fc2.weight"][1]], "fc2.bias": ["g2"],
+                           "out.weight": [None, "g2"]})
+    bad = PermutationSpec.from_dict(spec)
+    with pytest.raises(VerificationError):
+        align(a.state_dict(), b.state_dict(), module=a, spec=bad, method="weight-matching")
+
+
+def test_reset_bn_leaves_the_resolved_module_alone(resnets):
+    from modelmerge.data import load_dataset
+    from modelmerge.network import resolve_network
+
+    sa, sb = load_checkpoint(resnets[0]).state, load_checkpoint(resnets[1]).state
+    module = ResNetish()
+    module.load_state_dict(sa)
+    network = resolve_network(sa, module=module)
+    x = network.shape_data(load_dataset("digits")).x_train
+    merged = {k: 0.5 * (v + sb[k]) if v.is_floating_point() else v for k, v in sa.items()}
+    reset = network.reset_bn(merged, x)
+    assert not torch.allclose(reset["bn.running_mean"], merged["bn.running_mean"])
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, sa[k]), k

@@ -179,14 +179,16 @@ def test_learned_answer_reports_no_iterations(trained, tiny_zoo, tmp_path):
 
 @pytest.mark.parametrize("extra, needle", [
     (["--method", "weight-matching", "--data", "digits"], "--data does nothing"),
-    (["--method", "deep-align", "--data", "digits"], "--data does nothing"),
+    (["--method", "deep-align", "--aligner", "TRAINED", "--data", "digits"], "--data does nothing"),
     (["--method", "weight-matching", "--refine", "wm"], "its own answer"),
-    (["--refine", "lmc"], "needs --data"),
+    (["--method", "weight-matching", "--aligner", "TRAINED"], "--aligner is read by"),
+    (["--aligner", "TRAINED", "--refine", "lmc"], "needs --data"),
 ])
 def test_option_combinations_that_would_do_nothing_are_refused(trained, tiny_zoo, tmp_path, extra, needle):
     a, b = tiny_zoo / "model_00000.safetensors", tiny_zoo / "model_00001.safetensors"
     out = tmp_path / "o.safetensors"
-    r = runner.invoke(app, ["align", str(a), str(b), "-o", str(out), "--aligner", str(trained), *extra])
+    extra = [str(trained) if x == "TRAINED" else x for x in extra]
+    r = runner.invoke(app, ["align", str(a), str(b), "-o", str(out), *extra])
     assert r.exit_code == 1 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not out.exists()
 

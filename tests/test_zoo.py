@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from modelmerge.archs import ArchError, build, module_from_state, record_from_json, record_to_json
+from modelmerge.archs import ArchError, build, load_strict, record_from_json, record_to_json
 from modelmerge.checkpoint import load_checkpoint
 from modelmerge.cli.app import app
 from modelmerge.data import digits, from_file, load_dataset
@@ -30,7 +30,7 @@ def test_record_round_trip_and_builder_matches_checkpoint(record, tmp_path, save
     model = build(again, seed=3).eval()
     path = save_sd(model.state_dict(), "m.safetensors", {"modelmerge.arch": record_to_json(record)})
     ck = load_checkpoint(path)
-    loaded = module_from_state(ck.arch, ck.state)
+    loaded = load_strict(build(ck.arch), ck.state, "its record")
     x = torch.randn(4, *([64] if record["family"] == "mlp" else record["input_shape"]))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
@@ -49,7 +49,7 @@ def test_bad_records(record, match):
 
 def test_record_that_does_not_fit_names_keys():
     with pytest.raises(ArchError, match="wrong shape: 0.weight"):
-        module_from_state(MLP, build({**MLP, "widths": [64, 17, 16, 10]}).state_dict())
+        load_strict(build(MLP), build({**MLP, "widths": [64, 17, 16, 10]}).state_dict(), "its record")
 
 
 def test_digits_split_is_fixed():

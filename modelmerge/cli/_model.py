@@ -13,11 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from modelmerge.errors import ModelMergeError
-
-
-def _short(e: BaseException) -> str:
-    return " ".join(str(e).split())[:160]
+from modelmerge.errors import ModelMergeError, one_line
 
 
 def import_model_class(target: str):
@@ -35,7 +31,7 @@ def import_model_class(target: str):
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ModelMergeError(f"cannot import {module_name!r} for --model ({_short(e)}); run from the folder that "
+        raise ModelMergeError(f"cannot import {module_name!r} for --model ({one_line(e, 160)}); run from the folder that "
                               "holds it or install it") from None
     obj = module
     for part in attr.split("."):
@@ -63,7 +59,7 @@ def build_model(target: str, kwargs_json: str | None, state):
     try:
         model = cls(**kwargs)
     except Exception as e:  # user code
-        raise ModelMergeError(f"cannot build {target}({kwargs}): {type(e).__name__}: {_short(e)}") from None
+        raise ModelMergeError(f"cannot build {target}({kwargs}): {type(e).__name__}: {one_line(e, 160)}") from None
     try:
         return load_strict(model, state, target)
     except ModelMergeError as e:

@@ -91,6 +91,7 @@ def align_command(
     dataset = _reset_bn_data(network, data) if reset_bn else None  # fits, before any work
     with progress_bar("LMC refinement") as bar:
         result = align(ck_a.state, ck_b.state, network=network, method=method, aligner=aligner, refine=refine,
+                       # --data that align does not read is refused there, unless --reset-bn reads it
                        data=data if uses_data(method, refine) or not reset_bn else None, seed=seed,
                        max_iter=max_iter, refine_steps=refine_steps,
                        on_refine=lambda done, total, loss: bar(done, total, f"best merged loss {loss:.4f}"))

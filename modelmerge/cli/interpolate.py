@@ -49,6 +49,10 @@ def interpolate_command(
 
     if reset_bn and dataset is None:
         raise ModelMergeError("--reset-bn needs --dataset (the data to recompute statistics on)")
+    if not reset_bn and (dataset is not None or model is not None or model_kwargs is not None
+                         or input_shape is not None):
+        raise ModelMergeError("--dataset, --model, --model-kwargs and --input-shape are used by --reset-bn only; "
+                              "drop them or add --reset-bn")
     check_output_path(output, [a, b], force)
     ck_a, ck_b = load_checkpoint(a, revision), load_checkpoint(b, revision)
     check_same_architecture(ck_a.state, ck_b.state)
@@ -57,10 +61,8 @@ def interpolate_command(
         from modelmerge.data import load_dataset
 
         network = resolve(ck_a.state, None, ck_a.arch, model, model_kwargs, input_shape)
+        network.bn_module()  # says what is missing (a module, a BatchNorm) before the data is read
         merged = network.reset_bn(merged, network.shape_data(load_dataset(dataset)).x_train)
-    elif model is not None or model_kwargs is not None or input_shape is not None:
-        raise ModelMergeError("--model, --model-kwargs and --input-shape are used by --reset-bn only; drop them or "
-                              "add --reset-bn --dataset NAME")
     meta = provenance("interpolate", ck_a, ck_b, arch_of=ck_a, alpha=str(alpha), reset_bn=str(reset_bn).lower())
     save_checkpoint(merged, output, meta, [a, b], force)
     console().print(f"wrote {output}: (1-{alpha})*A + {alpha}*B over {len(merged)} tensors"

@@ -98,7 +98,6 @@ class Method:
         name: its name (``--method`` / ``--refine`` value).
         kind: ``"align"`` (answers from nothing) or ``"refine"`` (improves ``start``).
         needs_data: it reads ``--data``.
-        summary: one line for help texts and docs.
         run: ``run(ctx, start) -> Answer`` (``start`` is None for ``"align"`` methods).
         unavailable: ``unavailable(ctx) -> why not`` (None when it can run on this pair).
     """
@@ -106,7 +105,6 @@ class Method:
     name: str
     kind: str
     needs_data: bool
-    summary: str
     run: Callable[[Context, Answer | None], Answer]
     unavailable: Callable[[Context], str | None] = lambda ctx: None
 

@@ -61,5 +61,4 @@ def _run(ctx: Context, start: Answer | None) -> Answer:
     return Answer("deep-align", perm, "learned", build_seconds + time.perf_counter() - t, aligner=card.get("name"))
 
 
-register(Method("deep-align", "align", False, "a learned DEEP-ALIGN aligner's one-pass answer (data-free)", _run,
-                _unavailable))
+register(Method("deep-align", "align", False, _run, _unavailable))  # one forward pass, data-free

@@ -105,8 +105,7 @@ def refine_lmc(
     gen = torch.Generator().manual_seed(seed)
 
     def loss_of(perm) -> float:
-        with torch.no_grad():
-            return float(merged_loss(network, a, apply_permutation(b, spec, perm), x_sel, y_sel))
+        return score(network, a, b, perm, data)
 
     # free weights θ, started at A: the matcher reads them all, the forward trains those it uses
     trainable = network.trainable
@@ -147,8 +146,9 @@ def _run(ctx: Context, start: Answer | None) -> Answer:
 
 
 def _unavailable(ctx: Context) -> str | None:
-    return None if ctx.network.runs_on_data else "the network's forward is not known well enough to run on data"
+    from modelmerge.network import NO_DATA
+
+    return None if ctx.network.runs_on_data else NO_DATA
 
 
-register(Method("lmc", "refine", True, "straight-through LMC optimisation of the alpha = 0.5 merge's loss",
-                _run, _unavailable))
+register(Method("lmc", "refine", True, _run, _unavailable))  # straight-through LMC optimisation

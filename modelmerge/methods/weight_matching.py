@@ -19,6 +19,5 @@ def _run(ctx: Context, start: Answer | None) -> Answer:
     return Answer(f"{start.name}+wm", perm, "refine", seconds, info.iterations, info.converged, start.aligner)
 
 
-register(Method("weight-matching", "align", False, "Git Re-Basin weight matching (coordinate descent over groups)",
-                _run))
-register(Method("wm", "refine", False, "weight matching started from the answer", _run))
+register(Method("weight-matching", "align", False, _run))  # Git Re-Basin: coordinate descent over groups
+register(Method("wm", "refine", False, _run))  # the same, started from the answer being refined
