@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from modelmerge import methods
-from modelmerge.errors import ModelMergeError
+from modelmerge.errors import ModelMergeError, check_seed
 from modelmerge.matching import alignment_objective
 from modelmerge.merge import check_same_architecture
 from modelmerge.network import Network, resolve_network
@@ -45,6 +45,7 @@ class AlignResult:
         notes: what the user should know (fallbacks, tracer warnings, assumptions).
         aligner: the learned aligner's name, if one answered.
         candidates: each candidate's α = 0.5 merged loss, when ``auto --data`` ranked them.
+        warnings: what may be wrong with the output (an assumed forward, no verification at all).
     """
 
     method: str
@@ -59,6 +60,7 @@ class AlignResult:
     notes: list[str] = field(default_factory=list)
     aligner: str | None = None
     candidates: dict[str, float] | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def report(self) -> dict:
         out = {
@@ -72,6 +74,7 @@ class AlignResult:
             "seconds": dict(self.seconds),
             "verified": self.verification.to_dict(),
             "notes": list(self.notes),
+            "warnings": list(self.warnings),
         }
         if self.candidates is not None:
             out["candidates"] = dict(self.candidates)
@@ -138,6 +141,7 @@ def align(
         VerificationError: the permuted B does not compute B's function.
     """
     t0 = time.perf_counter()
+    check_seed(seed)
     refine = _check_options(method, refine, data)
     if aligner is not None and method == "weight-matching":
         raise ModelMergeError("--aligner is read by --method auto and deep-align; drop it with --method weight-matching")
@@ -185,8 +189,12 @@ def align(
     seconds.update({"align": t2 - t1, "verify": t3 - t2, "total": t3 - t0})
     objective = chosen.objective or (alignment_objective(a, b, net.spec),
                                      alignment_objective(a, b, net.spec, chosen.perm))
+    warnings = [net.assumption] if net.assumption else []
+    if verification.forward is None:
+        warnings.append("the output was NOT verified: no forward is known for this spec; pass --model "
+                        "pkg.module:Class so the permuted model's outputs can be compared")
     return AlignResult(chosen.name, chosen.perm, aligned, net, objective, chosen.iterations, chosen.converged,
-                       verification, seconds, notes, chosen.aligner, candidates)
+                       verification, seconds, notes, chosen.aligner, candidates, warnings)
 
 
 def _check_options(method: str, refine: str | None, data: str | None) -> str:

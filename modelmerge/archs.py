@@ -145,6 +145,31 @@ def fit_inputs(record: Mapping, data: Dataset) -> Dataset:
     return data.shaped(input_shape(record), num_outputs(record))
 
 
+def build_for(record: Mapping, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """The record's module holding ``state`` (eval mode), checked against it before any allocation.
+
+    The record is first built on the meta device (no memory), so a record claiming
+    absurd widths fails on the key comparison instead of allocating them.
+
+    Raises:
+        ArchError: the record is malformed or the state dict does not fit it.
+    """
+    with torch.device("meta"):
+        shapes = build(record)
+    _compare(shapes.state_dict(), state, "its architecture record")
+    return load_strict(build(record), state, "its architecture record")
+
+
+def _compare(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], what: str) -> None:
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and expected[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        detail = "; ".join(f"{label}: {preview(keys, 4)}" for label, keys in
+                           (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys)
+        raise ArchError(f"the checkpoint does not fit {what} ({detail})")
+
+
 def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> nn.Module:
     """Load ``state`` into ``module`` strictly (eval mode), or say which keys do not fit.
 
@@ -156,13 +181,6 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str)
     Raises:
         ArchError: missing, unexpected or wrongly shaped keys (named, sorted).
     """
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [k for k in expected if k in state and expected[k].shape != state[k].shape]
-    if missing or unexpected or wrong:
-        detail = "; ".join(f"{label}: {preview(keys, 4)}" for label, keys in
-                           (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys)
-        raise ArchError(f"the checkpoint does not fit {what} ({detail})")
+    _compare(module.state_dict(), state, what)
     module.load_state_dict(dict(state))
     return module.eval()

@@ -15,7 +15,6 @@ import os
 import pickle
 import re
 import tempfile
-import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -208,7 +207,7 @@ def _read_torch(path: Path, source: str) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as e:
         msg = str(e)
-        if "weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
+        if "Unsupported global" in msg or "GLOBAL" in msg:  # a class or function to import: code
             raise CheckpointError(
                 f"{source}: contains pickled Python objects, which modelmerge never unpickles; "
                 "re-save it as `torch.save(model.state_dict(), ...)` or as safetensors"
@@ -217,7 +216,9 @@ def _read_torch(path: Path, source: str) -> dict[str, torch.Tensor]:
             f"{source}: cannot read as a PyTorch checkpoint, the file is truncated or corrupt "
             f"({one_line(e)}); re-download or re-save it"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - a corrupt pickle raises anything (IndexError, KeyError, ...)
         raise CheckpointError(
             f"{source}: cannot read as a PyTorch checkpoint, the file is truncated or corrupt "
             f"({one_line(e)}); re-download or re-save it"
@@ -240,6 +241,34 @@ def _sniff_format(path: Path) -> str:
     raise CheckpointError(
         f"{path}: unknown checkpoint format (expected .safetensors, .pt, .pth or .bin)"
     )
+
+
+def check_kinds(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse tensors modelmerge cannot align or merge, naming the first one.
+
+    Real floating-point tensors are weights; integer and boolean tensors are
+    buffers (``num_batches_tracked``, masks, index tables): permuted where the spec
+    says so, copied from A in merges. Complex, sparse, quantized and meta tensors,
+    and a state dict whose tensors are all empty, are refused.
+
+    Raises:
+        CheckpointError: naming the tensor and its kind.
+    """
+    for name, t in state.items():
+        if t.is_sparse or t.layout != torch.strided:
+            kind = f"a sparse ({t.layout}) tensor"
+        elif t.is_meta:
+            kind = "a meta tensor (no values were saved)"
+        elif t.is_quantized:
+            kind = "a quantized tensor"
+        elif t.is_complex():
+            kind = f"a complex tensor ({t.dtype})"
+        else:
+            continue
+        raise CheckpointError(f"{source}: {name!r} is {kind}, which modelmerge cannot align or merge; save dense "
+                              "real-valued weights (e.g. model.float().state_dict())")
+    if all(t.numel() == 0 for t in state.values()):
+        raise CheckpointError(f"{source}: every tensor in it is empty; pass a trained model's checkpoint")
 
 
 def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
@@ -276,6 +305,7 @@ def load_checkpoint(source: str | os.PathLike, revision: str | None = None) -> C
         state, metadata = _read_torch(path, source), {}
     if not state:
         raise CheckpointError(f"{source}: holds no tensors; pass a model checkpoint")
+    check_kinds(state, source)
     check_finite(state, source)
     return Checkpoint(state=state, metadata=metadata, path=path, source=source)
 
@@ -356,19 +386,23 @@ def save_checkpoint(
     out = check_output_path(output, inputs, force)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    with atomic_path(out) as tmp:
+    with atomic_path(out, replace=force) as tmp:
         save_file(tensors, tmp, metadata=meta)
     return out
 
 
 @contextmanager
-def atomic_path(out: str | os.PathLike) -> Iterator[str]:
+def atomic_path(out: str | os.PathLike, replace: bool = True) -> Iterator[str]:
     """Yield a temporary path in ``out``'s folder; rename it to ``out`` if the block succeeds.
 
-    On any failure the temporary file is removed and ``out`` is untouched.
+    On any failure the temporary file is removed and ``out`` is untouched. With
+    ``replace=False`` the final name is created exclusively (a hard link, which
+    fails if the name exists): of two writers racing to one new path, exactly one
+    succeeds and the other gets an error, instead of silently replacing it.
 
     Raises:
-        OutputError: the file cannot be created, written or renamed.
+        OutputError: the file cannot be created, written or renamed, or (``replace=False``)
+            ``out`` appeared meanwhile.
     """
     out = Path(out)
     try:
@@ -379,7 +413,10 @@ def atomic_path(out: str | os.PathLike) -> Iterator[str]:
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, out)
+        if replace:
+            os.replace(tmp, out)
+        else:
+            _link_exclusive(tmp, out)
     except OSError as e:
         raise OutputError(f"cannot write {out}: {e.strerror or e}; check free space and permissions") from None
     finally:
@@ -387,9 +424,21 @@ def atomic_path(out: str | os.PathLike) -> Iterator[str]:
             os.unlink(tmp)
 
 
-def write_json_atomic(path: str | os.PathLike, data: object) -> None:
+def _link_exclusive(tmp: str, out: Path) -> None:
+    try:
+        os.link(tmp, out)
+    except FileExistsError:
+        raise OutputError(f"output {out} appeared while it was being written (another process?); pass --force "
+                          "to overwrite it") from None
+    except OSError:  # a file system without hard links: the exists check and the rename are all there is
+        if out.exists():
+            raise OutputError(f"output {out} already exists; pass --force to overwrite it") from None
+        os.replace(tmp, out)
+
+
+def write_json_atomic(path: str | os.PathLike, data: object, replace: bool = True) -> None:
     """Write ``data`` as indented JSON through :func:`atomic_path` (no partial file on failure)."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, replace) as tmp:
         Path(tmp).write_text(json.dumps(data, indent=2) + "\n")
 
 

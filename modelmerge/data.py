@@ -154,11 +154,18 @@ def from_file(path: str | Path) -> Dataset:
             raise DataError(
                 f"data file {p}: {what} must be [N, ...] inputs and [N] labels, got {list(x.shape)} and {list(y.shape)}"
             )
+        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)
+                or x.dtype == np.bool_):
+            raise DataError(f"data file {p}: {what} inputs must be numbers, not {x.dtype}")
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            raise DataError(f"data file {p}: {what} inputs contain NaN or infinite values; clean the data first")
         if not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
             raise DataError(f"data file {p}: {what} labels must be non-negative integers")
 
     x, y = arrays["x"], arrays["y"]
     _check(x, y, "x/y")
+    if len(x) < 2:
+        raise DataError(f"data file {p} has {len(x)} example(s); it needs at least 2 (a train and a test split)")
     if "x_test" in arrays and "y_test" in arrays:
         _check(arrays["x_test"], arrays["y_test"], "x_test/y_test")
         f = torch.float32

@@ -38,6 +38,12 @@ class DataError(ModelMergeError):
     """A dataset name or data file is unknown or malformed."""
 
 
+def check_seed(seed: int) -> None:
+    """Raise ModelMergeError unless ``0 <= seed < 2**32`` (what NumPy's and torch's generators take)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ModelMergeError(f"--seed must be a whole number from 0 to {2**32 - 1}, got {seed!r}")
+
+
 def one_line(e: BaseException, limit: int = 200) -> str:
     """An exception's message folded to one line and cut at ``limit`` (its type name if empty)."""
     return " ".join(str(e).split())[:limit] or type(e).__name__

@@ -55,6 +55,11 @@ class Network:
         module: the module holding the architecture: ``--model``'s, or the one the
             record builds (weights loaded from the resolving checkpoint); None otherwise.
         warnings: what the tracer could not follow.
+        assumption: what a bare checkpoint's forward assumes, when that could be wrong
+            (widths that would allow a skip connection nobody can see in a state dict);
+            commands print it as a warning. None when nothing is assumed.
+        forward_chain: the chain the generic forward runs (``forward_kind == "chain"``): the
+            inferred one, whatever the spec (a user's spec is checked against it too).
     """
 
     spec: PermutationSpec
@@ -66,6 +71,8 @@ class Network:
     record: dict | None = None
     module: nn.Module | None = None
     warnings: tuple[str, ...] = field(default=())
+    assumption: str | None = None
+    forward_chain: Chain | None = None
 
     # ------------------------------------------------------------ what it is
     @property
@@ -84,7 +91,7 @@ class Network:
         if self.forward_kind in ("model", "record"):
             return True
         return self.forward_kind == "chain" and all(
-            layer.kind == "linear" and not layer.norms for layer in self.chain.layers)
+            layer.kind == "linear" and not layer.norms for layer in self.forward_chain.layers)
 
     @property
     def data_note(self) -> str | None:
@@ -99,10 +106,11 @@ class Network:
         if self.module is not None:
             # named_parameters drops tied duplicates, which functional_call refuses twice
             return frozenset(name for name, _ in self.module.named_parameters())
-        if self.chain is None:
+        chain = self.forward_chain
+        if chain is None:
             return frozenset()
-        keys = [k for layer in self.chain.layers for k in (layer.weight, layer.bias) if k is not None]
-        return frozenset(keys + [key for layer in self.chain.layers for norm in layer.norms
+        keys = [k for layer in chain.layers for k in (layer.weight, layer.bias) if k is not None]
+        return frozenset(keys + [key for layer in chain.layers for norm in layer.norms
                                  for role, key in norm.params.items() if role in ("weight", "bias")])
 
     # ------------------------------------------------------------ running it
@@ -135,7 +143,7 @@ class Network:
             return stacked_forward(self.record, {k: v[None] for k, v in floats.items()}, x[None])[0]
         from modelmerge.forward import chain_forward
 
-        return chain_forward(self.chain, floats, x)
+        return chain_forward(self.forward_chain, floats, x)
 
     @cached_property
     def _module_keys(self) -> dict[str, torch.dtype]:
@@ -282,8 +290,15 @@ def resolve_network(
     record: Mapping | None = None,
     module: nn.Module | None = None,
     input_shape: tuple[int, ...] | None = None,
+    assume_chain: bool = False,
 ) -> Network:
     """Decide, once, what runs the checkpoint ``state``: spec, forward, input shape, chain.
+
+    A bare checkpoint (no record, no module) runs as a plain chain, which is only an
+    assumption: a skip connection without parameters is invisible in a state dict.
+    Where the widths would allow one, the network says so in :attr:`Network.assumption`;
+    where the names also read like residual blocks (``layer1.0.conv1``, ``shortcut``),
+    it refuses unless ``assume_chain``.
 
     Args:
         state: one checkpoint of the architecture (A's).
@@ -292,16 +307,18 @@ def resolve_network(
         module: a model instance holding ``state`` (``--model``): its traced spec
             (unless ``spec`` is given) and its real forward.
         input_shape: one example's shape for ``module`` (found by trying common sizes if None).
+        assume_chain: the user states that a bare checkpoint is a plain chain (``--assume-chain``).
 
     Returns:
         The :class:`Network`.
 
     Raises:
-        SpecError: no spec can be inferred or traced, or the given one does not fit.
+        SpecError: no spec can be inferred or traced, or the given one does not fit, or a bare
+            checkpoint reads like residual blocks (and not ``assume_chain``).
         ArchError: the record does not fit the state dict.
         ModelMergeError: no input shape works for ``module``.
     """
-    chain = _try_chain(state)
+    inferred = chain = _try_chain(state)
     warnings: tuple[str, ...] = ()
     if spec is not None:
         spec.check(state)
@@ -322,19 +339,49 @@ def resolve_network(
         shape, n_out = find_input_shape(module, input_shape)
         return Network(chosen, source, "model", shape, n_out, chain, None, module, warnings)
     if record is not None:
-        from modelmerge.archs import build, load_strict, num_outputs, validate_record
+        from modelmerge.archs import build_for, num_outputs, validate_record
         from modelmerge.archs import input_shape as record_input
 
         rec = validate_record(record)
-        held = load_strict(build(rec), state, "its architecture record")  # names the keys that do not fit
+        held = build_for(rec, state)  # names the keys that do not fit, before allocating anything
         return Network(chosen, source, "record", record_input(rec), num_outputs(rec), chain, rec, held, warnings)
-    if chain is not None:
-        first, last = state[chain.layers[0].weight], state[chain.layers[-1].weight]
+    if inferred is not None:  # a bare checkpoint: the inferred chain's generic forward checks any spec
+        first, last = state[inferred.layers[0].weight], state[inferred.layers[-1].weight]
         # the generic forward keeps a conv map's size: verify it on CHAIN_SPATIAL per spatial side
         shape = (first.shape[1],) + (CHAIN_SPATIAL,) * (first.ndim - 2)
-        n_out = int(last.shape[0]) if chain.layers[-1].kind == "linear" else None
-        return Network(chosen, source, "chain", shape, n_out, chain, None, None, warnings)
+        n_out = int(last.shape[0]) if inferred.layers[-1].kind == "linear" else None
+        risk = None if assume_chain else _hidden_skip_risk(inferred, state)
+        return Network(chosen, source, "chain", shape, n_out, chain, None, None, warnings, risk, inferred)
     return Network(chosen, source, None, None, None, None, None, None, warnings)
+
+
+_BLOCK_WORDS = ("shortcut", "downsample", "residual", "skip", "res_")
+
+
+def _hidden_skip_risk(chain: Chain, state: Mapping[str, torch.Tensor]) -> str | None:
+    """Why the plain-chain reading of a bare checkpoint may be wrong, or None.
+
+    Raises:
+        SpecError: the layer names read like residual blocks as well.
+    """
+    widths = [state[chain.layers[0].weight].shape[1]] + [state[layer.weight].shape[0] for layer in chain.layers]
+    equal = [(k, j) for j in range(1, len(widths)) for k in range(j) if widths[k] == widths[j]]
+    if not equal:
+        return None  # no two points of the chain have the same width: no residual add fits
+    names = [layer.module for layer in chain.layers]
+    nested = [m for m in names if any(part.isdigit() for part in m.split(".")[:-1])]
+    worded = [m for m in names if any(w in m.lower() for w in _BLOCK_WORDS)]
+    if nested or worded:
+        example = (worded or nested)[0]
+        raise SpecError(
+            f"this bare checkpoint reads like residual blocks ({example!r}, widths {widths}): a skip connection "
+            "without parameters cannot be seen in a state dict, so treating it as a plain chain could write a "
+            "broken model; pass --model pkg.module:Class (its real forward is verified), or --assume-chain if it "
+            "really is a plain chain")
+    k, j = equal[0]
+    return (f"assumed a plain chain (no record, no --model): widths {widths} would allow a skip connection "
+            f"(e.g. around {f'layer {j}' if k + 1 == j else f'layers {k + 1}..{j}'}) that a state dict cannot show; if the model has one, the output is "
+            "broken. Pass --model pkg.module:Class to verify the real forward, or --assume-chain to state it")
 
 
 def find_input_shape(module: nn.Module, given: tuple[int, ...] | None = None) -> tuple[tuple[int, ...], int | None]:

@@ -28,7 +28,8 @@ from modelmerge.errors import SpecError, preview
 
 SPEC_FORMAT = "modelmerge.spec/1"
 Axes = tuple[str | None, ...]
-_SPEC_HINT = "write a spec file (format: docs/spec-format.md) and pass --spec FILE.json"
+_SPEC_HINT = ("pass the model class with --model pkg.module:Class (traced spec and real forward), or write a spec "
+              "file (docs/spec-format.md) and pass --spec FILE.json")
 
 
 @dataclass(frozen=True, eq=False)
@@ -283,7 +284,11 @@ def _classify(module: str, params: Mapping[str, str], state: Mapping[str, torch.
 
 
 def _link(order: list[str], kinds: Mapping[str, str], modules, state) -> tuple[Chain | None, str]:
-    """Try to read ``order`` as a chain; return (chain, "") or (None, why not)."""
+    """Try to read ``order`` as a chain; return (chain, "") or (None, why not).
+
+    A "why not" starts with how many layers linked before it (``"3:..."``), so the
+    caller can report the order that got furthest rather than an artefact of key order.
+    """
     layers: list[Layer] = []
     blocks: list[int] = []
     pending_norms: list[Norm] = []
@@ -292,7 +297,7 @@ def _link(order: list[str], kinds: Mapping[str, str], modules, state) -> tuple[C
         kind = kinds[m]
         if kind == "norm":
             if not layers:
-                return None, f"normalisation module {m!r} comes before any layer"
+                return None, f"{len(layers)}:normalisation module {m!r} comes before any layer"
             channels = state[layers[-1].weight].shape[0]
             for role, key in params.items():
                 t = state[key]
@@ -300,7 +305,7 @@ def _link(order: list[str], kinds: Mapping[str, str], modules, state) -> tuple[C
                     continue
                 if t.ndim != 1 or t.shape[0] != channels:
                     return None, (
-                        f"{key} has shape {list(t.shape)} but follows {layers[-1].module!r} "
+                        f"{len(layers)}:{key} has shape {list(t.shape)} but follows {layers[-1].module!r} "
                         f"with {channels} outputs"
                     )
             pending_norms.append(Norm(module=m, params=dict(params)))
@@ -308,7 +313,7 @@ def _link(order: list[str], kinds: Mapping[str, str], modules, state) -> tuple[C
         w = state[params["weight"]]
         bias = params.get("bias")
         if bias is not None and (state[bias].ndim != 1 or state[bias].shape[0] != w.shape[0]):
-            return None, f"{bias} has shape {list(state[bias].shape)}, not [{w.shape[0]}]"
+            return None, f"{len(layers)}:{bias} has shape {list(state[bias].shape)}, not [{w.shape[0]}]"
         if layers:
             prev = layers[-1]
             layers[-1] = Layer(prev.module, prev.kind, prev.weight, prev.bias, tuple(pending_norms))
@@ -320,7 +325,7 @@ def _link(order: list[str], kinds: Mapping[str, str], modules, state) -> tuple[C
                 blocks.append(fan_in // c)
             else:
                 return None, (
-                    f"{params['weight']} takes {fan_in} inputs but {prev.module!r} gives {c} "
+                    f"{len(layers)}:{params['weight']} takes {fan_in} inputs but {prev.module!r} gives {c} "
                     f"({prev.kind} -> {kind})"
                 )
         else:
@@ -328,7 +333,7 @@ def _link(order: list[str], kinds: Mapping[str, str], modules, state) -> tuple[C
         pending_norms = []
         layers.append(Layer(m, kind, params["weight"], bias))
     if not layers:
-        return None, "no Linear or Conv layer found"
+        return None, "0:no Linear or Conv layer found"
     last = layers[-1]
     layers[-1] = Layer(last.module, last.kind, last.weight, last.bias, tuple(pending_norms))
     return Chain(tuple(layers), tuple(blocks)), ""
@@ -368,7 +373,10 @@ def infer_chain(state: Mapping[str, torch.Tensor]) -> Chain:
         if chain is not None:
             return chain
         reasons.append(why)
-    raise SpecError(f"cannot infer a spec: the layers do not form a chain ({reasons[0]}); {_SPEC_HINT}")
+    # the order that linked the most layers says best why the rest does not fit (the file's order
+    # is often just alphabetical: safetensors sorts keys)
+    best = max(reasons, key=lambda r: int(r.split(":", 1)[0]))
+    raise SpecError(f"cannot infer a spec: the layers do not form a chain ({best.split(':', 1)[1]}); {_SPEC_HINT}")
 
 
 def infer_spec(state: Mapping[str, torch.Tensor]) -> PermutationSpec:

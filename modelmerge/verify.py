@@ -23,20 +23,26 @@ class Verification:
             None when no forward is known.
         max_abs_diff: largest |output(B) - output(permuted B)| over the random inputs.
         tolerance: the largest difference accepted (float round-off).
+        assumed: the forward was assumed (a bare checkpoint read as a plain chain), so
+            equal outputs check the spec against that reading, not the real model.
     """
 
     coverage: bool
     forward: str | None = None
     max_abs_diff: float | None = None
     tolerance: float | None = None
+    assumed: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def describe(self) -> str:
         if self.forward is None:
-            return "spec covers every parameter (no forward known to compare outputs)"
-        return f"outputs equal via {self.forward} forward (max |diff| {self.max_abs_diff:.2e})"
+            return "NOT verified: the spec covers every parameter, but no forward is known to compare outputs"
+        if self.assumed:
+            return (f"outputs equal under an ASSUMED plain-chain forward (max |diff| {self.max_abs_diff:.2e}); "
+                    "not a check of the real model, whose skip connections a state dict cannot show")
+        return f"verified: outputs equal via the {self.forward} forward (max |diff| {self.max_abs_diff:.2e})"
 
 
 def verify_permuted(
@@ -74,8 +80,11 @@ def verify_permuted(
         diff = float("inf")  # integer outputs (e.g. predicted labels) must match exactly
     tol = rtol * (1.0 + scale)
     if not diff <= tol:
+        assumed = " under the assumed plain-chain forward (pass --model for the real one)" \
+            if network.forward_kind == "chain" else ""
         raise VerificationError(
-            f"the permuted model's outputs differ from the original's by {diff:.3g} "
-            f"(tolerance {tol:.3g}); the spec does not describe this network, pass a correct --spec"
+            f"the permuted model's outputs differ from the original's by {diff:.3g} (tolerance {tol:.3g})"
+            f"{assumed}; the spec does not describe this network, pass a correct --spec"
         )
-    return Verification(coverage=True, forward=network.forward_kind, max_abs_diff=diff, tolerance=tol)
+    return Verification(coverage=True, forward=network.forward_kind, max_abs_diff=diff, tolerance=tol,
+                        assumed=network.forward_kind == "chain")

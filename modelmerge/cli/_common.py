@@ -21,7 +21,7 @@ from modelmerge.errors import ModelMergeError
 F = TypeVar("F", bound=Callable[..., Any])
 
 Force = Annotated[bool, typer.Option("--force", help="Overwrite existing output files (never inputs).")]
-Seed = Annotated[int, typer.Option("--seed", help="Random seed (group visiting order, verification inputs).")]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed, 0..2^32-1 (group visiting order, verification inputs).")]
 SpecFile = Annotated[
     Path | None,
     typer.Option("--spec", help="Permutation spec JSON (see docs/spec-format.md); inferred when omitted.",
@@ -33,8 +33,8 @@ Revision = Annotated[
 Threads = Annotated[
     int | None,
     typer.Option("--threads", min=1,
-                 help="Torch CPU threads (default: env MODELMERGE_THREADS, else the command's measured best; "
-                      "see docs/benchmarks.md)."),
+                 help="CPU threads for torch and for NumPy/SciPy's BLAS (default: env MODELMERGE_THREADS, "
+                      "else the command's measured best; see docs/benchmarks.md)."),
 ]
 ModelOpt = Annotated[
     str | None,
@@ -59,32 +59,34 @@ def handle_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        WRITTEN.clear()
         try:
             return fn(*args, **kwargs)
         except ModelMergeError as e:
             if os.environ.get("MODELMERGE_DEBUG") == "1":
                 raise
-            fail(str(e))
+            fail(str(e) + (f" (already written: {', '.join(WRITTEN)})" if WRITTEN else ""))
         except KeyboardInterrupt:
-            fail("interrupted; no output was written unless reported above", code=130)
+            done = f"only {', '.join(WRITTEN)} was written (complete)" if WRITTEN else "no output was written"
+            fail(f"interrupted; {done}", code=130)
 
     return wrapper  # type: ignore[return-value]
 
 
 def set_threads(threads: int | None, default: int | None = 1) -> int:
-    """Set torch's CPU thread count: the option, else MODELMERGE_THREADS, else ``default``.
+    """Set torch's and the BLAS/OpenMP pools' thread count: the option, else MODELMERGE_THREADS, else ``default``.
 
-    Alignment works on small matrices, where one thread is as fast as two and
-    cannot be slowed by a busy neighbour, so its default is 1; batched training
-    (``default=None``: all cores) gains from more (docs/benchmarks.md).
+    Delegates to :func:`modelmerge.threads.set_threads`. Alignment works on
+    small matrices, where one thread is as fast as two and cannot be slowed by
+    a busy neighbour, so its default is 1; batched training (``default=None``:
+    all cores) gains from more (docs/benchmarks.md).
+
+    Returns:
+        The number of threads set.
     """
-    import torch
+    from modelmerge.threads import set_threads as _set_threads
 
-    if threads is None:
-        env = os.environ.get("MODELMERGE_THREADS", "")
-        threads = int(env) if env.isdigit() and int(env) > 0 else (default or os.cpu_count() or 1)
-    torch.set_num_threads(threads)
-    return threads
+    return _set_threads(threads, default)
 
 
 def console():
@@ -102,7 +104,21 @@ def write_json(path: Path, data: Any, inputs: list[str], force: bool) -> None:
     """Write JSON atomically with the same safety rules as checkpoints."""
     from modelmerge.checkpoint import check_output_path, write_json_atomic
 
-    write_json_atomic(check_output_path(path, inputs, force, suffix=".json"), data)
+    write_json_atomic(check_output_path(path, inputs, force, suffix=".json"), data, replace=force)
+    WRITTEN.append(str(path))
+
+
+#: outputs this command has written completely, so an interrupt can say exactly what exists
+WRITTEN: list[str] = []
+
+
+def save(state, path: Path, metadata: dict, inputs: list[str], force: bool) -> str:
+    """``save_checkpoint`` for commands: atomic, never over an input, and remembered in :data:`WRITTEN`."""
+    from modelmerge.checkpoint import save_checkpoint
+
+    out = str(save_checkpoint(state, path, metadata, inputs, force))
+    WRITTEN.append(out)
+    return out
 
 
 class progress_bar:
@@ -151,8 +167,19 @@ class progress_bar:
             self._progress.__exit__(*exc)
 
 
+AssumeChain = Annotated[
+    bool, typer.Option("--assume-chain", help="State that a bare checkpoint (no record, no --model) is a plain "
+                       "chain with no skip connections; otherwise one that reads like residual blocks is refused.")
+]
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr (after the work: an error stays the only line when there is one)."""
+    sys.stderr.write("modelmerge: warning: " + " ".join(str(message).split()) + "\n")
+
+
 def resolve(state, spec_file: Path | None = None, record=None, model: str | None = None,
-            model_kwargs: str | None = None, input_shape: str | None = None):
+            model_kwargs: str | None = None, input_shape: str | None = None, assume_chain: bool = False):
     """The :class:`~modelmerge.network.Network` for a checkpoint and the options every command shares.
 
     ``--spec`` is read, ``--model`` imported and built with A's weights, then
@@ -169,7 +196,7 @@ def resolve(state, spec_file: Path | None = None, record=None, model: str | None
     if model is None:
         if model_kwargs is not None or input_shape is not None:
             raise ModelMergeError("--model-kwargs and --input-shape need --model")
-        return resolve_network(state, spec=given, record=record)
+        return resolve_network(state, spec=given, record=record, assume_chain=assume_chain)
     from modelmerge.cli._model import build_model, parse_shape
 
     shape = parse_shape(input_shape)

@@ -33,6 +33,11 @@ def import_model_class(target: str):
     except ImportError as e:
         raise ModelMergeError(f"cannot import {module_name!r} for --model ({one_line(e, 160)}); run from the folder that "
                               "holds it or install it") from None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # noqa: BLE001 - user code: SyntaxError, RuntimeError, even SystemExit
+        raise ModelMergeError(f"importing {module_name!r} for --model failed ({type(e).__name__}: "
+                              f"{one_line(e, 160)}); fix that module") from None
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -56,10 +61,18 @@ def build_model(target: str, kwargs_json: str | None, state):
         raise ModelMergeError(f"--model-kwargs is not valid JSON ({e.msg})") from None
     if not isinstance(kwargs, dict):
         raise ModelMergeError("--model-kwargs must be a JSON object, e.g. '{\"width\": 64}'")
+    if not callable(cls):
+        raise ModelMergeError(f"--model {target} is not a class or function that builds a model")
     try:
         model = cls(**kwargs)
-    except Exception as e:  # user code
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # noqa: BLE001 - user code, SystemExit included
         raise ModelMergeError(f"cannot build {target}({kwargs}): {type(e).__name__}: {one_line(e, 160)}") from None
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise ModelMergeError(f"--model {target} built a {type(model).__name__}, not a torch.nn.Module")
     try:
         return load_strict(model, state, target)
     except ModelMergeError as e:

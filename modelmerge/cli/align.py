@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from modelmerge.cli._common import (
+    AssumeChain,
     Force,
     InputShape,
     JsonOut,
@@ -23,7 +24,9 @@ from modelmerge.cli._common import (
     print_json,
     progress_bar,
     resolve,
+    save,
     set_threads,
+    warn,
     write_json,
 )
 
@@ -66,6 +69,7 @@ def align_command(
     model: ModelOpt = None,
     model_kwargs: ModelKwargs = None,
     input_shape: InputShape = None,
+    assume_chain: AssumeChain = False,
     reset_bn: Annotated[
         bool, typer.Option("--reset-bn", help="Recompute the merge's BatchNorm statistics on --data (train split).")
     ] = False,
@@ -84,10 +88,10 @@ def align_command(
     from modelmerge.align import align, uses_data
     from modelmerge.checkpoint import load_checkpoint
 
-    _check_options(a, b, output, merged, report, alpha, method, refine, data, reset_bn, force)
+    _check_options(a, b, output, merged, report, alpha, method, refine, data, reset_bn, seed, force)
     set_threads(threads)
     ck_a, ck_b = load_checkpoint(a, revision), load_checkpoint(b, revision)
-    network = resolve(ck_a.state, spec, ck_a.arch, model, model_kwargs, input_shape)
+    network = resolve(ck_a.state, spec, ck_a.arch, model, model_kwargs, input_shape, assume_chain)
     dataset = _reset_bn_data(network, data) if reset_bn else None  # fits, before any work
     with progress_bar("LMC refinement") as bar:
         result = align(ck_a.state, ck_b.state, network=network, method=method, aligner=aligner, refine=refine,
@@ -106,16 +110,19 @@ def align_command(
         print_json(data)
     else:
         _summary(data, result)
+    for message in result.warnings:
+        warn(message)
 
 
-def _check_options(a, b, output, merged, report, alpha, method, refine, data, reset_bn, force) -> None:
+def _check_options(a, b, output, merged, report, alpha, method, refine, data, reset_bn, seed, force) -> None:
     """Refuse bad option combinations and unsafe outputs before any work is done."""
     import math
 
     from modelmerge.align import METHODS, REFINES
     from modelmerge.checkpoint import check_output_path
-    from modelmerge.errors import ModelMergeError, OutputError
+    from modelmerge.errors import ModelMergeError, OutputError, check_seed
 
+    check_seed(seed)
     if method not in METHODS:
         raise ModelMergeError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
     if refine is not None and refine not in REFINES:
@@ -144,7 +151,7 @@ def _reset_bn_data(network, data: str):
 
 def _write(result, ck_a, ck_b, output, merged, alpha, reset_x, force) -> list[str]:
     """Write aligned B, then the merge (BatchNorm statistics recomputed on ``reset_x`` if given)."""
-    from modelmerge.checkpoint import provenance, save_checkpoint
+    from modelmerge.checkpoint import provenance
     from modelmerge.merge import interpolate
 
     inputs = [ck_a.source, ck_b.source]
@@ -154,11 +161,10 @@ def _write(result, ck_a, ck_b, output, merged, alpha, reset_x, force) -> list[st
         mixed = interpolate(ck_a.state, result.aligned, alpha)
         if reset_x is not None:
             mixed = result.network.reset_bn(mixed, reset_x)
-    written = [str(save_checkpoint(result.aligned, output, meta, inputs, force))]
+    written = [save(result.aligned, output, meta, inputs, force)]
     if mixed is not None:
-        written.append(str(save_checkpoint(mixed, merged, {**meta, "modelmerge.alpha": str(alpha),
-                                                           "modelmerge.reset_bn": str(reset_x is not None).lower()},
-                                           inputs, force)))
+        written.append(save(mixed, merged, {**meta, "modelmerge.alpha": str(alpha),
+                                            "modelmerge.reset_bn": str(reset_x is not None).lower()}, inputs, force))
     return written
 
 

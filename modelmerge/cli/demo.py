@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from modelmerge.cli._common import Threads, console, handle_errors, set_threads
+from modelmerge.cli._common import Force, Threads, console, handle_errors, save, set_threads
 
 
 @handle_errors
@@ -17,6 +17,7 @@ def demo_command(
         typer.Option("--output-dir", help="Where to write the aligned and merged checkpoints (default: a new temp folder)."),
     ] = None,
     threads: Threads = None,
+    force: Force = False,
 ) -> None:
     """Align two bundled digits MLPs, merge them, and compare the loss barrier before and after."""
     import tempfile
@@ -25,7 +26,7 @@ def demo_command(
     from rich.table import Table
 
     from modelmerge.align import align
-    from modelmerge.checkpoint import load_checkpoint, provenance, save_checkpoint
+    from modelmerge.checkpoint import check_output_path, load_checkpoint, provenance
     from modelmerge.errors import OutputError
     from modelmerge.evaluate import interpolation_curve
     from modelmerge.examples import example_paths, example_test_data
@@ -42,6 +43,9 @@ def demo_command(
         except OSError as e:
             raise OutputError(f"cannot create {output_dir}: {e.strerror}; choose another --output-dir") from None
     pa, pb = example_paths()
+    targets = [output_dir / "b_aligned.safetensors", output_dir / "merged.safetensors"]
+    for path in targets:  # the user's files in --output-dir are not replaced without --force
+        check_output_path(path, [pa, pb], force)
     a, b = load_checkpoint(pa), load_checkpoint(pb)
     con.print(f"[bold]modelmerge demo[/]: two digits MLPs {a.arch['widths']} trained from different seeds")
     network = resolve_network(a.state, record=a.arch)
@@ -52,9 +56,8 @@ def demo_command(
                                                                   method="weight-matching", seed=0)
     merged = interpolate(a.state, result.aligned, 0.5)
     meta = provenance(result.method, a, b, arch_of=a)
-    aligned_path = save_checkpoint(result.aligned, output_dir / "b_aligned.safetensors", meta, [pa, pb], force=True)
-    merged_path = save_checkpoint(merged, output_dir / "merged.safetensors", {**meta, "modelmerge.alpha": "0.5"},
-                                  [pa, pb], force=True)
+    aligned_path = save(result.aligned, targets[0], meta, [pa, pb], force)
+    merged_path = save(merged, targets[1], {**meta, "modelmerge.alpha": "0.5"}, [pa, pb], force)
 
     metric = network.metric(example_test_data(), "test")
     naive = interpolation_curve(a.state, b.state, metric, 11)

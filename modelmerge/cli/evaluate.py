@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from modelmerge.cli._common import (
+    AssumeChain,
     Force,
     InputShape,
     JsonOut,
@@ -20,6 +21,7 @@ from modelmerge.cli._common import (
     print_json,
     resolve,
     set_threads,
+    warn,
 )
 
 EXAMPLES = """
@@ -46,6 +48,7 @@ def evaluate_command(
     model: ModelOpt = None,
     model_kwargs: ModelKwargs = None,
     input_shape: InputShape = None,
+    assume_chain: AssumeChain = False,
     json_out: JsonOut = False,
     revision: Revision = None,
     threads: Threads = None,
@@ -66,7 +69,7 @@ def evaluate_command(
     set_threads(threads)
     ck_a, ck_b = load_checkpoint(a, revision), load_checkpoint(b, revision)
     check_same_architecture(ck_a.state, ck_b.state)
-    network = resolve(ck_a.state, None, ck_a.arch, model, model_kwargs, input_shape)
+    network = resolve(ck_a.state, None, ck_a.arch, model, model_kwargs, input_shape, assume_chain)
     metric = network.metric(load_dataset(dataset), split, reset_bn)
     note = network.data_note
     curve = interpolation_curve(ck_a.state, ck_b.state, metric, alphas)
@@ -77,7 +80,13 @@ def evaluate_command(
         data["plot"] = str(plot)
     if json_out:
         print_json(data)
-        return
+    else:
+        _table(data, curve, ck_a, ck_b, dataset, split, plot, note)
+    if network.assumption:
+        warn(network.assumption)
+
+
+def _table(data, curve, ck_a, ck_b, dataset, split, plot, note) -> None:
     from rich.table import Table
 
     table = Table("alpha", "loss", "accuracy", title=f"interpolation {ck_a.source} -> {ck_b.source} ({dataset} {split})")

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from modelmerge.cli._common import (
+    AssumeChain,
     InputShape,
     ModelKwargs,
     ModelOpt,
@@ -16,6 +17,7 @@ from modelmerge.cli._common import (
     handle_errors,
     print_json,
     resolve,
+    warn,
 )
 
 
@@ -26,6 +28,7 @@ def inspect_command(
     model: ModelOpt = None,
     model_kwargs: ModelKwargs = None,
     input_shape: InputShape = None,
+    assume_chain: AssumeChain = False,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the spec as JSON (the --spec file format) on stdout.")
     ] = False,
@@ -35,7 +38,7 @@ def inspect_command(
     from modelmerge.checkpoint import load_checkpoint
 
     ck = load_checkpoint(checkpoint, revision)
-    network = resolve(ck.state, spec, ck.arch, model, model_kwargs, input_shape)
+    network = resolve(ck.state, spec, ck.arch, model, model_kwargs, input_shape, assume_chain)
     s = network.spec
     if json_out:
         print_json(s.to_dict())
@@ -58,3 +61,5 @@ def inspect_command(
     con.print("input and output units are never permuted")
     for w in network.warnings:
         con.print(f"traced: {w}")
+    if network.assumption:
+        warn(network.assumption)

@@ -16,6 +16,7 @@ from modelmerge.cli._common import (
     console,
     handle_errors,
     resolve,
+    save,
 )
 
 
@@ -42,7 +43,6 @@ def interpolate_command(
         check_output_path,
         load_checkpoint,
         provenance,
-        save_checkpoint,
     )
     from modelmerge.errors import ModelMergeError
     from modelmerge.merge import check_same_architecture, interpolate
@@ -64,6 +64,6 @@ def interpolate_command(
         network.bn_module()  # says what is missing (a module, a BatchNorm) before the data is read
         merged = network.reset_bn(merged, network.shape_data(load_dataset(dataset)).x_train)
     meta = provenance("interpolate", ck_a, ck_b, arch_of=ck_a, alpha=str(alpha), reset_bn=str(reset_bn).lower())
-    save_checkpoint(merged, output, meta, [a, b], force)
+    save(merged, output, meta, [a, b], force)
     console().print(f"wrote {output}: (1-{alpha})*A + {alpha}*B over {len(merged)} tensors"
                     + (f", BatchNorm statistics recomputed on {dataset}" if reset_bn else ""))

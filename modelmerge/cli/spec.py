@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from modelmerge.cli._common import (
+    AssumeChain,
     Force,
     InputShape,
     ModelKwargs,
@@ -16,6 +17,7 @@ from modelmerge.cli._common import (
     console,
     handle_errors,
     resolve,
+    warn,
     write_json,
 )
 
@@ -35,6 +37,7 @@ def spec_command(
     model: ModelOpt = None,
     model_kwargs: ModelKwargs = None,
     input_shape: InputShape = None,
+    assume_chain: AssumeChain = False,
     revision: Revision = None,
     force: Force = False,
 ) -> None:
@@ -43,7 +46,7 @@ def spec_command(
 
     check_output_path(output, [checkpoint], force, suffix=".json")
     ck = load_checkpoint(checkpoint, revision)
-    network = resolve(ck.state, None, ck.arch, model, model_kwargs, input_shape)
+    network = resolve(ck.state, None, ck.arch, model, model_kwargs, input_shape, assume_chain)
     write_json(output, network.spec.to_dict(), [checkpoint], force)
     con = console()
     units = sum(network.spec.groups.values())
@@ -51,3 +54,5 @@ def spec_command(
               f"{len(network.spec.fixed)} fixed parameters")
     for w in network.warnings:
         con.print(f"traced: {w}")
+    if network.assumption:
+        warn(network.assumption)

@@ -67,6 +67,9 @@ def train_aligner_command(
     from modelmerge.deepalign.train import ALIGNER_FILE, TrainSettings, train_aligner
     from modelmerge.errors import ModelMergeError, OutputError
 
+    from modelmerge.errors import check_seed
+
+    check_seed(seed)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if alpha_min > alpha_max:
         raise ModelMergeError("--alpha-min must not exceed --alpha-max")
@@ -74,6 +77,14 @@ def train_aligner_command(
         raise OutputError(f"-o {output} is a file; train-aligner writes a folder (aligner.safetensors, aligner.json)")
     if (output / ALIGNER_FILE).exists() and not (resume or force):
         raise OutputError(f"{output} already holds an aligner; pass --resume to continue it or --force to retrain")
+    from modelmerge.deepalign.train import check_zoo
+
+    for folder in zoo:  # validate the zoos (and --init) before any advice is printed
+        check_zoo(folder)
+    if init is not None:
+        from modelmerge.deepalign.pretrained import load_aligner
+
+        load_aligner(init)
     set_threads(threads, default=1)
     if world > 1:
         import torch.distributed as dist

@@ -56,8 +56,11 @@ def zoo_command(
     from modelmerge.data import load_dataset
     from modelmerge.errors import ModelMergeError
     from modelmerge.zoo.store import make_zoo
+    from modelmerge.errors import check_seed
     from modelmerge.zoo.train import TrainConfig
 
+    check_seed(seed)
+    check_seed(seed + n - 1)  # every model's seed must be valid
     set_threads(threads, default=None)
     data = load_dataset(dataset)
     if arch == "mlp":

@@ -15,7 +15,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from modelmerge.deepalign.model import AlignerConfig, DeepAlign
-from modelmerge.errors import ModelMergeError
+from modelmerge.errors import ModelMergeError, one_line
 
 
 @dataclass(frozen=True)
@@ -94,16 +94,28 @@ def default_aligner(family: str, depth: int) -> AlignerWeights | None:
     return None
 
 
-def _model_from_file(path: Path, card: dict) -> DeepAlign:
+def _model_from_file(path: Path, card: object) -> DeepAlign:
     from modelmerge.checkpoint import load_checkpoint
 
-    model = DeepAlign(AlignerConfig.from_dict(card["config"]))
+    if not isinstance(card, dict) or not isinstance(card.get("config"), dict):
+        raise ModelMergeError(f"{path}: its aligner card has no 'config' object; re-train or re-download it")
+    try:
+        model = DeepAlign(AlignerConfig.from_dict(card["config"]))
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelMergeError(f"{path}: its aligner config is unusable ({one_line(e)}); re-train it") from None
     state = load_checkpoint(path).state
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise ModelMergeError(f"{path} does not match its aligner config ({str(e).splitlines()[0]})") from None
     return model.eval()
+
+
+def _json(text: str, where: Path) -> object:
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModelMergeError(f"{where} is not valid JSON; re-train the aligner or restore the file") from None
 
 
 def load_aligner(name_or_path: str | Path) -> tuple[DeepAlign, dict]:
@@ -113,22 +125,30 @@ def load_aligner(name_or_path: str | Path) -> tuple[DeepAlign, dict]:
         ``(model in eval mode, card)``.
 
     Raises:
-        ModelMergeError: nothing found, or an unreadable aligner.
+        ModelMergeError: nothing found, or an unreadable aligner (file, card or config named).
     """
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         card_file, weights = p / "aligner.json", p / "aligner.safetensors"
         if not weights.is_file() or not card_file.is_file():
             raise ModelMergeError(f"{p} holds no trained aligner (aligner.safetensors + aligner.json)")
-        return _model_from_file(weights, json.loads(card_file.read_text())), json.loads(card_file.read_text())
+        try:
+            card = _json(card_file.read_text(), card_file)
+        except OSError as e:
+            raise ModelMergeError(f"cannot read {card_file} ({e.strerror})") from None
+        return _model_from_file(weights, card), card
     if p.is_file():
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(p), framework="pt") as f:
-            raw = (f.metadata() or {}).get("modelmerge.aligner")
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                raw = (f.metadata() or {}).get("modelmerge.aligner")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise ModelMergeError(f"{p} is not a modelmerge aligner (not a readable safetensors file: "
+                                  f"{one_line(e)})") from None
         if raw is None:
             raise ModelMergeError(f"{p} is not a modelmerge aligner (no 'modelmerge.aligner' metadata)")
-        card = json.loads(raw)
+        card = _json(raw, p)
         return _model_from_file(p, card), card
     weights = get_aligner(str(name_or_path))
     return _model_from_file(weights.path, weights.card), weights.card

@@ -87,6 +87,20 @@ class Zoo:
         return {k: v[idx] for k, v in self.states.items()}
 
 
+def check_zoo(folder: str | Path) -> dict:
+    """A zoo's index, if training can use it (a readable ``zoo.json`` listing at least 4 networks).
+
+    Raises:
+        ModelMergeError: not a zoo, a corrupt index, or fewer than 4 networks.
+    """
+    from modelmerge.zoo.store import read_index
+
+    index = read_index(folder)
+    if len(index["models"]) < 4:
+        raise ModelMergeError(f"zoo {folder} has {len(index['models'])} networks; training needs at least 4")
+    return index
+
+
 def load_zoo_for_training(folder: str | Path) -> Zoo:
     """Read a zoo made by ``modelmerge zoo`` and stack its networks.
 
@@ -95,9 +109,8 @@ def load_zoo_for_training(folder: str | Path) -> Zoo:
     """
     from modelmerge.zoo.store import load_zoo
 
+    check_zoo(folder)
     index, checkpoints = load_zoo(folder)
-    if len(checkpoints) < 4:
-        raise ModelMergeError(f"zoo {folder} has {len(checkpoints)} networks; training needs at least 4")
     first = checkpoints[0].state
     for ck in checkpoints[1:]:
         if ck.state.keys() != first.keys() or any(ck.state[k].shape != first[k].shape for k in first):

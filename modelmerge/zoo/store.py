@@ -44,8 +44,16 @@ def read_index(folder: str | Path) -> dict:
         index = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ModelMergeError(f"{path} is corrupt (not JSON); remove it and rerun `modelmerge zoo`") from None
-    if index.get("format") != ZOO_FORMAT:
+    if not isinstance(index, dict) or index.get("format") != ZOO_FORMAT:
         raise ModelMergeError(f"{path} is not a {ZOO_FORMAT} index")
+    models = index.get("models")
+    if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("file"), str)
+                                               and isinstance(m.get("seed"), int) for m in models):
+        raise ModelMergeError(f"{path} has no valid 'models' list; remove it and rerun `modelmerge zoo`")
+    try:
+        index["arch"] = validate_record(index.get("arch"))
+    except ModelMergeError as e:
+        raise ModelMergeError(f"{path}: {e}") from None
     return index
 
 
@@ -102,6 +110,10 @@ def make_zoo(
         index["models"] = [m for m in old["models"] if (out / m["file"]).is_file()]
     done = {m["seed"] for m in index["models"]}
     todo = [s for s in range(seed, seed + n) if s not in done]
+    strangers = [model_file(s - seed) for s in todo if (out / model_file(s - seed)).exists()]
+    if strangers:  # a rerun resumes what zoo.json lists; anything else is somebody's file
+        raise OutputError(f"{out} already holds {strangers[0]}, which its zoo.json does not list; move it away or "
+                          "use another folder (zoo never overwrites files it did not write)")
     data = load_dataset(dataset)
     steps_per_model = (len(data.x_train) // min(config.batch_size, len(data.x_train))) * config.epochs
     total = steps_per_model * len(todo)
