@@ -44,7 +44,7 @@ def interpolate_command(
         load_checkpoint,
         provenance,
     )
-    from modelmerge.errors import ModelMergeError
+    from modelmerge.errors import ModelMergeError, preview
     from modelmerge.merge import check_same_architecture, interpolate
 
     if reset_bn and dataset is None:
@@ -65,5 +65,8 @@ def interpolate_command(
         merged = network.reset_bn(merged, network.shape_data(load_dataset(dataset)).x_train)
     meta = provenance("interpolate", ck_a, ck_b, arch_of=ck_a, alpha=str(alpha), reset_bn=str(reset_bn).lower())
     save(merged, output, meta, [a, b], force)
-    console().print(f"wrote {output}: (1-{alpha})*A + {alpha}*B over {len(merged)} tensors"
+    copied = [k for k, v in ck_a.state.items() if not v.is_floating_point()]
+    console().print(f"wrote {output}: (1-{alpha})*A + {alpha}*B over {len(merged) - len(copied)} tensors"
+                    + (f"; {len(copied)} integer/bool buffer(s) copied from A, never interpolated "
+                       f"({preview(copied, 3)})" if copied else "")
                     + (f", BatchNorm statistics recomputed on {dataset}" if reset_bn else ""))
