@@ -103,6 +103,7 @@ def align(
     max_iter: int = 100,
     refine_steps: int = 100,
     on_refine: Callable[[int, int, float], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> AlignResult:
     """Find and apply the permutation of B's hidden units that best matches A.
 
@@ -128,6 +129,7 @@ def align(
         max_iter: weight-matching sweeps at most.
         refine_steps: LMC refinement steps (each one weight-matching projection).
         on_refine: progress of the LMC refinement: (steps done, steps, best loss so far).
+        on_progress: progress of weight matching: (group visits done, estimated total).
 
     Returns:
         An :class:`AlignResult`; ``result.aligned`` is B permuted onto A and verified.
@@ -147,7 +149,7 @@ def align(
         raise ModelMergeError("--aligner is read by --method auto and deep-align; drop it with --method weight-matching")
     check_same_architecture(a, b)
     net = network or resolve_network(a, spec=spec, record=record, module=module, input_shape=input_shape)
-    ctx = methods.Context(a, b, net, seed, max_iter, refine_steps, aligner, data, on_refine)
+    ctx = methods.Context(a, b, net, seed, max_iter, refine_steps, aligner, data, on_refine, on_progress)
     notes = [f"traced: {w}" for w in net.warnings]
     first = _first_method(method, refine, ctx, notes)
     if refine == "wm" and first == "weight-matching":

@@ -93,12 +93,13 @@ def align_command(
     ck_a, ck_b = load_checkpoint(a, revision), load_checkpoint(b, revision)
     network = resolve(ck_a.state, spec, ck_a.arch, model, model_kwargs, input_shape, assume_chain)
     dataset = _reset_bn_data(network, data) if reset_bn else None  # fits, before any work
-    with progress_bar("LMC refinement") as bar:
+    with progress_bar("LMC refinement") as bar, progress_bar("weight matching") as wm_bar:
         result = align(ck_a.state, ck_b.state, network=network, method=method, aligner=aligner, refine=refine,
                        # --data that align does not read is refused there, unless --reset-bn reads it
                        data=data if uses_data(method, refine) or not reset_bn else None, seed=seed,
                        max_iter=max_iter, refine_steps=refine_steps,
-                       on_refine=lambda done, total, loss: bar(done, total, f"best merged loss {loss:.4f}"))
+                       on_refine=lambda done, total, loss: bar(done, total, f"best merged loss {loss:.4f}"),
+                       on_progress=lambda done, total: wm_bar(done, total, "group visits"))
     written = _write(result, ck_a, ck_b, output, merged, alpha, dataset, force)
     data = result.report()
     data["seconds"]["total"] = time.perf_counter() - t0

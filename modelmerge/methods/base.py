@@ -56,6 +56,7 @@ class Context:
         aligner: ``--aligner`` (a bundled name or trained folder/file), or None for the default.
         data: ``--data`` (a dataset name or file), or None.
         on_refine: progress of long refinements: (steps done, steps, best loss so far).
+        on_progress: progress of weight matching: (group visits done, estimated total).
         cache: values shared by methods (the loaded aligner, the shaped dataset).
     """
 
@@ -68,6 +69,7 @@ class Context:
     aligner: str | None = None
     data: str | None = None
     on_refine: Callable[[int, int, float], None] | None = None
+    on_progress: Callable[[int, int], None] | None = None
     cache: dict[str, Any] = field(default_factory=dict)
 
     def once(self, key: str, make: Callable[[], Any]) -> Any:
