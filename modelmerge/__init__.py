@@ -44,7 +44,7 @@ _LAZY = {
     "load_aligner": "modelmerge.deepalign.pretrained",
     "list_aligners": "modelmerge.deepalign.pretrained",
     "ModelMergeError": "modelmerge.errors",
-    "threads": "modelmerge.threads",
+    "limit_threads": "modelmerge.threads",
 }
 
 __all__ = ["__version__", *_LAZY]

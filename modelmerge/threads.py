@@ -11,11 +11,11 @@ read them when they load).
 
 * :func:`set_threads` — what each command calls once: the ``--threads``
   option, else ``MODELMERGE_THREADS``, else the command's default.
-* :func:`threads` — a context manager for library users that restores the
+* :func:`limit_threads` — a context manager for library users that restores the
   previous limits on exit::
 
       import modelmerge as mm
-      with mm.threads(1):
+      with mm.limit_threads(1):
           result = mm.align(a, b, record=record)
 
 ``threadpoolctl`` sees only libraries already loaded, so both first load
@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
-import types
 from collections.abc import Iterator
 
 ENV = "MODELMERGE_THREADS"
@@ -76,7 +74,7 @@ def set_threads(threads: int | None = None, default: int | None = 1) -> int:
 
 
 @contextlib.contextmanager
-def threads(n: int = 1) -> Iterator[int]:
+def limit_threads(n: int = 1) -> Iterator[int]:
     """Use ``n`` threads in torch and in the BLAS/OpenMP pools inside a ``with`` block.
 
     On exit (also on an exception) torch's previous thread count and every
@@ -87,7 +85,7 @@ def threads(n: int = 1) -> Iterator[int]:
             alignment default, which a busy neighbour cannot slow down).
 
     Returns:
-        A context manager; ``with threads(1) as n`` binds the count set.
+        A context manager; ``with limit_threads(1) as n`` binds the count set.
 
     Raises:
         ModelMergeError: ``n`` is not a positive integer.
@@ -119,18 +117,3 @@ def _load_pools():
     import torch
 
     return torch
-
-
-class _CallableModule(types.ModuleType):
-    """``modelmerge.threads`` is both this module and the package's context manager.
-
-    Importing the submodule binds it as the package attribute ``threads``,
-    which would hide the lazily exported function; calling the module calls
-    :func:`threads`, so ``mm.threads(1)`` works before and after the import.
-    """
-
-    def __call__(self, n: int = 1):
-        return threads(n)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 import modelmerge as mm
 from modelmerge.cli._common import set_threads as cli_set_threads
 from modelmerge.errors import ModelMergeError
-from modelmerge.threads import resolve_threads, set_threads, threads
+from modelmerge.threads import limit_threads, resolve_threads, set_threads
 
 
 def blas_threads() -> list[int]:
@@ -38,7 +38,7 @@ def two_threads(monkeypatch):
 
 
 def test_context_manager_limits_torch_and_blas_then_restores(two_threads):
-    with threads(1) as n:
+    with limit_threads(1) as n:
         assert n == 1
         assert torch.get_num_threads() == 1
         assert blas_threads() == [1] * len(blas_threads())
@@ -47,7 +47,7 @@ def test_context_manager_limits_torch_and_blas_then_restores(two_threads):
 
 
 def test_context_manager_restores_after_an_exception(two_threads):
-    with pytest.raises(RuntimeError), threads(1):
+    with pytest.raises(RuntimeError), limit_threads(1):
         assert torch.get_num_threads() == 1
         raise RuntimeError("inside")
     assert torch.get_num_threads() == 2
@@ -55,26 +55,27 @@ def test_context_manager_restores_after_an_exception(two_threads):
 
 
 def test_package_attribute_works_before_and_after_the_submodule_import():
-    # fresh interpreter: the first `mm.threads` goes through the lazy export, which imports the
+    # fresh interpreter: the first `mm.limit_threads` goes through the lazy export, which imports the
     # submodule and binds it as the package attribute; the second call must still work.
     code = (
         "import modelmerge as mm, threadpoolctl, torch\n"
         "import sys; assert 'modelmerge.threads' not in sys.modules\n"
         "out = []\n"
         "for _ in range(2):\n"
-        "    with mm.threads(1):\n"
+        "    with mm.limit_threads(1):\n"
         "        out.append([torch.get_num_threads()] + [p['num_threads'] for p in "
         "threadpoolctl.threadpool_info() if p['user_api'] == 'blas'])\n"
         "print(__import__('json').dumps(out))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          check=False)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert len(out) == 2 and all(len(row) >= 2 and set(row) == {1} for row in out)
 
 
 def test_mm_threads_in_process(two_threads):
-    with mm.threads(1):
+    with mm.limit_threads(1):
         assert torch.get_num_threads() == 1
         assert set(blas_threads()) == {1}
     assert torch.get_num_threads() == 2
@@ -102,9 +103,8 @@ def test_resolution_rule(monkeypatch):
         assert resolve_threads(None, default=1) == 1  # ignored, as before
     with pytest.raises(ModelMergeError):
         resolve_threads(0)
-    with pytest.raises(ModelMergeError):
-        with threads(0):
-            pass
+    with pytest.raises(ModelMergeError), threads(0):
+        pass
 
 
 def test_align_command_limits_blas(two_threads, monkeypatch, tmp_path):
