@@ -103,7 +103,7 @@ def test_resolution_rule(monkeypatch):
         assert resolve_threads(None, default=1) == 1  # ignored, as before
     with pytest.raises(ModelMergeError):
         resolve_threads(0)
-    with pytest.raises(ModelMergeError), threads(0):
+    with pytest.raises(ModelMergeError), limit_threads(0):
         pass
 
 
