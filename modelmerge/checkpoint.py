@@ -369,7 +369,8 @@ def save_checkpoint(
     over the output only once complete, so a failure never leaves a partial file.
 
     Args:
-        state: name -> tensor (made contiguous; shared storage is copied).
+        state: name -> tensor (written as is where possible: only a non-contiguous
+            tensor, or one sharing storage with another, is copied).
         output: target ``.safetensors`` path.
         metadata: string metadata for the header (e.g. provenance).
         inputs: paths that must never be overwritten.
@@ -384,10 +385,31 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     out = check_output_path(output, inputs, force)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    tensors = _unshared(state)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     with atomic_path(out, replace=force) as tmp:
         save_file(tensors, tmp, metadata=meta)
+    return out
+
+
+def _unshared(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous tensors that share no storage (safetensors refuses shared ones), copying only those.
+
+    A copy of every tensor would double the memory a large save needs.
+    """
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, v in state.items():
+        t = v.detach().to("cpu")
+        if not t.is_contiguous():
+            t = t.contiguous()  # a fresh copy
+        elif t.numel():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen:
+                t = t.clone()  # e.g. tied weights: one storage, two names
+            else:
+                seen.add(ptr)
+        out[k] = t
     return out
 
 

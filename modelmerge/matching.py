@@ -4,6 +4,30 @@ Maximises ``sum_p <A_p, P(B)_p>`` over the permutations of a spec's groups.
 Each step fixes every group but one and solves that group exactly as a linear
 assignment problem on the cost ``C[i, j] = sum over the axes the group touches
 of <A's slice i, B's slice j (other axes already permuted)>``.
+
+Stopping rule: a group changes only if its assignment gains more than 1e-12
+relative to the group's current score (the gain measured in float64), so the
+objective never drops; a sweep in which no group changes ends the search, as
+does ``max_iter`` sweeps.
+
+How it is made fast (ResNet-50, 11,456 units: 36 s -> about 5 s, the same
+answer; docs/benchmarks.md). Only float32 round-off can change an answer, by
+changing the solver's choice between assignments whose costs differ by less
+than it; every test and benchmark network gives the float64 answer exactly.
+
+* cost matrices are float32 matrix products (float64 before), assembled from
+  column blocks of bounded size, so no full copy of a large tensor is made;
+* the solver's proposal is accepted or refused on the float32 gain only when a
+  bound on its round-off decides the test; otherwise the gain is recomputed in
+  float64 over the rows that move;
+* a group none of whose neighbours (the groups on the other axes of its
+  tensors) changed since its last visit is skipped: its cost matrix, hence its
+  answer, would be the same;
+* each tensor's part of a cost matrix is kept (within a memory budget) and,
+  when few of a neighbour's units moved, updated by a low-rank product instead
+  of recomputed; the solver gets the row- and column-reduced matrix (about
+  twice as fast) and is skipped when the current assignment takes every row's
+  maximum.
 """
 
 from __future__ import annotations
@@ -17,6 +41,7 @@ from scipy.optimize import linear_sum_assignment
 
 from modelmerge.permutation import (
     Permutation,
+    axis_index,
     check_permutation,
     identity_permutation,
     permute_param,
@@ -54,9 +79,148 @@ def _counts(name: str, t: torch.Tensor) -> bool:
     return t.is_floating_point() and not name.endswith(_STATISTICS)
 
 
-def _matrix(t: torch.Tensor, axis: int, n: int) -> np.ndarray:
-    # (..., n*k, ...) -> (n, k * rest): rows are the group's units, blocks kept together
-    return t.movedim(axis, 0).reshape(n, -1).to(torch.float64).numpy()
+#: most elements in one transient block of a tensor (cost assembly and updates; 8 MiB of float32)
+_BLOCK = 1 << 21
+#: the same for the float64 check of a proposed change and the objective
+_CHECK_BLOCK = 1 << 20
+#: float64 solver inputs of groups at least this large are not kept between visits (128 MiB at 4096)
+_KEEP_BELOW = 2048
+#: a tensor's contribution to a cost matrix is cached only if it has at least this many columns
+#: per unit (cheaper ones, biases and norms, are recomputed: as cheap as adding a cached matrix)
+_CACHE_MIN_COLUMNS = 32
+#: a cached contribution is updated in place (instead of recomputed) when at most this fraction of
+#: its neighbour's units moved, and at most this many times in a row (float32 round-off stays bounded)
+_UPDATE_FRACTION = 0.5
+_MAX_UPDATES = 8
+#: unit round-off of float32
+_U32 = 2.0 ** -24
+
+
+@dataclass(frozen=True)
+class _Member:
+    """One axis a group acts on: ``param``'s axis ``axis``, and that tensor's other permuted axes."""
+
+    param: str
+    axis: int
+    others: tuple[tuple[int, str], ...]  # (axis, group)
+    columns: int  # elements per unit: numel / group size
+
+
+@dataclass
+class _Cached:
+    """A member's float32 contribution, the neighbours' permutations it was computed with, and its updates."""
+
+    perms: tuple[torch.Tensor, ...]
+    versions: tuple[int, ...]
+    matrix: torch.Tensor
+    updates: int = 0
+
+
+def _units(units: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices along an axis of ``k``-element blocks for the given units (``[r] -> [r * k]``)."""
+    return units if k == 1 else (units[:, None] * k + torch.arange(k)).reshape(-1)
+
+
+def _rows(t: torch.Tensor, axis: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    # (..., r*k, ...) -> (r, k * rest): rows are the group's units, blocks kept together
+    return t.movedim(axis, 0).reshape(t.shape[axis] // k, -1).to(dtype)
+
+
+def _is_identity(p: torch.Tensor) -> bool:
+    return bool((p == torch.arange(p.numel())).all())
+
+
+def _blocks(m: _Member, ta: torch.Tensor, tb: torch.Tensor, perm: Mapping[str, torch.Tensor], k: int,
+            dtype: torch.dtype, block: int):
+    """Yield column blocks ``(A rows, P(B) rows)`` in ``dtype`` of one member's matrices.
+
+    ``ta`` and ``tb`` may hold different units (rows) along ``m.axis`` (``k``
+    elements each); ``P(B)`` is B permuted along every other axis by ``perm``.
+    The blocks slice the tensor's first axis other than ``m.axis``, so at most
+    about ``block`` elements are copied at a time; ``sum(A_blk @ B_blk.T)`` is
+    the member's cost contribution.
+    """
+    rest = [d for d in range(ta.ndim) if d != m.axis]
+    if not rest:
+        yield _rows(ta, m.axis, k, dtype), _rows(tb, m.axis, k, dtype)
+        return
+    # axes whose permutation is still the identity need no gather (most of them in the first sweep)
+    idx = {d: axis_index(perm[g], ta.shape[d]) for d, g in m.others if not _is_identity(perm[g])}
+    r0 = rest[0]
+    per_slice = max(ta.numel(), tb.numel()) // max(1, ta.shape[r0])
+    step = max(1, block // max(1, per_slice))
+    for s in range(0, ta.shape[r0], step):
+        e = min(ta.shape[r0], s + step)
+        sa = ta.narrow(r0, s, e - s)
+        sb = tb.index_select(r0, idx[r0][s:e]) if r0 in idx else tb.narrow(r0, s, e - s)
+        for d, ix in idx.items():
+            if d != r0:
+                sb = sb.index_select(d, ix)
+        yield _rows(sa, m.axis, k, dtype), _rows(sb, m.axis, k, dtype)
+
+
+def _update(hit: _Cached, m: _Member, a, b, perm, n: int, versions: tuple[int, ...]) -> _Cached | None:
+    """``hit`` brought up to date by a low-rank update, or None when a recomputation is due.
+
+    Only the columns whose neighbour unit moved change: ``C += A_D @ (P'(B)_D - P(B)_D).T``.
+    """
+    changed = [j for j, (v0, v1) in enumerate(zip(hit.versions, versions)) if v0 != v1]
+    if len(changed) != 1 or hit.updates >= _MAX_UPDATES:
+        return None
+    j = changed[0]
+    d, h = m.others[j]
+    if sum(1 for _, g in m.others if g == h) > 1:
+        return None
+    old, new = hit.perms[j], perm[h]
+    moved = (old != new).nonzero().squeeze(1)
+    if moved.numel() > _UPDATE_FRACTION * old.numel():
+        return None
+    ta, tb = a[m.param], b[m.param]
+    kd = ta.shape[d] // old.numel()
+    k = ta.shape[m.axis] // n
+    others = [(d2, axis_index(perm[h2], ta.shape[d2])) for d2, h2 in m.others if d2 != d]
+    step = max(1, _BLOCK // max(1, kd * (ta.numel() // ta.shape[d])))  # moved units at a time
+    for s in range(0, moved.numel(), step):
+        units = moved[s:s + step]
+        sa = ta.index_select(d, _units(units, kd))
+        sb_new, sb_old = tb.index_select(d, _units(new[units], kd)), tb.index_select(d, _units(old[units], kd))
+        for d2, ix in others:
+            sb_new, sb_old = sb_new.index_select(d2, ix), sb_old.index_select(d2, ix)
+        diff = _rows(sb_new, m.axis, k, torch.float32) - _rows(sb_old, m.axis, k, torch.float32)
+        hit.matrix.addmm_(_rows(sa, m.axis, k, torch.float32), diff.T)
+    return _Cached(tuple(perm[g] for _, g in m.others), versions, hit.matrix, hit.updates + 1)
+
+
+def _row_norms(m: _Member, t: torch.Tensor, n: int) -> torch.Tensor:
+    """Euclidean norms of the member's rows (float64 ``[n]``; other axes' order does not matter)."""
+    if not t.is_floating_point() or t.dtype in (torch.float16, torch.bfloat16):
+        t = t.float()
+    other = [d for d in range(t.ndim) if d != m.axis]
+    per_index = torch.linalg.vector_norm(t, dim=other) if other else t.abs()  # [n * k]
+    return per_index.double().pow(2).reshape(n, -1).sum(1).sqrt()
+
+
+def _exact_gain(members: list[_Member], a, b, perm, n: int, old: torch.Tensor, new: torch.Tensor) -> float:
+    """``sum_i C[i, new_i] - C[i, old_i]`` in float64, over the rows that move."""
+    moved = (old != new).nonzero().squeeze(1)
+    if moved.numel() == 0:
+        return 0.0
+    total = 0.0
+    for m in members:
+        ta, tb = a[m.param], b[m.param]
+        k = ta.shape[m.axis] // n
+        # blocks in float32 (exact for half types) or float64; products and sums in float64
+        dtype = torch.float64 if ta.dtype == torch.float64 else torch.float32
+        step = max(1, _CHECK_BLOCK // max(1, m.columns))  # rows at a time: copies stay small
+        for s in range(0, moved.numel(), step):
+            rows = moved[s:s + step]
+            r = rows.numel()
+            sa = ta.index_select(m.axis, _units(rows, k))
+            sb = tb.index_select(m.axis, _units(torch.cat([new[rows], old[rows]]), k))
+            for xa, xb in _blocks(m, sa, sb, perm, k, dtype, _CHECK_BLOCK):
+                xb = xb.to(torch.float64)
+                total += float((xa.to(torch.float64) * (xb[:r] - xb[r:])).sum())
+    return total
 
 
 def alignment_objective(
@@ -68,8 +232,21 @@ def alignment_objective(
     total = 0.0
     for p, ax in spec.axes.items():
         if _counts(p, a[p]):
-            pb = permute_param(b[p], ax, perm)
-            total += float(torch.sum(a[p].to(torch.float64) * pb.to(torch.float64)))
+            total += _dot(a[p], b[p], ax, perm)
+    return total
+
+
+def _dot(ta: torch.Tensor, tb: torch.Tensor, axes: tuple[str | None, ...], perm) -> float:
+    """``<A, P(B)>`` in float64 (exact products), permuting B a slice of its first axis at a time."""
+    if ta.ndim == 0 or ta.numel() <= _CHECK_BLOCK:
+        pb = permute_param(tb, axes, perm)
+        return float(torch.dot(ta.reshape(-1).to(torch.float64), pb.reshape(-1).to(torch.float64)))
+    first = axis_index(perm[axes[0]], ta.shape[0]) if axes[0] is not None else torch.arange(ta.shape[0])
+    step = max(1, _CHECK_BLOCK // (ta.numel() // ta.shape[0]))
+    total = 0.0
+    for s in range(0, ta.shape[0], step):
+        sb = permute_param(tb.index_select(0, first[s:s + step]), (None, *axes[1:]), perm)
+        total += float(torch.dot(ta[s:s + step].reshape(-1).to(torch.float64), sb.reshape(-1).to(torch.float64)))
     return total
 
 
@@ -82,6 +259,8 @@ def weight_matching(
     max_iter: int = 100,
     init: Mapping[str, torch.Tensor] | None = None,
     on_sweep: Callable[[int, float], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    cache_bytes: int | None = None,
 ) -> tuple[Permutation, MatchInfo]:
     """Find permutations of B's units that match A's, by coordinate descent.
 
@@ -92,6 +271,12 @@ def weight_matching(
         max_iter: maximum number of sweeps over all groups.
         init: starting permutation (default: identity), e.g. a learned aligner's answer.
         on_sweep: called after each sweep with (sweep index, objective so far).
+        on_progress: called after each group visit (skipped ones too) with
+            ``(visits done, estimated total)``; the estimate assumes the search ends
+            after the next sweep (``groups * min(sweep + 1, max_iter)``), so it grows
+            by one sweep per sweep started.
+        cache_bytes: memory for cached per-tensor cost contributions (default: the
+            larger of 256 MiB and half the size of A's tensors); 0 turns the cache off.
 
     Returns:
         ``(perm, info)``: unit ``i`` of aligned B is unit ``perm[g][i]`` of B.
@@ -104,33 +289,196 @@ def weight_matching(
     perm = {g: p.clone() for g, p in (init or identity_permutation(spec)).items()}
     check_permutation(spec, perm)
     groups = list(spec.groups)
-    members = {
-        g: [(p, ax) for p, ax in spec.members(g) if _counts(p, a[p])] for g in groups
-    }
-    a_rows = {(p, ax): _matrix(a[p], ax, spec.groups[g]) for g in groups for p, ax in members[g]}
+    members: dict[str, list[_Member]] = {}
+    for g in groups:
+        members[g] = [
+            _Member(p, ax, tuple((d, h) for d, h in enumerate(spec.axes[p]) if h is not None and d != ax),
+                    a[p].numel() // spec.groups[g])
+            for p, ax in spec.members(g) if _counts(p, a[p])
+        ]
+    if cache_bytes is None:
+        cache_bytes = max(256 << 20, sum(t.numel() * t.element_size() for t in a.values()) // 2)
+    cacheable = _cacheable(members, spec, cache_bytes)
+    norms: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
     before = alignment_objective(a, b, spec, perm)
     rng = np.random.default_rng(seed)
-    sweeps, converged = 0, not groups
+    version = dict.fromkeys(groups, 0)  # bumped whenever a group's permutation changes
+    seen: dict[str, tuple] = {}  # group -> its neighbours' versions when it was last solved
+    cache: dict[tuple[str, int | None], _Cached] = {}
+    work: dict = {}  # reused buffers per matrix size: float32 costs (n) and float64 solver input (-n)
+    visits, sweeps, converged = 0, 0, not groups
     while groups and sweeps < max_iter:
         sweeps += 1
         improved = False
         for gi in rng.permutation(len(groups)):
             g = groups[gi]
             n = spec.groups[g]
-            cost = np.zeros((n, n))
-            for p, ax in members[g]:
-                pb = permute_param(b[p], spec.axes[p], perm, except_axis=ax)
-                cost += a_rows[(p, ax)] @ _matrix(pb, ax, n).T
-            rows, cols = linear_sum_assignment(cost, maximize=True)
-            old = float(cost[np.arange(n), perm[g].numpy()].sum())
-            new = float(cost[rows, cols].sum())
-            if new - old > 1e-12 * max(1.0, abs(old)):
-                perm[g] = torch.as_tensor(cols, dtype=torch.long)
-                improved = True
+            key = tuple(version[h] for m in members[g] for _, h in m.others)
+            if seen.get(g) != key:  # else its cost matrix, hence its answer, is unchanged
+                seen[g] = key
+                cost, updates = _cost(g, n, members[g], a, b, perm, version, cache, cacheable, work)
+                if _improve(g, n, cost, updates, members[g], a, b, perm, norms, work):
+                    version[g] += 1
+                    improved = True
+            visits += 1
+            if on_progress is not None:
+                on_progress(visits, len(groups) * min(sweeps + 1, max_iter))
         if on_sweep is not None:
             on_sweep(sweeps, alignment_objective(a, b, spec, perm))
         if not improved:
             converged = True
             break
     after = alignment_objective(a, b, spec, perm)
+    del cache, work, norms
+    if sum(t.numel() for t in a.values()) > 1 << 24:
+        _release_freed_memory()  # a large run leaves hundreds of MiB of freed blocks in the heap
     return perm, MatchInfo(before, after, sweeps, converged)
+
+
+def _release_freed_memory() -> None:
+    """Return freed heap memory to the system (glibc keeps freed blocks of up to 32 MiB; elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _cost(g: str, n: int, members: list[_Member], a, b, perm, version, cache, cacheable,
+          work: dict) -> tuple[torch.Tensor, list]:
+    """Group ``g``'s float32 cost matrix, and per member the in-place updates its part has had.
+
+    Tensors with no other permuted axis add a constant part (kept as one matrix);
+    tensors with few columns per unit (biases, norms) go through one matrix product
+    together; the others are kept per tensor and updated when a neighbour moves.
+    The matrix returned is a work buffer, valid until the next call with the same size.
+    """
+    if n not in work:
+        work[n] = torch.empty(n, n)
+    cost = work[n]
+    static = cache.get((g, None))
+    if static is not None:
+        cost.copy_(static.matrix)
+    else:
+        _product([m for m in members if not m.others], a, b, perm, n, cost.zero_())
+        if (g, None) in cacheable:
+            cache[(g, None)] = _Cached((), (), cost.clone())
+    _product([m for m in members if m.others and m.columns < _CACHE_MIN_COLUMNS], a, b, perm, n, cost)
+    updates = [0] * len(members)
+    for i, m in enumerate(members):
+        if not m.others or m.columns < _CACHE_MIN_COLUMNS:
+            continue
+        versions = tuple(version[h] for _, h in m.others)
+        hit = cache.get((g, i))
+        if hit is not None and hit.versions != versions:
+            hit = _update(hit, m, a, b, perm, n, versions)
+        if hit is None and (g, i) not in cacheable:
+            _product([m], a, b, perm, n, cost)  # straight into the sum
+            continue
+        if hit is None:
+            hit = _Cached(tuple(perm[h] for _, h in m.others), versions, _product([m], a, b, perm, n))
+        cache[(g, i)] = hit
+        cost += hit.matrix
+        updates[i] = hit.updates
+    return cost, updates
+
+
+def _product(members: list[_Member], a, b, perm, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``out += sum of A_rows @ P(B)_rows.T`` over ``members`` (float32 ``[n, n]``; a new one if None).
+
+    Thin tensors (biases, norms) go through one product together.
+    """
+    out = torch.zeros(n, n) if out is None else out
+    thin: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for m in members:
+        k = a[m.param].shape[m.axis] // n
+        for xa, xb in _blocks(m, a[m.param], b[m.param], perm, k, torch.float32, _BLOCK):
+            if m.columns < _CACHE_MIN_COLUMNS:
+                thin.append((xa, xb))
+            else:
+                out.addmm_(xa, xb.T)
+    if thin:
+        out.addmm_(torch.cat([x for x, _ in thin], 1), torch.cat([y for _, y in thin], 1).T)
+    return out
+
+
+def _cacheable(members: Mapping[str, list[_Member]], spec: PermutationSpec, budget: int) -> set:
+    """Which parts of cost matrices to keep between visits, within ``budget`` bytes.
+
+    Only groups with a neighbour are ever solved twice (the others are skipped
+    after their first visit), so only their parts are worth keeping: each one's
+    constant part (key ``(group, None)``) and per-tensor parts (``(group,
+    index)``), those costliest to recompute (most columns) first.
+    """
+    revisited = [g for g, ms in members.items() if any(m.others for m in ms)]
+    ranked = [(sum(m.columns for m in members[g] if not m.others), g, None) for g in revisited]
+    ranked += [(m.columns, g, i) for g in revisited for i, m in enumerate(members[g]) if m.others]
+    # a part costs n * n * columns to compute and n * n to keep: the most columns first
+    ranked = sorted((r for r in ranked if r[0] >= _CACHE_MIN_COLUMNS), key=lambda r: r[0], reverse=True)
+    chosen, used = set(), 0
+    for _, g, i in ranked:
+        size = 4 * spec.groups[g] ** 2
+        if used + size <= budget:
+            chosen.add((g, i))
+            used += size
+    return chosen
+
+
+def _reduced(cost: torch.Tensor, work: dict) -> np.ndarray:
+    """The minimisation problem with the same answers as maximising ``cost``, row and column reduced.
+
+    ``max over each row - cost``, minus each column's minimum: non-negative, a zero
+    in every row and column. Same optimal assignments; scipy's solver runs about
+    twice as fast on it (measured on ResNet-50's 2048-unit group).
+    """
+    n = cost.shape[0]
+    c = work.get(-n)
+    if c is None:
+        c = torch.empty(n, n, dtype=torch.float64)
+        if n < _KEEP_BELOW:
+            work[-n] = c
+    c.copy_(cost)
+    torch.sub(c.amax(1, keepdim=True), c, out=c)
+    c -= c.amin(0, keepdim=True)
+    return c.numpy()
+
+
+def _improve(g: str, n: int, cost: torch.Tensor, updates: list[int], members: list[_Member], a, b, perm,
+             norms: dict, work: dict) -> bool:
+    """Solve group ``g``'s assignment on the float32 ``cost``; adopt it if it gains more than 1e-12 relative.
+
+    The gain read from ``cost`` is trusted when a bound on its float32 round-off
+    (``|error of C[i, j]| <= sum over tensors of c * u * |A_i| * |B_j|``, with
+    ``u = 2**-24`` and ``c`` from the inner length and the updates) decides the
+    test either way; otherwise the gain is recomputed in float64 over the rows that move.
+    """
+    current = perm[g]
+    if torch.equal(cost.max(1).indices, current):
+        return False  # every row already takes its maximum: nothing can gain
+    _, cols = linear_sum_assignment(_reduced(cost, work))
+    cols = torch.as_tensor(cols, dtype=torch.long)
+    if torch.equal(cols, current):
+        return False
+    rows = torch.arange(n)
+    old = float(cost[rows, current].double().sum())
+    moved = (cols != current).nonzero().squeeze(1)
+    to, frm = cols[moved], current[moved]
+    gain = float((cost[moved, to].double() - cost[moved, frm].double()).sum())
+    thin = sum(m.columns for m in members if m.columns < _CACHE_MIN_COLUMNS)  # summed in one product
+    err = 0.0
+    for i, (m, u) in enumerate(zip(members, updates)):
+        if (g, i) not in norms:
+            norms[(g, i)] = (_row_norms(m, a[m.param], n), _row_norms(m, b[m.param], n))
+        na, nb = norms[(g, i)]
+        factor = 2 * _U32 * (m.columns + thin + len(members) + 3) * (1 + 2 * u)
+        err += factor * float((na[moved] * (nb[to] + nb[frm])).sum())
+    tol = 1e-12 * max(1.0, abs(old))
+    if gain + err <= tol:
+        return False
+    if gain - err <= tol:
+        gain = _exact_gain(members, a, b, perm, n, current, cols)
+    if gain > tol:
+        perm[g] = cols
+        return True
+    return False

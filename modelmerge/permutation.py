@@ -17,6 +17,9 @@ from modelmerge.spec import PermutationSpec
 
 Permutation = dict[str, torch.Tensor]
 
+#: elements per slice when a large tensor is permuted along several axes
+_SLICE = 1 << 22
+
 
 def axis_index(perm: torch.Tensor, length: int) -> torch.Tensor:
     """Gather indices for an axis of ``length`` permuted by ``perm`` in equal blocks.
@@ -37,12 +40,26 @@ def permute_param(
     tensor: torch.Tensor, axes: tuple[str | None, ...], perm: Mapping[str, torch.Tensor],
     except_axis: int | None = None,
 ) -> torch.Tensor:
-    """Permute one tensor along every axis its spec entry names (skipping ``except_axis``)."""
+    """Permute one tensor along every axis its spec entry names (skipping ``except_axis``).
+
+    A large tensor permuted along two or more axes is filled a slice at a time,
+    so no full-size intermediate copy is made (peak memory: one output).
+    """
+    todo = [(i, axis_index(perm[g], tensor.shape[i])) for i, g in enumerate(axes)
+            if g is not None and i != except_axis]
+    if len(todo) > 1 and tensor.numel() > _SLICE:
+        (first, index), rest = todo[0], todo[1:]
+        out = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+        step = max(1, _SLICE * tensor.shape[first] // tensor.numel())
+        for s in range(0, tensor.shape[first], step):
+            part = tensor.index_select(first, index[s:s + step])
+            for i, ix in rest:
+                part = part.index_select(i, ix)
+            out.narrow(first, s, part.shape[first]).copy_(part)
+        return out
     out = tensor
-    for i, g in enumerate(axes):
-        if g is None or i == except_axis:
-            continue
-        out = out.index_select(i, axis_index(perm[g], out.shape[i]))
+    for i, ix in todo:
+        out = out.index_select(i, ix)
     return out
 
 

@@ -57,3 +57,144 @@ def test_max_iter_is_respected():
     b = mlp((10, 64, 64, 64, 4), seed=1).state_dict()
     _, info = weight_matching(a, b, infer_spec(a), max_iter=1)
     assert info.iterations == 1
+
+
+def _reference_weight_matching(a, b, spec, seed=0, max_iter=100):
+    """The plain float64 coordinate descent (no caching, no skipping): the answers to match."""
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    from modelmerge.matching import _counts
+    from modelmerge.permutation import identity_permutation, permute_param
+
+    def rows(t, ax, n):
+        return t.movedim(ax, 0).reshape(n, -1).to(torch.float64).numpy()
+
+    perm = identity_permutation(spec)
+    groups = list(spec.groups)
+    rng = np.random.default_rng(seed)
+    for _ in range(max_iter):
+        improved = False
+        for gi in rng.permutation(len(groups)):
+            g, n = groups[gi], spec.groups[groups[gi]]
+            cost = np.zeros((n, n))
+            for p, ax in spec.members(g):
+                if _counts(p, a[p]):
+                    pb = permute_param(b[p], spec.axes[p], perm, except_axis=ax)
+                    cost += rows(a[p], ax, n) @ rows(pb, ax, n).T
+            _, cols = linear_sum_assignment(cost, maximize=True)
+            old, new = cost[np.arange(n), perm[g].numpy()].sum(), cost[np.arange(n), cols].sum()
+            if new - old > 1e-12 * max(1.0, abs(old)):
+                perm[g], improved = torch.as_tensor(cols), True
+        if not improved:
+            break
+    return perm
+
+
+def _resnet(seed, width=8):
+    from modelmerge.examples.models import ResNetish
+
+    torch.manual_seed(seed)
+    model = ResNetish(width=width)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()
+    return model
+
+
+def test_recovers_planted_permutation_residual_cnn_in_small_blocks(monkeypatch):
+    """Residual (tied) groups, block axes into the head; tiny column blocks exercise the sliced assembly."""
+    from modelmerge import matching
+    from modelmerge.trace import trace_spec
+
+    monkeypatch.setattr(matching, "_BLOCK", 37)
+    monkeypatch.setattr(matching, "_CHECK_BLOCK", 11)
+    model = _resnet(seed=7, width=16)
+    state = model.state_dict()
+    spec = trace_spec(model).spec
+    perm = random_permutation(spec, torch.Generator().manual_seed(8))
+    b = apply_permutation(state, spec, perm)
+    found, info = weight_matching(state, b, spec, seed=2)
+    expected = invert_permutation(perm)
+    assert all(torch.equal(found[g], expected[g]) for g in spec.groups)
+    assert info.converged
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_same_answers_as_plain_float64_descent(seed):
+    """Float32 costs checked in float64, caching and skipping: the same answer as the plain algorithm."""
+    from modelmerge.trace import trace_spec
+
+    for a, b, spec in (
+        (mlp((10, 32, 32, 4), seed=seed).state_dict(), mlp((10, 32, 32, 4), seed=seed + 10).state_dict(), None),
+        (_resnet(seed).state_dict(), _resnet(seed + 10).state_dict(), trace_spec(_resnet(seed)).spec),
+    ):
+        spec = spec or infer_spec(a)
+        expected = _reference_weight_matching(a, b, spec, seed=seed)
+        found, info = weight_matching(a, b, spec, seed=seed)
+        no_cache, _ = weight_matching(a, b, spec, seed=seed, cache_bytes=0)
+        assert all(torch.equal(found[g], expected[g]) for g in spec.groups)
+        assert all(torch.equal(no_cache[g], found[g]) for g in spec.groups)
+        assert info.converged
+
+
+def test_progress_reports_every_visit():
+    a = mlp((10, 32, 32, 32, 4), seed=0).state_dict()
+    b = mlp((10, 32, 32, 32, 4), seed=1).state_dict()
+    spec = infer_spec(a)
+    seen = []
+    _, info = weight_matching(a, b, spec, on_progress=lambda done, total: seen.append((done, total)))
+    assert [d for d, _ in seen] == list(range(1, len(spec.groups) * info.iterations + 1))
+    assert all(d <= t <= len(spec.groups) * 100 for d, t in seen)
+
+
+def test_float64_check_and_updates_give_the_same_answers(monkeypatch):
+    """Forcing the float64 check of every change, and in-place updates of every cached part, changes nothing."""
+    from modelmerge import matching
+    from modelmerge.trace import trace_spec
+
+    a, b = _resnet(5, width=16).state_dict(), _resnet(6, width=16).state_dict()
+    spec = trace_spec(_resnet(5, width=16)).spec
+    expected = _reference_weight_matching(a, b, spec, seed=4)
+    monkeypatch.setattr(matching, "_U32", 1.0)  # the round-off bound never decides: always recheck
+    monkeypatch.setattr(matching, "_CHECK_BLOCK", 50)
+    monkeypatch.setattr(matching, "_UPDATE_FRACTION", 1.0)
+    monkeypatch.setattr(matching, "_MAX_UPDATES", 1000)
+    monkeypatch.setattr(matching, "_CACHE_MIN_COLUMNS", 2)
+    found, info = weight_matching(a, b, spec, seed=4)
+    assert all(torch.equal(found[g], expected[g]) for g in spec.groups)
+    assert info.converged
+
+
+def test_permute_param_in_slices_equals_whole(monkeypatch):
+    """Large tensors permuted along two axes are filled a slice at a time: same values."""
+    from modelmerge import permutation
+
+    t = torch.randn(30, 20, 3)
+    perm = {"a": torch.randperm(30), "b": torch.randperm(10)}
+    whole = permutation.permute_param(t, ("a", "b", None), perm)
+    monkeypatch.setattr(permutation, "_SLICE", 100)
+    sliced = permutation.permute_param(t, ("a", "b", None), perm)
+    assert torch.equal(sliced, whole) and sliced.is_contiguous()
+    assert torch.equal(whole, t[perm["a"]][:, permutation.axis_index(perm["b"], 20)])
+
+
+def test_save_copies_only_shared_tensors(tmp_path):
+    """Tied weights (one storage, two names) and non-contiguous tensors are saved; the rest is not copied."""
+    from safetensors.torch import load_file
+
+    from modelmerge.checkpoint import _unshared, save_checkpoint
+
+    w = torch.randn(4, 3)
+    state = {"a.weight": w, "b.weight": w, "c.weight": torch.randn(3, 4).t(), "d.bias": torch.randn(4)}
+    prepared = _unshared(state)
+    assert prepared["a.weight"].data_ptr() == w.data_ptr()  # not copied
+    assert prepared["d.bias"].data_ptr() == state["d.bias"].data_ptr()
+    assert prepared["b.weight"].data_ptr() != w.data_ptr() and prepared["c.weight"].is_contiguous()
+    out = save_checkpoint(state, tmp_path / "tied.safetensors")
+    back = load_file(str(out))
+    assert all(torch.equal(back[k], v) for k, v in state.items())
