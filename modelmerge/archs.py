@@ -19,6 +19,7 @@ are the same whether a model was built here or inferred from a bare file.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 
 import torch
@@ -105,7 +106,7 @@ def build(record: Mapping, seed: int | None = None) -> nn.Sequential:
             spatial = [s // 2 for s in spatial]
         c = ch
     layers.append(nn.Flatten())
-    n = c * int(torch.tensor(spatial).prod())
+    n = c * math.prod(spatial)
     for h in r["hidden"]:
         layers += [nn.Linear(n, h), act()]
         n = h
