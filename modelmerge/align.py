@@ -181,6 +181,7 @@ def align(
         chosen = next(ans for ans in answers if ans.name == best)
     else:
         chosen = answers[-1]
+    notes += [note for ans in ran for note in ans.notes]
     t2 = time.perf_counter()
     aligned = apply_permutation(b, net.spec, chosen.perm)
     verification = verify_permuted(b, aligned, net, seed=seed)

@@ -213,3 +213,15 @@ def test_torchrun_two_processes(tiny_zoo, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     card = json.loads((out / "aligner.json").read_text())
     assert card["family"] == "mlp" and (out / "aligner.safetensors").is_file()
+
+
+def test_aligner_outside_its_trained_depths_says_so(trained, tmp_path, save_sd):
+    from conftest import mlp
+
+    a = save_sd(mlp([64, 16, 16, 16, 10], seed=0).state_dict(), "a.safetensors")
+    b = save_sd(mlp([64, 16, 16, 16, 10], seed=1).state_dict(), "b.safetensors")
+    r = runner.invoke(app, ["align", str(a), str(b), "-o", str(tmp_path / "o.safetensors"), "--method", "deep-align",
+                            "--aligner", str(trained), "--json"])
+    assert r.exit_code == 0, r.output
+    notes = json.loads(r.stdout)["notes"]
+    assert any("trained on 3-layer networks, not 4" in n for n in notes), notes

@@ -33,6 +33,7 @@ class Answer:
         converged: whether an iterative method stopped on its own; None for a one-pass answer.
         aligner: the learned aligner's name, if one answered.
         objective: weight matching's own objective (before, after), when it reported one.
+        notes: what the user should know about this answer (e.g. an aligner used outside its depths).
     """
 
     name: str
@@ -43,6 +44,7 @@ class Answer:
     converged: bool | None = None
     aligner: str | None = None
     objective: tuple[float, float] | None = None
+    notes: tuple[str, ...] = ()
 
 
 @dataclass

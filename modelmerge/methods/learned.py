@@ -57,8 +57,13 @@ def _run(ctx: Context, start: Answer | None) -> Answer:
     perms = model.align(ws_a, ws_b)
     chain = ctx.network.chain
     perm = {chain.group(layer): p for layer, p in enumerate(perms)}
+    depths = tuple(model.config.depths)
+    notes = () if ctx.network.depth in depths else (
+        f"aligner {card.get('name')!r} was trained on {'/'.join(map(str, depths))}-layer networks, not "
+        f"{ctx.network.depth}: its answer is untested at this depth (pass --data to rank it against weight matching)",)
     # the learned stage is reading both networks (the weight spaces) plus the forward pass
-    return Answer("deep-align", perm, "learned", build_seconds + time.perf_counter() - t, aligner=card.get("name"))
+    return Answer("deep-align", perm, "learned", build_seconds + time.perf_counter() - t, aligner=card.get("name"),
+                  notes=notes)
 
 
 register(Method("deep-align", "align", False, _run, _unavailable))  # one forward pass, data-free
