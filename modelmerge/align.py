@@ -144,9 +144,7 @@ def align(
     """
     t0 = time.perf_counter()
     check_seed(seed)
-    refine = _check_options(method, refine, data)
-    if aligner is not None and method == "weight-matching":
-        raise ModelMergeError("--aligner is read by --method auto and deep-align; drop it with --method weight-matching")
+    refine = _check_options(method, refine, data, aligner)
     check_same_architecture(a, b)
     net = network or resolve_network(a, spec=spec, record=record, module=module, input_shape=input_shape)
     ctx = methods.Context(a, b, net, seed, max_iter, refine_steps, aligner, data, on_refine, on_progress)
@@ -200,7 +198,7 @@ def align(
                        verification, seconds, notes, chosen.aligner, candidates, warnings)
 
 
-def _check_options(method: str, refine: str | None, data: str | None) -> str:
+def _check_options(method: str, refine: str | None, data: str | None, aligner: str | None) -> str:
     """The refinement to run (the default resolved), after refusing options that cannot work."""
     if method not in METHODS:
         raise ModelMergeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -213,6 +211,8 @@ def _check_options(method: str, refine: str | None, data: str | None) -> str:
     if data is not None and not uses_data(method, refine):
         raise ModelMergeError(f"--data does nothing with --method {method} and --refine {refine}: it is read by "
                               "--method auto (to rank candidates) and --refine lmc; drop it or add one of those")
+    if aligner is not None and method == "weight-matching":
+        raise ModelMergeError("--aligner is read by --method auto and deep-align; drop it with --method weight-matching")
     return refine
 
 

@@ -193,19 +193,37 @@ class Network:
         from modelmerge.errors import DataError
         from modelmerge.evaluate import evaluate_model
 
-        if reset_bn:
-            self.bn_module()  # fail now, not at the first α
+        x_reset = self.bn_inputs(data) if reset_bn else None  # fail now, not at the first α
         d = self.shape_data(data)
         x, y = (d.x_test, d.y_test) if split == "test" else (d.x_train, d.y_train)
-        if len(x) == 0 or (reset_bn and len(d.x_train) == 0):
-            raise DataError(f"{data.name}: the {split if len(x) == 0 else 'train'} split is empty; pass more data")
+        if len(x) == 0:
+            raise DataError(f"{data.name}: the {split} split is empty; pass more data")
 
         def metric(state: Mapping[str, torch.Tensor]) -> tuple[float, float]:
-            if reset_bn:
-                state = self.reset_bn(state, d.x_train)
+            if x_reset is not None:
+                state = self.reset_bn(state, x_reset)
             return evaluate_model(lambda xb: self.forward(state, xb), x, y)
 
         return metric
+
+    def bn_inputs(self, data: Dataset) -> torch.Tensor:
+        """The training inputs a BatchNorm reset runs on, shaped for this network.
+
+        Checks, in this order, that there is a module with BatchNorm, that the data
+        fits, and that its train split is not empty.
+
+        Raises:
+            ModelMergeError: no module (a bare checkpoint), or no BatchNorm in it.
+            DataError: the data does not fit, or has no training examples.
+        """
+        from modelmerge.errors import DataError
+
+        self.bn_module()
+        x = self.shape_data(data).x_train
+        if len(x) == 0:
+            raise DataError(f"{data.name}: the train split is empty, so there is nothing to reset BatchNorm "
+                            "statistics on; pass more data")
+        return x
 
     def reset_bn(self, state: Mapping[str, torch.Tensor], x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``state`` with every BatchNorm's running statistics recomputed on inputs ``x``.
@@ -216,7 +234,7 @@ class Network:
         from modelmerge.bnreset import reset_batchnorm
         from modelmerge.errors import DataError
 
-        if len(x) == 0:
+        if len(x) == 0:  # library callers; the commands get their inputs from bn_inputs
             raise DataError("--reset-bn: no training examples to recompute BatchNorm statistics on; pass more data")
         module = self._bn_copy
         module.load_state_dict(dict(state))

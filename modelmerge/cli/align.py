@@ -87,12 +87,13 @@ def align_command(
     t0 = time.perf_counter()
     from modelmerge.align import align, uses_data
     from modelmerge.checkpoint import load_checkpoint
+    from modelmerge.data import load_dataset
 
     _check_options(a, b, output, merged, report, alpha, method, refine, data, reset_bn, seed, force)
     set_threads(threads)
     ck_a, ck_b = load_checkpoint(a, revision), load_checkpoint(b, revision)
     network = resolve(ck_a.state, spec, ck_a.arch, model, model_kwargs, input_shape, assume_chain)
-    dataset = _reset_bn_data(network, data) if reset_bn else None  # fits, before any work
+    dataset = network.bn_inputs(load_dataset(data)) if reset_bn else None  # checked before any work
     with progress_bar("LMC refinement") as bar, progress_bar("weight matching") as wm_bar:
         result = align(ck_a.state, ck_b.state, network=network, method=method, aligner=aligner, refine=refine,
                        # --data that align does not read is refused there, unless --reset-bn reads it
@@ -140,14 +141,6 @@ def _check_options(a, b, output, merged, report, alpha, method, refine, data, re
         check_output_path(merged, [a, b], force)
     if report is not None:
         check_output_path(report, [a, b], force, suffix=".json")
-
-
-def _reset_bn_data(network, data: str):
-    """The train split's inputs for ``--reset-bn``, checked against the network now."""
-    from modelmerge.data import load_dataset
-
-    network.bn_module()  # a module with BatchNorm, or the error that says what is missing
-    return network.shape_data(load_dataset(data)).x_train
 
 
 def _write(result, ck_a, ck_b, output, merged, alpha, reset_x, force) -> list[str]:

@@ -61,8 +61,7 @@ def interpolate_command(
         from modelmerge.data import load_dataset
 
         network = resolve(ck_a.state, None, ck_a.arch, model, model_kwargs, input_shape)
-        network.bn_module()  # says what is missing (a module, a BatchNorm) before the data is read
-        merged = network.reset_bn(merged, network.shape_data(load_dataset(dataset)).x_train)
+        merged = network.reset_bn(merged, network.bn_inputs(load_dataset(dataset)))
     meta = provenance("interpolate", ck_a, ck_b, arch_of=ck_a, alpha=str(alpha), reset_bn=str(reset_bn).lower())
     save(merged, output, meta, [a, b], force)
     copied = [k for k, v in ck_a.state.items() if not v.is_floating_point()]
