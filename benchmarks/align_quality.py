@@ -33,8 +33,13 @@ FAMILIES = {
     "digits-mlp": ({"family": "mlp", "widths": [64, 128, 128, 128, 10], "activation": "relu"}, "digits"),
     "mnist1d-mlp": ({"family": "mlp", "widths": [40, 128, 128, 128, 10], "activation": "relu"}, "mnist1d"),
     "digits-mlp-unseen-width": ({"family": "mlp", "widths": [64, 80, 160, 80, 10], "activation": "relu"}, "digits"),
+    # 6 Linear layers of width 100: a depth and width no training zoo has
+    "digits-mlp-deep": ({"family": "mlp", "widths": [64, 100, 100, 100, 100, 100, 10], "activation": "relu"},
+                        "digits"),
     "digits-cnn": ({"family": "cnn", "input_shape": [1, 8, 8], "channels": [16, 32], "hidden": [64],
                     "batchnorm": False, "kernel": 3, "num_classes": 10, "activation": "relu"}, "digits"),
+    "digits-cnn-bn": ({"family": "cnn", "input_shape": [1, 8, 8], "channels": [16, 32], "hidden": [64],
+                       "batchnorm": True, "kernel": 3, "num_classes": 10, "activation": "relu"}, "digits"),
 }
 METHODS = ("naive", "wm", "learned", "learned+wm", "learned+lmc", "auto+data")
 HELD_OUT_SEED = 50_000

@@ -9,7 +9,8 @@ verification and evaluation need no other input. Two families:
 * ``{"family": "cnn", "input_shape": [1, 8, 8], "channels": [16, 32], "kernel": 3,
   "batchnorm": false, "hidden": [64], "num_classes": 10, "activation": "relu"}``:
   each conv (padding ``kernel // 2``) is followed by optional BatchNorm, the
-  activation and 2x max pooling (while the map is larger than 1), then
+  activation and, unless ``"pool": false``, 2x max pooling (while the map is
+  larger than 1), then
   flatten, Linear layers of widths ``hidden`` and a Linear head.
 
 Builders return ``nn.Sequential`` so the state-dict keys (``0.weight``, ...)
@@ -69,6 +70,9 @@ def validate_record(record: Mapping) -> dict:
         _ints(record, "channels", 1)
         out.setdefault("kernel", 3)
         out.setdefault("batchnorm", False)
+        out.setdefault("pool", True)
+        if not isinstance(out["batchnorm"], bool) or not isinstance(out["pool"], bool):
+            raise ArchError("architecture record: cnn 'batchnorm' and 'pool' must be true or false")
         out["hidden"] = _ints(record, "hidden") if "hidden" in record else []
         if not isinstance(record.get("num_classes"), int) or record["num_classes"] < 1:
             raise ArchError("architecture record: cnn needs a positive integer 'num_classes'")
@@ -101,7 +105,7 @@ def build(record: Mapping, seed: int | None = None) -> nn.Sequential:
         if r["batchnorm"]:
             layers.append(bn(ch))
         layers.append(act())
-        if min(spatial) > 1:
+        if r["pool"] and min(spatial) > 1:
             layers.append(pool(2))
             spatial = [s // 2 for s in spatial]
         c = ch

@@ -71,7 +71,7 @@ def stacked_forward(
             k += 1
         h = act(h)
         k += 1
-        if min(spatial) > 1:
+        if r["pool"] and min(spatial) > 1:
             h = pool(h, 2)
             spatial = [s // 2 for s in spatial]
             k += 1

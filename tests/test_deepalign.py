@@ -18,28 +18,38 @@ class PositionBiased(DeepAlign):
         return [s - 10.0 * (p[:, None] - p[None, :]).abs() for s, p in zip(scores, pos)]
 
 
-def _aligner(equivariant=True, family="mlp", seed=0, weighted_costs=False):
+V2 = {"channels": 16, "readout_hidden": 64, "output_dims": 8}  # the v2 shape, small
+
+
+def _aligner(equivariant=True, family="mlp", seed=0, weighted_costs=False, v2=False):
     torch.manual_seed(seed)
-    cfg = AlignerConfig(family=family, weighted_costs=weighted_costs)
-    return (DeepAlign if equivariant else PositionBiased)(cfg).double().eval()
+    cfg = AlignerConfig(family=family, weighted_costs=weighted_costs, **(V2 if v2 else {}))
+    model = (DeepAlign if equivariant else PositionBiased)(cfg).double().eval()
+    if v2:  # trained aligners have non-zero probe modulation: exercise it
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    return model
 
 
 def _pair(widths, seed):
     return mlp(widths, seed=seed).double().state_dict(), mlp(widths, seed=seed + 100).double().state_dict()
 
 
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_permuting_inputs_permutes_the_answer(seed):
+def test_permuting_inputs_permutes_the_answer(seed, v2):
     gen = torch.Generator().manual_seed(seed)
     widths = [int(torch.randint(8, 40, (1,), generator=gen)) for _ in range(3)]
     a, b = _pair([int(torch.randint(5, 30, (1,), generator=gen))] + widths + [7], seed)
-    assert check_equivariance(_aligner(seed=seed), a, b, seed)
+    assert check_equivariance(_aligner(seed=seed, v2=v2), a, b, seed)
 
 
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_swapping_a_and_b_transposes_the_answer(seed):
+def test_swapping_a_and_b_transposes_the_answer(seed, v2):
     a, b = _pair([20, 24, 16, 5], seed)
-    aligner = _aligner(seed=seed)
+    aligner = _aligner(seed=seed, v2=v2)
     k_ab, k_ba = aligner_answer(aligner, a, b), aligner_answer(aligner, b, a)
     for p, q in zip(k_ab, k_ba):
         assert torch.equal(torch.argsort(p), q)  # transpose of a permutation matrix = its inverse
@@ -53,15 +63,33 @@ def test_weighted_costs_variant_keeps_both_symmetries():
                for p, q in zip(aligner_answer(aligner, a, b), aligner_answer(aligner, b, a)))
 
 
-def test_negative_control_breaks_equivariance():
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_negative_control_breaks_equivariance(v2):
     a, b = _pair([20, 24, 16, 5], 0)
-    assert not check_equivariance(_aligner(equivariant=False), a, b, 0)
+    assert not check_equivariance(_aligner(equivariant=False, v2=v2), a, b, 0)
 
 
-def test_cnn_family_equivariance():
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_cnn_family_equivariance(v2):
     a = VGGish(seed=0).double().state_dict()
     b = VGGish(seed=1).double().state_dict()
-    assert check_equivariance(_aligner(family="cnn"), a, b, 3)
+    assert check_equivariance(_aligner(family="cnn", v2=v2), a, b, 3)
+
+
+def test_output_side_columns_are_the_downstream_product():
+    """Column i of layer m's output-side matrix is W_L...W_{m+1}[:, i] up to one positive scale."""
+    from modelmerge.spec import infer_chain
+    from modelmerge.weightspace import to_weight_space
+
+    a, _ = _pair([6, 5, 4, 3, 2], 0)
+    ws = to_weight_space(infer_chain(a), a)
+    cols = DeepAlign.output_side(ws)
+    w = [a[f"{i}.weight"] for i in (0, 2, 4, 6)]
+    expected = [(w[3] @ w[2] @ w[1]).T, (w[3] @ w[2]).T, w[3].T]
+    assert [c.shape[1:] for c in cols] == [e.shape for e in expected]
+    for c, e in zip(cols, expected):
+        ratio = c[0] / e
+        assert torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio)) and ratio.flatten()[0] > 0
 
 
 @pytest.mark.parametrize("widths", [[64, 32, 32, 10], [40, 96, 96, 10], [64, 256, 256, 10], [40, 32, 96, 256, 3]])

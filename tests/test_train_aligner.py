@@ -225,3 +225,38 @@ def test_aligner_outside_its_trained_depths_says_so(trained, tmp_path, save_sd):
     assert r.exit_code == 0, r.output
     notes = json.loads(r.stdout)["notes"]
     assert any("trained on 3-layer networks, not 4" in n for n in notes), notes
+
+
+def test_v2_shape_onecycle_and_validation_every_step(tiny_zoo, tmp_path):
+    out = tmp_path / "v2"
+    args = ["train-aligner", "--zoo", str(tiny_zoo), "-o", str(out), "--data", "digits", *TINY,
+            "--readout-hidden", "16", "--output-dims", "4", "--schedule", "onecycle", "--val-every", "1"]
+    args[args.index("--epochs") + 1] = "2"
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    card = json.loads((out / "aligner.json").read_text())
+    assert card["config"]["readout_hidden"] == 16 and card["config"]["output_dims"] == 4
+    assert card["settings"]["schedule"] == "onecycle"
+    assert [h["step"] for h in card["history"]] == list(range(1, card["steps_run"] + 1))
+    assert card["steps"] == card["validation"]["step"] <= card["steps_run"]  # the best step's weights
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert last["scheduler"]["last_epoch"] == card["steps_run"]  # the schedule advanced once per step
+    model, _ = load_aligner(out)
+    assert model.output_scale is not None and model.num_parameters() == card["parameters"]
+
+
+def test_max_minutes_stops_early_and_keeps_a_validated_aligner(tiny_zoo, tmp_path):
+    out = tmp_path / "short"
+    args = ["train-aligner", "--zoo", str(tiny_zoo), "-o", str(out), "--data", "digits", *TINY,
+            "--max-minutes", "0.000001"]
+    args[args.index("--epochs") + 1] = "5"
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    card = json.loads((out / "aligner.json").read_text())
+    assert card["steps_run"] == 1 and card["history"][-1]["step"] == 1 and card["validation"]["barrier"] is not None
+
+
+def test_unknown_schedule_is_one_line(tiny_zoo, tmp_path):
+    r = runner.invoke(app, ["train-aligner", "--zoo", str(tiny_zoo), "-o", str(tmp_path / "x"), "--data", "digits",
+                            *TINY, "--schedule", "cosine"])
+    assert r.exit_code == 1 and "unknown --schedule 'cosine'" in r.stderr and not (tmp_path / "x").exists()

@@ -10,11 +10,11 @@ import torch
 from typer.testing import CliRunner
 
 from modelmerge.archs import ArchError, build, load_strict, record_from_json, record_to_json
-from modelmerge.network import resolve_network
 from modelmerge.checkpoint import load_checkpoint
 from modelmerge.cli.app import app
 from modelmerge.data import digits, from_file, load_dataset
 from modelmerge.errors import DataError, ModelMergeError
+from modelmerge.network import resolve_network
 from modelmerge.spec import infer_spec
 from modelmerge.zoo.train import TrainConfig, train_models
 
@@ -24,7 +24,8 @@ CNN = {"family": "cnn", "input_shape": [1, 8, 8], "channels": [4, 6], "hidden": 
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("record", [MLP, CNN, {**CNN, "input_shape": [1, 40], "activation": "gelu"}])
+@pytest.mark.parametrize("record", [MLP, CNN, {**CNN, "input_shape": [1, 40], "activation": "gelu"},
+                                    {**CNN, "pool": False, "batchnorm": False}])
 def test_record_round_trip_and_builder_matches_checkpoint(record, tmp_path, save_sd):
     again = record_from_json(record_to_json(record))
     assert record_from_json(record_to_json(again)) == again
@@ -43,7 +44,8 @@ def test_record_round_trip_and_builder_matches_checkpoint(record, tmp_path, save
 @pytest.mark.parametrize(
     "record, match",
     [({"family": "rnn"}, "unknown architecture family"), ({**MLP, "widths": [3]}, "widths"),
-     ({**MLP, "activation": "swishy"}, "unknown activation"), ({**CNN, "num_classes": 0}, "num_classes")],
+     ({**MLP, "activation": "swishy"}, "unknown activation"), ({**CNN, "num_classes": 0}, "num_classes"),
+     ({**CNN, "pool": "no"}, "true or false")],
 )
 def test_bad_records(record, match):
     with pytest.raises(ArchError, match=match):
@@ -59,6 +61,28 @@ def test_digits_split_is_fixed():
     d1, d2 = digits(), digits()
     assert d1.x_train.shape == (1438, 1, 8, 8) and d1.x_test.shape == (359, 1, 8, 8)
     assert torch.equal(d1.y_test, d2.y_test) and float(d1.x_train.max()) <= 1.0
+
+
+def test_stacked_forward_matches_the_built_cnn_without_pooling():
+    from modelmerge.stacked import stacked_forward
+
+    record = {**CNN, "pool": False}
+    models = [build(record, seed=s).eval() for s in (1, 2)]
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in models[0])
+    params = {k: torch.stack([m.state_dict()[k] for m in models]) for k in models[0].state_dict()}
+    x = torch.randn(2, 5, 1, 8, 8)
+    with torch.no_grad():
+        out = stacked_forward(record, params, x)
+        torch.testing.assert_close(out, torch.stack([m(xi) for m, xi in zip(models, x)]))
+
+
+def test_teacher_task_is_synthetic_fixed_and_learnable():
+    d1, d2 = load_dataset("teacher"), load_dataset("teacher")
+    assert d1.x_train.shape == (4000, 32) and d1.num_classes == 10 and torch.equal(d1.y_test, d2.y_test)
+    assert torch.bincount(d1.y_train).min() > 100  # every class present in quantity
+    # a linear probe beats chance by far: the labels are a function of the inputs
+    w = torch.linalg.lstsq(d1.x_train, torch.nn.functional.one_hot(d1.y_train).float()).solution
+    assert (d1.x_test @ w).argmax(1).eq(d1.y_test).float().mean() > 0.3
 
 
 def test_mnist1d_is_generated_locally():

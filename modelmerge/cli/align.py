@@ -62,7 +62,7 @@ def align_command(
                                  "optimisation; needs --data). Default: lmc for auto with --data, else none.")
     ] = None,
     data: Annotated[
-        str | None, typer.Option("--data", help="digits | mnist1d | FILE: for --refine lmc, and for auto to "
+        str | None, typer.Option("--data", help="digits | mnist1d | teacher | FILE: for --refine lmc, and for auto to "
                                  "also try weight matching and LMC refinement and keep the best merge.")
     ] = None,
     spec: SpecFile = None,

@@ -37,7 +37,7 @@ Examples:
 def evaluate_command(
     a: Annotated[str, typer.Argument(help="Checkpoint A (alpha = 0).")],
     b: Annotated[str, typer.Argument(help="Checkpoint B (alpha = 1), aligned to A or not.")],
-    dataset: Annotated[str, typer.Option("--dataset", help="digits | mnist1d | FILE.npz/.safetensors with x, y")],
+    dataset: Annotated[str, typer.Option("--dataset", help="digits | mnist1d | teacher | FILE.npz/.safetensors with x, y")],
     alphas: Annotated[int, typer.Option("--alphas", min=2, help="Evenly spaced alphas in [0, 1].")] = 11,
     split: Annotated[str, typer.Option("--split", help="test | train")] = "test",
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of loss and accuracy curves.")] = None,

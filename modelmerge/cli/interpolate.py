@@ -30,7 +30,7 @@ def interpolate_command(
         bool, typer.Option("--reset-bn", help="Recompute BatchNorm statistics of the merge on --dataset.")
     ] = False,
     dataset: Annotated[
-        str | None, typer.Option("--dataset", help="digits | mnist1d | FILE: data for --reset-bn (train split).")
+        str | None, typer.Option("--dataset", help="digits | mnist1d | teacher | FILE: data for --reset-bn (train split).")
     ] = None,
     model: ModelOpt = None,
     model_kwargs: ModelKwargs = None,

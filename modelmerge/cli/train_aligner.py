@@ -30,7 +30,7 @@ def train_aligner_command(
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder for the aligner.")],
     data: Annotated[
-        str | None, typer.Option("--data", help="Dataset for the LMC loss: digits | mnist1d | FILE, or 'zoo' "
+        str | None, typer.Option("--data", help="Dataset for the LMC loss: digits | mnist1d | teacher | FILE, or 'zoo' "
                                  "for each zoo's own dataset (recommended).")
     ] = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
@@ -47,6 +47,23 @@ def train_aligner_command(
     layers: Annotated[int, typer.Option("--layers", min=0, help="Encoder layers.")] = 2,
     probes: Annotated[int, typer.Option("--probes", min=0, help="Probe inputs (0: none).")] = 64,
     unroll: Annotated[int, typer.Option("--unroll", min=0, help="Unrolled soft-matching iterations.")] = 3,
+    feature_dim: Annotated[int, typer.Option("--feature-dim", min=1, help="Size of each unit's matching feature.")
+                           ] = 32,
+    readout_hidden: Annotated[
+        int, typer.Option("--readout-hidden", min=0, help="Width of the v2 readout MLP, which also reads probe "
+                          "responses and output-side features (0: the v1 readout).")
+    ] = 0,
+    output_dims: Annotated[
+        int, typer.Option("--output-dims", min=0, help="Output-side features per unit and their correlation "
+                          "term (0: off, as in v1).")
+    ] = 0,
+    schedule: Annotated[str, typer.Option("--schedule", help="Learning rate: constant | onecycle.")] = "constant",
+    val_every: Annotated[int, typer.Option("--val-every", min=0, help="Validate every N steps (0: per epoch).")
+                         ] = 0,
+    max_minutes: Annotated[
+        float, typer.Option("--max-minutes", min=0.0, help="Stop after this much training (0: no limit); "
+                            "the best validated aligner is kept.")
+    ] = 0.0,
     weighted_costs: Annotated[
         bool, typer.Option("--weighted-costs", help="Learn per-term weights and input-unit importance in the "
                            "unrolled iterations (works with --init).")
@@ -99,9 +116,10 @@ def train_aligner_command(
             con.print("note: no --data, so no LMC loss; training with the L2 loss (pass --data for much better aligners)")
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                              val_fraction=val_fraction, val_pairs=val_pairs, seed=seed, l2=l2_w, planted=planted_w,
-                             alpha_range=(alpha_min, alpha_max))
-    config = AlignerConfig(channels=channels, layers=layers, probes=probes, unroll=unroll,
-                           weighted_costs=weighted_costs)
+                             alpha_range=(alpha_min, alpha_max), schedule=schedule, val_every=val_every,
+                             max_minutes=max_minutes)
+    config = AlignerConfig(channels=channels, layers=layers, probes=probes, unroll=unroll, feature_dim=feature_dim,
+                           weighted_costs=weighted_costs, readout_hidden=readout_hidden, output_dims=output_dims)
     command = "modelmerge " + " ".join(sys.argv[1:])
     try:
         with progress_bar("training aligner") as bar:

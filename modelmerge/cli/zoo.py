@@ -42,8 +42,9 @@ def zoo_command(
     channels: Annotated[str, typer.Option("--channels", help="CNN conv channels, e.g. 16,32.")] = "16,32",
     hidden: Annotated[str, typer.Option("--hidden", help="CNN hidden linear widths before the head.")] = "",
     batchnorm: Annotated[bool, typer.Option("--batchnorm", help="CNN: BatchNorm after each conv.")] = False,
+    pool: Annotated[bool, typer.Option("--pool/--no-pool", help="CNN: 2x max pooling after each conv.")] = True,
     activation: Annotated[str, typer.Option("--activation", help="relu | gelu | tanh | silu | leaky_relu")] = "relu",
-    dataset: Annotated[str, typer.Option("--dataset", help="digits | mnist1d | FILE.npz/.safetensors")] = "digits",
+    dataset: Annotated[str, typer.Option("--dataset", help="digits | mnist1d | teacher | FILE.npz/.safetensors")] = "digits",
     n: Annotated[int, typer.Option("-n", "--num-models", min=1, help="How many models.")] = 10,
     seed: Seed = 0,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 30,
@@ -71,7 +72,7 @@ def zoo_command(
         record = {"family": "mlp", "widths": w, "activation": activation}
     elif arch == "cnn":
         record = {"family": "cnn", "input_shape": list(data.input_shape), "channels": _int_list(channels, "channels"),
-                  "hidden": _int_list(hidden, "hidden"), "batchnorm": batchnorm, "kernel": 3,
+                  "hidden": _int_list(hidden, "hidden"), "batchnorm": batchnorm, "pool": pool, "kernel": 3,
                   "num_classes": data.num_classes, "activation": activation}
     else:
         raise ModelMergeError(f"unknown --arch {arch!r}; choose mlp or cnn")

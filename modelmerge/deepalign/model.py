@@ -16,10 +16,19 @@
   from both networks' input-node features; each hidden unit's standardised
   pre-activations on them are its probe response (a learned, data-free form of
   activation matching).
+* **output side** (``output_dims > 0``, v2): per hidden unit of layer ``m`` its
+  column of the product of the downstream weights ``W_L ... W_{m+1}`` (each
+  layer RMS-normalised, kernel taps summed): how the unit feeds the fixed
+  outputs, ignoring the nonlinearities. Outputs are not permuted, so these
+  columns are comparable across A and B as they are.
 * **readout**: per hidden unit, ``[V_l, mean of incoming edges, mean of outgoing
-  edges] -> MLP -> L2-normalised feature``.
+  edges] -> MLP -> L2-normalised feature``; in v2 (``readout_hidden > 0``) the
+  MLP also reads the unit's probe responses (averaged over positions for
+  convs) and its output-side column projected by a fixed seeded Gaussian
+  matrix to ``output_dims`` numbers (any output size), plus its log-norm.
 * **affinity**: per hidden layer, a learned mix of the features' cosine
-  ``F_A F_B^T`` and the probe responses' correlation (rows: A's units), then
+  ``F_A F_B^T``, the probe responses' correlation (rows: A's units) and, in v2,
+  the output-side columns' correlation, then
   ``unroll`` soft weight-matching iterations that add each layer's
   cross-network cost given its neighbours' soft permutations.
 * **projection**: log-domain Sinkhorn while training, the Hungarian algorithm
@@ -74,6 +83,10 @@ class AlignerConfig:
         weighted_costs: learn, in the unrolled iterations, separate weights for the
             incoming, outgoing and bias terms and a per-input-unit importance for the
             first layer (read from both networks' input-node features).
+        readout_hidden: width of the v2 readout MLP, which also reads each unit's
+            probe responses and output-side features (0: the v1 readout).
+        output_dims: size of the projected output-side feature per unit, and
+            switch for the output-side correlation term (0: off, as in v1).
     """
 
     family: str = "mlp"
@@ -86,6 +99,8 @@ class AlignerConfig:
     conv_taps: tuple[int, ...] = (9, 3)
     unroll: int = 3
     weighted_costs: bool = False
+    readout_hidden: int = 0
+    output_dims: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -130,6 +145,12 @@ def _standardise(c: torch.Tensor) -> torch.Tensor:
     """Zero mean, unit std per matrix (``[N, n, n]``): makes cost terms comparable, equivariantly."""
     c = c - c.mean((1, 2), keepdim=True)
     return c / (c.pow(2).mean((1, 2), keepdim=True).sqrt() + 1e-8)
+
+
+def _centred(cols: torch.Tensor) -> torch.Tensor:
+    """Rows centred and L2-normalised over the last axis: their dot products are correlations."""
+    cols = cols - cols.mean(-1, keepdim=True)
+    return cols / (cols.norm(dim=-1, keepdim=True) + 1e-8)
 
 
 def _scaling_sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
@@ -258,8 +279,15 @@ class DeepAlign(nn.Module):
         if self.probe is not None:  # start as plain Gaussian probes: scale 1, offset 0
             nn.init.zeros_(self.probe.weight)
             nn.init.zeros_(self.probe.bias)
-        self.readout = nn.Sequential(nn.Linear(3 * c, 2 * config.feature_dim), nn.ReLU(),
-                                     nn.Linear(2 * config.feature_dim, config.feature_dim))
+        if config.readout_hidden:
+            h = config.readout_hidden
+            n_in = 3 * c + k + config.output_dims + 1
+            self.readout = nn.Sequential(nn.Linear(n_in, h), nn.ReLU(), nn.Linear(h, h // 2), nn.ReLU(),
+                                         nn.Linear(h // 2, config.feature_dim))
+        else:
+            self.readout = nn.Sequential(nn.Linear(3 * c, 2 * config.feature_dim), nn.ReLU(),
+                                         nn.Linear(2 * config.feature_dim, config.feature_dim))
+        self.output_scale = nn.Parameter(torch.tensor(0.0)) if config.output_dims else None
         # affinity = exp(probe_scale) * probe correlation + exp(log_scale) * feature cosine
         self.log_scale = nn.Parameter(torch.tensor(0.0))
         self.probe_scale = nn.Parameter(torch.tensor(math.log(3.0))) if k else None
@@ -388,10 +416,11 @@ class DeepAlign(nn.Module):
             a, b: ``N`` stacked networks each (``N`` pairs), of one signature.
 
         Returns:
-            ``(per_layer, v0)``: per hidden layer ``(F_A, F_B, Z_A, Z_B)``, the
-            L2-normalised encoder features ``[N, n_l, D]`` and standardised probe
-            responses ``[N, n_l, samples]`` (None without probes); and the input
-            nodes' features of A and B summed, ``[N, n_0, C]``.
+            ``(per_layer, v0)``: per hidden layer ``(F_A, F_B, Z_A, Z_B, O_A, O_B)``,
+            the L2-normalised encoder features ``[N, n_l, D]``, standardised probe
+            responses ``[N, n_l, samples]`` (None without probes) and centred,
+            normalised output-side columns ``[N, n_l, n_out]`` (None without
+            ``output_dims``); and the input nodes' features of A and B summed, ``[N, n_0, C]``.
         """
         # A and B go through the encoder and the probes as one batch of 2N networks:
         # the same answer per network, half the (overhead-bound) operations
@@ -404,12 +433,51 @@ class DeepAlign(nn.Module):
         if self.config.probes:
             x = self._probes(enc_a, enc_b, a)
             z = self.probe_responses(both, torch.cat([x, x]))
+        cfg = self.config
+        cols = self.output_side(both) if cfg.output_dims else None
+        proj = None
+        if cols is not None and cfg.readout_hidden:
+            g = torch.Generator().manual_seed(4321)  # fixed for any output size, like the probes
+            proj = torch.randn(cols[0].shape[-1], cfg.output_dims, generator=g, dtype=cols[0].dtype)
+            proj = proj / math.sqrt(cols[0].shape[-1])
         feats = []
         for l in range(1, len(a.weights)):
-            f = F.normalize(self.readout(torch.cat([V[l], E[l - 1].mean(2), E[l].mean(1)], -1)), dim=-1)
+            parts = [V[l], E[l - 1].mean(2), E[l].mean(1)]
+            if cfg.readout_hidden:
+                if z is not None:  # per probe, averaged over positions (convs): K numbers per unit
+                    parts.append(z[l - 1].reshape(2 * n, z[l - 1].shape[1], cfg.probes, -1).mean(-1))
+                if cols is not None:
+                    norm = cols[l - 1].norm(dim=-1, keepdim=True)
+                    parts.append((cols[l - 1] / (norm + 1e-8)) @ proj)
+                    parts.append(torch.log(norm / norm.mean(1, keepdim=True).clamp_min(1e-12) + 1e-6))
+                else:
+                    parts.append(V[l].new_zeros(*V[l].shape[:2], 1))
+            f = F.normalize(self.readout(torch.cat(parts, -1)), dim=-1)
             zl = (None, None) if z is None else (z[l - 1][:n], z[l - 1][n:])
-            feats.append((f[:n], f[n:], *zl))
+            ol = (None, None) if cols is None else _centred(cols[l - 1]).split(n)
+            feats.append((f[:n], f[n:], *zl, *ol))
         return feats, V[0][:n] + V[0][n:]
+
+    @staticmethod
+    def output_side(ws: WeightSpace) -> list[torch.Tensor]:
+        """How each hidden unit feeds the outputs, nonlinearities ignored: per hidden layer
+        ``m = 1..L-1`` the columns of ``W_L ... W_{m+1}`` as ``[N, n_m, n_out]``.
+
+        Every factor is RMS-normalised per network (and the running product
+        too), so only directions and relative sizes count; kernel taps and the
+        positions a flattening layer reads are summed.
+        """
+        mats = []
+        for w in ws.weights:
+            m = w.sum(-1)  # (N, n_{l+1}, n_l)
+            mats.append(m / m.pow(2).mean((1, 2), keepdim=True).clamp_min(1e-12).sqrt())
+        out = []
+        d = mats[-1]
+        for l in range(len(mats) - 1, 0, -1):
+            out.append(d.transpose(1, 2))
+            d = d @ mats[l - 1]
+            d = d / d.pow(2).mean((1, 2), keepdim=True).clamp_min(1e-12).sqrt()
+        return out[::-1]
 
     def forward(self, a: WeightSpace, b: WeightSpace) -> list[torch.Tensor]:
         """Affinity logits per hidden layer: ``[N, n_l (A), n_l (B)]``.
@@ -426,10 +494,12 @@ class DeepAlign(nn.Module):
         weights = importance = None
         if self.config.weighted_costs:
             importance = F.softplus(self.input_importance(v0))[..., 0]  # (N, n_0), symmetric in A and B
-        for fa, fb, za, zb in feats:
+        for fa, fb, za, zb, oa, ob in feats:
             s = self.log_scale.exp() * _standardise(torch.einsum("nid,njd->nij", fa, fb))
             if za is not None:  # correlation of probe responses (activation matching on probes)
                 s = s + self.probe_scale.exp() * _standardise(torch.einsum("nis,njs->nij", za, zb))
+            if oa is not None:  # correlation of how the units feed the (shared) outputs
+                s = s + self.output_scale.exp() * _standardise(torch.einsum("nio,njo->nij", oa, ob))
             scores.append(s)
         for t in range(self.config.unroll):
             soft = [_sym_sinkhorn(s * self.unroll_temp[t].exp()) for s in scores]

@@ -46,10 +46,19 @@ LAST_FILE = "last.pt"
 VAL_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
+SCHEDULES = ("constant", "onecycle")
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """Optimisation settings of ``train-aligner`` (the paper used AdamW lr 5e-4; 2e-3 trained
-    this small aligner faster in the same CPU time), weight decay 5e-4, clip 1.0."""
+    this small aligner faster in the same CPU time), weight decay 5e-4, clip 1.0.
+
+    ``schedule``: ``"constant"`` or ``"onecycle"`` (warm up to ``lr`` over the first 30 %
+    of the steps, then cosine down to ``lr / 1e4``). ``val_every``: validate every so many
+    steps (0: once per epoch). ``max_minutes``: stop after this much training time
+    (0: no limit), validating once more before stopping.
+    """
 
     epochs: int = 10
     batch_size: int = 8
@@ -65,6 +74,13 @@ class TrainSettings:
     alpha_range: tuple[float, float] = (0.0, 1.0)
     sinkhorn_iters: int = 20
     clip: float = 1.0
+    schedule: str = "constant"
+    val_every: int = 0
+    max_minutes: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ModelMergeError(f"unknown --schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
 
 
 @dataclass
@@ -212,12 +228,12 @@ def save_aligner(model: DeepAlign, folder: Path, card: Mapping) -> None:
     write_json_atomic(folder / CARD_FILE, card)
 
 
-def _save_last(model: DeepAlign, opt, step: int, epoch: int, best: float, folder: Path) -> None:
+def _save_last(model: DeepAlign, opt, sched, step: int, epoch: int, best: float, folder: Path) -> None:
     from modelmerge.checkpoint import atomic_path
 
     with atomic_path(folder / LAST_FILE) as tmp:
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": epoch,
-                    "best": best}, tmp)
+                    "best": best, "scheduler": sched.state_dict() if sched is not None else None}, tmp)
 
 
 @dataclass
@@ -354,12 +370,18 @@ class _Run:
         self.trained = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
             model, find_unused_parameters=True)
         self.metric = "barrier" if lmc_w > 0 else "l2"
-        self.step = self.epoch0 = 0
+        self.step = 0
         self.best = math.inf
         self.history: list = []
         self.card: dict = {}
         n_train = sum(len(p.train_idx) for p in parts)
         self.steps_per_epoch = max(1, n_train // (settings.batch_size * world))
+        self.total = self.steps_per_epoch * settings.epochs
+        self.sched = None
+        if settings.schedule == "onecycle":
+            self.sched = torch.optim.lr_scheduler.OneCycleLR(
+                self.opt, max_lr=settings.lr, total_steps=self.total, pct_start=0.3, div_factor=25.0,
+                final_div_factor=400.0)
         self.weights = np.array([len(p.train_idx) for p in parts], dtype=float)
         self.weights /= self.weights.sum()
 
@@ -370,7 +392,9 @@ class _Run:
         saved = torch.load(last, map_location="cpu", weights_only=True)
         self.model.load_state_dict(saved["model"])
         self.opt.load_state_dict(saved["optimizer"])
-        self.step, self.epoch0, self.best = saved["step"], saved["epoch"], saved["best"]
+        if self.sched is not None and saved.get("scheduler") is not None:
+            self.sched.load_state_dict(saved["scheduler"])
+        self.step, self.best = saved["step"], saved["best"]
 
     def make_folder(self) -> None:
         if self.rank != 0:
@@ -414,38 +438,52 @@ class _Run:
         if val[self.metric] < self.best:
             self.best = val[self.metric]
             save_aligner(self.model, self.out, self.write_card({**val, "step": self.step}))
-        _save_last(self.model, self.opt, self.step, epoch, self.best, self.out)
+        _save_last(self.model, self.opt, self.sched, self.step, epoch, self.best, self.out)
         return val
 
     def fit(self, on_step: Callable[[dict], None] | None) -> None:
-        """The epochs; on Ctrl-C, ``last.pt`` (and an aligner, if none was saved yet) is written first."""
+        """The steps, validating every ``val_every`` steps (else once per epoch) and at the end;
+        on Ctrl-C, ``last.pt`` (and an aligner, if none was saved yet) is written first."""
         settings, rank = self.settings, self.rank
         rng = np.random.default_rng([settings.seed, rank, self.step])
         gen = torch.Generator().manual_seed(settings.seed * 1000 + rank + self.step)
-        total = self.steps_per_epoch * settings.epochs
+        total, every = self.total, settings.val_every or self.steps_per_epoch
+        deadline = time.perf_counter() + 60 * settings.max_minutes if settings.max_minutes else math.inf
         report = on_step if rank == 0 else None
         self.model.train()
         val: dict = {}
-        ep = self.epoch0
         try:
-            for ep in range(self.epoch0, settings.epochs):
-                for _ in range(self.steps_per_epoch):
-                    losses = self._one_step(rng, gen)
-                    if report is not None:
-                        report({"step": self.step, "total": total,
-                                **{k: float(v.detach()) for k, v in losses.items()}, **val})
-                if rank == 0:
-                    val = self.validate_and_save(ep + 1)
-                    if report is not None:
-                        report({"step": self.step, "total": total, "validation": True, **val})
-                if self.world > 1:
-                    torch.distributed.barrier()
+            while self.step < total:
+                losses = self._one_step(rng, gen)
+                if report is not None:
+                    report({"step": self.step, "total": total,
+                            **{k: float(v.detach()) for k, v in losses.items()}, **val})
+                # every rank takes the same decision (same step count; the deadline is rank 0's)
+                out_of_time = self._agree(time.perf_counter() > deadline)
+                if self.step % every == 0 or self.step == total or out_of_time:
+                    if rank == 0:
+                        val = self.validate_and_save(self.step // self.steps_per_epoch)
+                        if report is not None:
+                            report({"step": self.step, "total": total, "validation": True, **val})
+                    if self.world > 1:
+                        torch.distributed.barrier()
+                if out_of_time:
+                    break
         except KeyboardInterrupt:
             if rank == 0:
-                _save_last(self.model, self.opt, self.step, ep, self.best, self.out)
+                _save_last(self.model, self.opt, self.sched, self.step, self.step // self.steps_per_epoch,
+                           self.best, self.out)
                 if not (self.out / ALIGNER_FILE).exists():
                     save_aligner(self.model, self.out, self.write_card({"interrupted": True}))
             raise
+
+    def _agree(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every rank."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)])
+        torch.distributed.broadcast(t, 0)
+        return bool(t.item())
 
     def _one_step(self, rng, gen) -> dict:
         part = self.parts[rng.choice(len(self.parts), p=self.weights)]
@@ -455,6 +493,8 @@ class _Run:
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.clip)
         self.opt.step()
+        if self.sched is not None:
+            self.sched.step()
         self.step += 1
         return losses
 
@@ -467,6 +507,7 @@ class _Run:
         card = json.loads((self.out / CARD_FILE).read_text())
         card["history"] = card.get("history", []) + self.history if resumed else self.history
         card["seconds"] = time.perf_counter() - self.t_start
+        card["steps_run"] = self.step  # "steps" is the saved (best) checkpoint's step
         write_json_atomic(self.out / CARD_FILE, card)
         return card
 
