@@ -8,7 +8,8 @@ wins against weight matching, and seconds per pair. One run, one machine.
 
     python benchmarks/align_quality.py --family digits-mlp --aligner pretrained-name-or-folder --pairs 10
 
-Methods: naive (no alignment), wm (weight matching), learned (the aligner only),
+Methods: naive (no alignment), wm (weight matching), am (activation matching on the
+training split), learned (the aligner only),
 learned+wm, learned+lmc (--refine lmc), auto+data (auto with --data).
 """
 
@@ -41,7 +42,7 @@ FAMILIES = {
     "digits-cnn-bn": ({"family": "cnn", "input_shape": [1, 8, 8], "channels": [16, 32], "hidden": [64],
                        "batchnorm": True, "kernel": 3, "num_classes": 10, "activation": "relu"}, "digits"),
 }
-METHODS = ("naive", "wm", "learned", "learned+wm", "learned+lmc", "auto+data")
+METHODS = ("naive", "wm", "am", "learned", "learned+wm", "learned+lmc", "auto+data")
 HELD_OUT_SEED = 50_000
 
 
@@ -55,6 +56,8 @@ def run_method(method, a, b, record, aligner, dataset_name, seed):
         r = align(a, b, method="deep-align", aligner=aligner, **kw)
     elif method == "learned+wm":
         r = align(a, b, method="deep-align", aligner=aligner, refine="wm", **kw)
+    elif method == "am":
+        r = align(a, b, method="activation-matching", data=dataset_name, **kw)
     elif method == "learned+lmc":
         r = align(a, b, method="deep-align", aligner=aligner, refine="lmc", data=dataset_name, **kw)
     else:

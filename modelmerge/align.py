@@ -83,7 +83,8 @@ class AlignResult:
 
 def uses_data(method: str, refine: str | None) -> bool:
     """Whether ``align`` reads ``data`` with these options (``auto`` ranks candidates; some refinements train)."""
-    return method == "auto" or (refine in REFINES[1:] and methods.get("refine", refine).needs_data)
+    return method == "auto" or (method in METHODS[1:] and methods.get("align", method).needs_data) or (
+        refine in REFINES[1:] and methods.get("refine", refine).needs_data)
 
 
 def align(
@@ -208,9 +209,12 @@ def _check_options(method: str, refine: str | None, data: str | None, aligner: s
         raise ModelMergeError(f"unknown refinement {refine!r}; choose one of {', '.join(REFINES)}")
     if refine != "none" and methods.get("refine", refine).needs_data and data is None:
         raise ModelMergeError(f"--refine {refine} needs --data (a dataset name or file)")
+    if method != "auto" and methods.get("align", method).needs_data and data is None:
+        raise ModelMergeError(f"--method {method} needs --data (a dataset name or file)")
     if data is not None and not uses_data(method, refine):
         raise ModelMergeError(f"--data does nothing with --method {method} and --refine {refine}: it is read by "
-                              "--method auto (to rank candidates) and --refine lmc; drop it or add one of those")
+                              "--method auto (to rank candidates), --method activation-matching and --refine lmc; "
+                              "drop it or add one of those")
     if aligner is not None and method == "weight-matching":
         raise ModelMergeError("--aligner is read by --method auto and deep-align; drop it with --method weight-matching")
     return refine

@@ -13,7 +13,7 @@ real network.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -41,13 +41,15 @@ def _norm(x: torch.Tensor, norm: Norm, state: Mapping[str, torch.Tensor]) -> tor
     return x + b.reshape(shape) if b is not None else x
 
 
-def chain_forward(chain: Chain, state: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def chain_forward(chain: Chain, state: Mapping[str, torch.Tensor], x: torch.Tensor,
+                  on_layer: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Run the generic forward of ``chain`` with the weights in ``state``.
 
     Args:
         chain: layer order and wiring.
         state: the weights.
         x: ``[N, in]`` for an MLP or ``[N, C_in, *spatial]`` for a conv chain.
+        on_layer: called with (layer index, its output after its norms, before the ReLU).
 
     Returns:
         ``[N, out]`` (or ``[N, C_out, *spatial]`` if the chain ends in a conv).
@@ -70,6 +72,8 @@ def chain_forward(chain: Chain, state: Mapping[str, torch.Tensor], x: torch.Tens
         for norm in layer.norms:
             x = _norm(x, norm, {k: v.to(torch.float32) if v.is_floating_point() else v
                                 for k, v in state.items() if k in norm.params.values()})
+        if on_layer is not None:
+            on_layer(i, x)
         if i < last:
             x = F.relu(x)
     return x

@@ -151,6 +151,18 @@ class Network:
         ref.update(self.module.named_buffers())
         return {k: t.dtype for k, t in ref.items()}
 
+    def module_forward(self, state: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``module``'s own forward with weights ``state`` (no gradients), for a record's network too
+        (whose :meth:`forward` runs the faster stacked form): hooks on its submodules fire.
+
+        Raises:
+            ModelMergeError: there is no module, or the user's model failed.
+        """
+        if self.module is None:
+            raise ModelMergeError("no model instance holds this architecture: pass --model pkg.module:Class")
+        with torch.no_grad():
+            return self._run_module(state, x)
+
     def _run_module(self, state, x):
         dtypes = self._module_keys
         params = {k: state[k].to(dtypes[k]) for k in dtypes if k in state}

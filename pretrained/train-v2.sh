@@ -40,12 +40,12 @@ else
 ZOO_LIST="
 c-16 120 --arch cnn --channels 16 --hidden 64
 c-16-32 150 --arch cnn --channels 16,32 --hidden 64
-c-8-16-32-bn 120 --arch cnn --channels 8,16,32 --batchnorm
-c-32-64-bn 80 --arch cnn --channels 32,64 --hidden 64 --batchnorm
-c-16x2-32x2 100 --arch cnn --channels 16,16,32,32
-c-24-48-nopool 80 --arch cnn --channels 24,48 --hidden 32 --no-pool
-c-12-24-bn-nopool 80 --arch cnn --channels 12,24 --batchnorm --no-pool
-c-64-gelu 60 --arch cnn --channels 64 --hidden 64 --activation gelu
+c-8-16-32-bn 60 --arch cnn --channels 8,16,32 --batchnorm
+c-32-64-bn 40 --arch cnn --channels 32,64 --hidden 64 --batchnorm
+c-16x2-32x2 50 --arch cnn --channels 16,16,32,32
+c-24-48-nopool 40 --arch cnn --channels 24,48 --hidden 32 --no-pool
+c-12-24-bn-nopool 40 --arch cnn --channels 12,24 --batchnorm --no-pool
+c-64-gelu 40 --arch cnn --channels 64 --hidden 64 --activation gelu
 "
 SHAPE="--channels 16 --layers 2 --feature-dim 64 --readout-hidden 128 --output-dims 16"
 fi

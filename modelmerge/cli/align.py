@@ -51,8 +51,9 @@ def align_command(
     ] = None,
     alpha: Annotated[float, typer.Option("--alpha", help="Weight of B in --merged.")] = 0.5,
     method: Annotated[
-        str, typer.Option("--method", help="auto | deep-align | weight-matching (auto: the bundled learned "
-                          "aligner when the network is in its family, else weight matching).")
+        str, typer.Option("--method", help="auto | deep-align | weight-matching | activation-matching (auto: "
+                          "the bundled learned aligner when the network is in its family, else weight matching; "
+                          "activation-matching needs --data).")
     ] = "auto",
     aligner: Annotated[
         str | None, typer.Option("--aligner", help="Bundled aligner name, or a folder/file from train-aligner.")

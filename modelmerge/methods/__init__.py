@@ -5,7 +5,7 @@ Adding a method: write a module with a ``run(ctx, start) -> Answer`` function,
 """
 
 # registration order is the order of --method / --refine choices
-from modelmerge.methods import weight_matching, learned, lmc  # noqa: F401, I001
+from modelmerge.methods import weight_matching, learned, activation, lmc  # noqa: F401, I001
 from modelmerge.methods.base import Answer, Context, Method, get, names, register
 
 __all__ = ["Answer", "Context", "Method", "get", "names", "register"]
