@@ -14,6 +14,8 @@ from modelmerge.cli.evaluate import EXAMPLES as EVALUATE_EXAMPLES
 from modelmerge.cli.evaluate import evaluate_command
 from modelmerge.cli.inspect import inspect_command
 from modelmerge.cli.interpolate import interpolate_command
+from modelmerge.cli.merge import EXAMPLES as MERGE_EXAMPLES
+from modelmerge.cli.merge import merge_command
 from modelmerge.cli.spec import EXAMPLES as SPEC_EXAMPLES
 from modelmerge.cli.spec import spec_command
 from modelmerge.cli.train_aligner import EXAMPLES as TRAIN_EXAMPLES
@@ -50,6 +52,7 @@ def _root(
 
 app.command("align", epilog=ALIGN_EXAMPLES)(align_command)
 app.command("interpolate")(interpolate_command)
+app.command("merge", epilog=MERGE_EXAMPLES)(merge_command)
 app.command("inspect")(inspect_command)
 app.command("spec", epilog=SPEC_EXAMPLES)(spec_command)
 app.command("zoo", epilog=ZOO_EXAMPLES)(zoo_command)
