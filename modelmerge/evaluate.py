@@ -58,6 +58,8 @@ def interpolation_curve(
     b: Mapping[str, torch.Tensor],
     metric: Callable[[Mapping[str, torch.Tensor]], tuple[float, float]],
     alphas: int | Sequence[float] = 11,
+    merge: Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], float], Mapping[str, torch.Tensor]]
+    = interpolate,
 ) -> Curve:
     """Evaluate ``metric`` (state -> (loss, accuracy)) along the interpolation from A to B.
 
@@ -65,11 +67,12 @@ def interpolation_curve(
         a, b: state dicts of one architecture, B already aligned to A (or not, for the naive curve).
         metric: returns (mean loss, accuracy) of a state dict on the evaluation data.
         alphas: a number of evenly spaced points in [0, 1], or the points themselves.
+        merge: builds the model at α from (a, b, α) (default: plain interpolation; e.g. with REPAIR).
     """
     grid = np.linspace(0.0, 1.0, alphas).tolist() if isinstance(alphas, int) else list(alphas)
     losses, accs = [], []
     for alpha in grid:
-        loss, acc = metric(interpolate(a, b, alpha))
+        loss, acc = metric(merge(a, b, alpha))
         losses.append(float(loss))
         accs.append(float(acc))
     return Curve(grid, losses, accs, loss_barrier(grid, losses), barrier_auc(grid, losses))

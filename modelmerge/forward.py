@@ -42,14 +42,15 @@ def _norm(x: torch.Tensor, norm: Norm, state: Mapping[str, torch.Tensor]) -> tor
 
 
 def chain_forward(chain: Chain, state: Mapping[str, torch.Tensor], x: torch.Tensor,
-                  on_layer: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+                  on_layer: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None) -> torch.Tensor:
     """Run the generic forward of ``chain`` with the weights in ``state``.
 
     Args:
         chain: layer order and wiring.
         state: the weights.
         x: ``[N, in]`` for an MLP or ``[N, C_in, *spatial]`` for a conv chain.
-        on_layer: called with (layer index, its output after its norms, before the ReLU).
+        on_layer: called with (layer index, its output after its norms, before the ReLU); a
+            tensor it returns replaces that output.
 
     Returns:
         ``[N, out]`` (or ``[N, C_out, *spatial]`` if the chain ends in a conv).
@@ -72,8 +73,8 @@ def chain_forward(chain: Chain, state: Mapping[str, torch.Tensor], x: torch.Tens
         for norm in layer.norms:
             x = _norm(x, norm, {k: v.to(torch.float32) if v.is_floating_point() else v
                                 for k, v in state.items() if k in norm.params.values()})
-        if on_layer is not None:
-            on_layer(i, x)
+        if on_layer is not None and (replaced := on_layer(i, x)) is not None:
+            x = replaced
         if i < last:
             x = F.relu(x)
     return x

@@ -183,7 +183,7 @@ CASES = {
          c.save(VGGish(seed=1).state_dict(), "v1.safetensors"), "-o", c.out, "--reset-bn", "--dataset", "digits"],
         "--reset-bn needs the model's forward"),
     "interpolate dataset without reset-bn": lambda c: (["interpolate", c.a, c.b, "-o", c.out, "--dataset", "digits"],
-                                                       "used by --reset-bn only"),
+                                                       "used by --reset-bn and --repair only"),
     "model-kwargs without model": lambda c: (c.align("--model-kwargs", "{}"), "need --model"),
     "bad input shape": lambda c: (c.align("--model", "m:X", "--input-shape", "a,b"), "--input-shape"),
     "model without colon": lambda c: (c.align("--model", "nocolon"), "package.module:ClassName"),

@@ -74,6 +74,10 @@ def align_command(
     reset_bn: Annotated[
         bool, typer.Option("--reset-bn", help="Recompute the merge's BatchNorm statistics on --data (train split).")
     ] = False,
+    repair: Annotated[
+        bool, typer.Option("--repair", help="REPAIR the merge: rescale its hidden units to the interpolated "
+                           "statistics of A's and aligned B's on --data (train split; after --reset-bn).")
+    ] = False,
     report: Annotated[Path | None, typer.Option("--report", help="Write the JSON report here.")] = None,
     json_out: JsonOut = False,
     seed: Seed = 0,
@@ -90,19 +94,25 @@ def align_command(
     from modelmerge.checkpoint import load_checkpoint
     from modelmerge.data import load_dataset
 
-    _check_options(a, b, output, merged, report, alpha, method, refine, data, reset_bn, seed, force)
+    _check_options(a, b, output, merged, report, alpha, method, refine, data, reset_bn, repair, seed, force)
     set_threads(threads)
     ck_a, ck_b = load_checkpoint(a, revision), load_checkpoint(b, revision)
     network = resolve(ck_a.state, spec, ck_a.arch, model, model_kwargs, input_shape, assume_chain)
-    dataset = network.bn_inputs(load_dataset(data)) if reset_bn else None  # checked before any work
+    task = load_dataset(data) if data is not None else None
+    dataset = network.bn_inputs(task) if reset_bn else None  # checked before any work
+    repair_x = None
+    if repair:
+        from modelmerge.repair import repair_inputs
+
+        repair_x = repair_inputs(network, network.shape_data(task).x_train, seed)
     with progress_bar("LMC refinement") as bar, progress_bar("weight matching") as wm_bar:
         result = align(ck_a.state, ck_b.state, network=network, method=method, aligner=aligner, refine=refine,
-                       # --data that align does not read is refused there, unless --reset-bn reads it
-                       data=data if uses_data(method, refine) or not reset_bn else None, seed=seed,
+                       # --data that align does not read is refused there, unless --reset-bn/--repair read it
+                       data=data if uses_data(method, refine) or not (reset_bn or repair) else None, seed=seed,
                        max_iter=max_iter, refine_steps=refine_steps,
                        on_refine=lambda done, total, loss: bar(done, total, f"best merged loss {loss:.4f}"),
                        on_progress=lambda done, total: wm_bar(done, total, "group visits"))
-    written = _write(result, ck_a, ck_b, output, merged, alpha, dataset, force)
+    written = _write(result, ck_a, ck_b, output, merged, alpha, dataset, repair_x, force)
     data = result.report()
     data["seconds"]["total"] = time.perf_counter() - t0
     data["inputs"] = {"a": ck_a.source, "b": ck_b.source, "a_sha256": ck_a.sha256, "b_sha256": ck_b.sha256}
@@ -117,7 +127,8 @@ def align_command(
         warn(message)
 
 
-def _check_options(a, b, output, merged, report, alpha, method, refine, data, reset_bn, seed, force) -> None:
+def _check_options(a, b, output, merged, report, alpha, method, refine, data, reset_bn, repair, seed, force
+                   ) -> None:
     """Refuse bad option combinations and unsafe outputs before any work is done."""
     import math
 
@@ -132,6 +143,8 @@ def _check_options(a, b, output, merged, report, alpha, method, refine, data, re
         raise ModelMergeError(f"unknown --refine {refine!r}; choose one of {', '.join(REFINES)}")
     if reset_bn and (merged is None or data is None):
         raise ModelMergeError("--reset-bn needs --merged (the model to reset) and --data (the data to reset on)")
+    if repair and (merged is None or data is None):
+        raise ModelMergeError("--repair needs --merged (the model to repair) and --data (the data to measure on)")
     if merged is not None and not math.isfinite(alpha):
         raise ModelMergeError(f"--alpha must be a finite number, got {alpha}")
     outputs = [output] + [p for p in (merged, report) if p is not None]
@@ -144,22 +157,24 @@ def _check_options(a, b, output, merged, report, alpha, method, refine, data, re
         check_output_path(report, [a, b], force, suffix=".json")
 
 
-def _write(result, ck_a, ck_b, output, merged, alpha, reset_x, force) -> list[str]:
-    """Write aligned B, then the merge (BatchNorm statistics recomputed on ``reset_x`` if given)."""
+def _write(result, ck_a, ck_b, output, merged, alpha, reset_x, repair_x, force) -> list[str]:
+    """Write aligned B, then the merge (BatchNorm statistics recomputed on ``reset_x``, REPAIRed on
+    ``repair_x``, where given)."""
     from modelmerge.checkpoint import provenance
-    from modelmerge.merge import interpolate
+    from modelmerge.repair import Repair, merge_pair
 
     inputs = [ck_a.source, ck_b.source]
     meta = provenance(result.method, ck_a, ck_b, arch_of=ck_b)
     mixed = None
     if merged is not None:  # computed before anything is written: a failure leaves no file
-        mixed = interpolate(ck_a.state, result.aligned, alpha)
-        if reset_x is not None:
-            mixed = result.network.reset_bn(mixed, reset_x)
+        fixer = Repair(result.network, [ck_a.state, result.aligned], repair_x) if repair_x is not None else None
+        mixed = merge_pair(ck_a.state, result.aligned, alpha, network=result.network, reset_x=reset_x,
+                           repairer=fixer)
     written = [save(result.aligned, output, meta, inputs, force)]
     if mixed is not None:
         written.append(save(mixed, merged, {**meta, "modelmerge.alpha": str(alpha),
-                                            "modelmerge.reset_bn": str(reset_x is not None).lower()}, inputs, force))
+                                            "modelmerge.reset_bn": str(reset_x is not None).lower(),
+                                            "modelmerge.repair": str(repair_x is not None).lower()}, inputs, force))
     return written
 
 

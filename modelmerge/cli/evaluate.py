@@ -45,6 +45,10 @@ def evaluate_command(
         bool, typer.Option("--reset-bn", help="Recompute BatchNorm statistics of every interpolated model on the "
                            "train split before measuring it.")
     ] = False,
+    repair: Annotated[
+        bool, typer.Option("--repair", help="REPAIR every interpolated model: rescale its hidden units to the "
+                           "interpolated statistics of A's and B's on the train split (after --reset-bn).")
+    ] = False,
     model: ModelOpt = None,
     model_kwargs: ModelKwargs = None,
     input_shape: InputShape = None,
@@ -70,10 +74,21 @@ def evaluate_command(
     ck_a, ck_b = load_checkpoint(a, revision), load_checkpoint(b, revision)
     check_same_architecture(ck_a.state, ck_b.state)
     network = resolve(ck_a.state, None, ck_a.arch, model, model_kwargs, input_shape, assume_chain)
-    metric = network.metric(load_dataset(dataset), split, reset_bn)
+    task = load_dataset(dataset)
+    if repair:
+        from modelmerge.repair import Repair, merge_pair, repair_inputs
+
+        # reset (if asked) then REPAIR inside the merge; the metric must not reset again afterwards
+        metric = network.metric(task, split)
+        reset_x = network.bn_inputs(task) if reset_bn else None
+        fixer = Repair(network, [ck_a.state, ck_b.state], repair_inputs(network, network.shape_data(task).x_train))
+        curve = interpolation_curve(ck_a.state, ck_b.state, metric, alphas, merge=lambda a_, b_, al: merge_pair(
+            a_, b_, al, network=network, reset_x=reset_x, repairer=fixer))
+    else:
+        curve = interpolation_curve(ck_a.state, ck_b.state, network.metric(task, split, reset_bn), alphas)
     note = network.data_note
-    curve = interpolation_curve(ck_a.state, ck_b.state, metric, alphas)
     data = {"a": ck_a.source, "b": ck_b.source, "dataset": dataset, "split": split, "reset_bn": reset_bn,
+            "repair": repair,
             **curve.to_dict(), "notes": [note] if note else []}
     if plot is not None:
         save_plot(curve, plot, f"{Path(a).name} -> {Path(b).name} ({dataset}, {split})")

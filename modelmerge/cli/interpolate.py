@@ -29,8 +29,13 @@ def interpolate_command(
     reset_bn: Annotated[
         bool, typer.Option("--reset-bn", help="Recompute BatchNorm statistics of the merge on --dataset.")
     ] = False,
+    repair: Annotated[
+        bool, typer.Option("--repair", help="REPAIR: rescale the merge's hidden units to the interpolated "
+                           "statistics of A's and B's, measured on --dataset (train split).")
+    ] = False,
     dataset: Annotated[
-        str | None, typer.Option("--dataset", help="digits | mnist1d | teacher | FILE: data for --reset-bn (train split).")
+        str | None, typer.Option("--dataset", help="digits | mnist1d | teacher | FILE: data for --reset-bn and "
+                                 "--repair (train split).")
     ] = None,
     model: ModelOpt = None,
     model_kwargs: ModelKwargs = None,
@@ -47,25 +52,34 @@ def interpolate_command(
     from modelmerge.errors import ModelMergeError, preview
     from modelmerge.merge import check_same_architecture, interpolate
 
-    if reset_bn and dataset is None:
-        raise ModelMergeError("--reset-bn needs --dataset (the data to recompute statistics on)")
-    if not reset_bn and (dataset is not None or model is not None or model_kwargs is not None
-                         or input_shape is not None):
-        raise ModelMergeError("--dataset, --model, --model-kwargs and --input-shape are used by --reset-bn only; "
-                              "drop them or add --reset-bn")
+    if (reset_bn or repair) and dataset is None:
+        raise ModelMergeError(f"{'--reset-bn' if reset_bn else '--repair'} needs --dataset (the data to measure "
+                              "statistics on)")
+    if not (reset_bn or repair) and (dataset is not None or model is not None or model_kwargs is not None
+                                     or input_shape is not None):
+        raise ModelMergeError("--dataset, --model, --model-kwargs and --input-shape are used by --reset-bn and "
+                              "--repair only; drop them or add one of those")
     check_output_path(output, [a, b], force)
     ck_a, ck_b = load_checkpoint(a, revision), load_checkpoint(b, revision)
     check_same_architecture(ck_a.state, ck_b.state)
-    merged = interpolate(ck_a.state, ck_b.state, alpha)
-    if reset_bn:
+    if reset_bn or repair:
         from modelmerge.data import load_dataset
+        from modelmerge.repair import Repair, merge_pair, repair_inputs
 
         network = resolve(ck_a.state, None, ck_a.arch, model, model_kwargs, input_shape)
-        merged = network.reset_bn(merged, network.bn_inputs(load_dataset(dataset)))
-    meta = provenance("interpolate", ck_a, ck_b, arch_of=ck_a, alpha=str(alpha), reset_bn=str(reset_bn).lower())
+        data = load_dataset(dataset)
+        reset_x = network.bn_inputs(data) if reset_bn else None
+        fixer = Repair(network, [ck_a.state, ck_b.state], repair_inputs(network, network.shape_data(data).x_train)
+                       ) if repair else None
+        merged = merge_pair(ck_a.state, ck_b.state, alpha, network=network, reset_x=reset_x, repairer=fixer)
+    else:
+        merged = interpolate(ck_a.state, ck_b.state, alpha)
+    meta = provenance("interpolate", ck_a, ck_b, arch_of=ck_a, alpha=str(alpha), reset_bn=str(reset_bn).lower(),
+                      repair=str(repair).lower())
     save(merged, output, meta, [a, b], force)
     copied = [k for k, v in ck_a.state.items() if not v.is_floating_point()]
     console().print(f"wrote {output}: (1-{alpha})*A + {alpha}*B over {len(merged) - len(copied)} tensors"
                     + (f"; {len(copied)} integer/bool buffer(s) copied from A, never interpolated "
                        f"({preview(copied, 3)})" if copied else "")
-                    + (f", BatchNorm statistics recomputed on {dataset}" if reset_bn else ""))
+                    + (f", BatchNorm statistics recomputed on {dataset}" if reset_bn else "")
+                    + (f", unit statistics REPAIRed on {dataset}" if repair else ""))

@@ -59,6 +59,10 @@ def merge_command(
     reset_bn: Annotated[
         bool, typer.Option("--reset-bn", help="Recompute the soup's BatchNorm statistics on --data (train split).")
     ] = False,
+    repair: Annotated[
+        bool, typer.Option("--repair", help="REPAIR the soup: rescale its hidden units to the weighted statistics "
+                           "of the aligned models on --data (train split; after --reset-bn).")
+    ] = False,
     aligner: Annotated[
         str | None, typer.Option("--aligner", help="Bundled aligner name or trained folder (auto, deep-align).")
     ] = None,
@@ -93,8 +97,9 @@ def merge_command(
         shares = check_weights([float(x) for x in weights.split(",")] if weights is not None else None, len(models))
     except ValueError:
         raise ModelMergeError(f"--weights {weights!r} is not a comma-separated list of numbers") from None
-    if reset_bn and data is None:
-        raise ModelMergeError("--reset-bn needs --data (the data to recompute statistics on)")
+    if (reset_bn or repair) and data is None:
+        raise ModelMergeError(f"{'--reset-bn' if reset_bn else '--repair'} needs --data (the data to measure "
+                              "statistics on)")
     if aligner is not None and method in ("weight-matching", "activation-matching"):
         raise ModelMergeError(f"--aligner is read by --method auto and deep-align, not {method}")
     if report is not None and Path(report).expanduser().resolve() == Path(output).expanduser().resolve():
@@ -105,21 +110,30 @@ def merge_command(
     set_threads(threads)
     cks = [load_checkpoint(m, revision) for m in models]
     network = resolve(cks[0].state, spec, cks[0].arch, model, model_kwargs, input_shape, assume_chain)
-    task = bn_x = None
+    task = bn_x = repair_x = None
     if data is not None:
         from modelmerge.data import load_dataset
 
         dataset = load_dataset(data)
         task = network.shape_data(dataset)  # fits the network, before any work
         bn_x = network.bn_inputs(dataset) if reset_bn else None
+        if repair:
+            from modelmerge.repair import repair_inputs
+
+            repair_x = repair_inputs(network, task.x_train, seed)
     reads_data = method in ("auto", "activation-matching")
     with progress_bar("aligning models") as bar:
         result = merge_many([ck.state for ck in cks], network, weights=shares, method=method,
                             data=data if reads_data else None, aligner=aligner, max_iter=max_iter, seed=seed,
                             on_progress=lambda done, total: bar(done, total, "model visits"))
     soup = network.reset_bn(result.soup, bn_x) if bn_x is not None else result.soup
-    scores = _scores(network, task, cks, result, shares, reset_bn) if task is not None else None
+    if repair_x is not None:
+        from modelmerge.repair import repair as repair_soup
+
+        soup = repair_soup(network, soup, result.aligned, shares, repair_x)
+    scores = _scores(network, task, cks, soup, shares, reset_bn) if task is not None else None
     meta = provenance(f"merge-{result.method}", arch_of=cks[0], weights=shares, reset_bn=str(reset_bn).lower(),
+                      repair=str(repair).lower(),
                       inputs=[{"source": ck.source, "sha256": ck.sha256} for ck in cks])
     written = save(soup, output, meta, list(models), force)
     out = {
@@ -142,8 +156,10 @@ def merge_command(
         warn(network.assumption)
 
 
-def _scores(network, task, cks, result, shares, reset_bn) -> dict:
-    """Test loss and accuracy of every model, the soup and the naive (unaligned) average."""
+def _scores(network, task, cks, soup, shares, reset_bn) -> dict:
+    """Test loss and accuracy of every model, the soup as written and the naive (unaligned) average
+    (BatchNorm statistics recomputed for the models and the naive average with ``reset_bn``; the
+    written soup already had them recomputed)."""
     from modelmerge.soup import average
 
     metric = network.metric(task, "test", reset_bn=reset_bn)
@@ -151,9 +167,10 @@ def _scores(network, task, cks, result, shares, reset_bn) -> dict:
     for ck in cks:
         loss, acc = metric(ck.state)
         out[ck.source] = {"loss": loss, "accuracy": acc}
-    for name, state in (("soup", result.soup), ("naive average", average([ck.state for ck in cks], shares))):
-        loss, acc = metric(state)
-        out[name] = {"loss": loss, "accuracy": acc}
+    loss, acc = network.metric(task, "test")(soup)
+    out["soup"] = {"loss": loss, "accuracy": acc}
+    loss, acc = metric(average([ck.state for ck in cks], shares))
+    out["naive average"] = {"loss": loss, "accuracy": acc}
     return out
 
 

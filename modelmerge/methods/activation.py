@@ -21,8 +21,8 @@ import time
 from collections.abc import Mapping
 
 import torch
-from torch import nn
 
+from modelmerge.activations import NO_FORWARD, run_with_taps, units_last
 from modelmerge.deepalign.model import hungarian
 from modelmerge.errors import ModelMergeError, preview
 from modelmerge.methods.base import Answer, Context, Method, register
@@ -31,73 +31,22 @@ from modelmerge.network import Network
 #: training examples whose activations are correlated (a seeded subset beyond this)
 EXAMPLES = 1024
 _BATCH = 256
-#: module types whose output's unit axis is known: 1 for channel-first maps, -1 for features last
-_CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
-_FEATURES_LAST = (nn.Linear, nn.LayerNorm)
-
-
-def _producers(network: Network) -> dict[str, tuple[str, int]]:
-    """Module name -> (group of its output units, unit axis) for ``network.module``."""
-    spec, out = network.spec, {}
-    for name, mod in network.module.named_modules():
-        if not isinstance(mod, _CHANNEL_FIRST + _FEATURES_LAST):
-            continue
-        axes = spec.axes.get(f"{name}.weight" if name else "weight")
-        if axes and axes[0] is not None:
-            out[name] = (axes[0], 1 if isinstance(mod, _CHANNEL_FIRST) else -1)
-    return out
-
-
-def _units_last(t: torch.Tensor, axis: int) -> torch.Tensor:
-    """``[samples, units]``: every other axis (examples, positions, tokens) becomes samples."""
-    return torch.movedim(t, axis, -1).reshape(-1, t.shape[axis]).to(torch.float64)
 
 
 def unit_activations(network: Network, state: Mapping[str, torch.Tensor], x: torch.Tensor
                      ) -> dict[str, list[torch.Tensor]]:
-    """Per group, the activations of each layer producing it: ``[samples, units]`` each.
-
-    Args:
-        network: the resolved network (a module, a record or a bare chain).
-        state: the weights to run.
-        x: inputs ``[B, *input_shape]``.
+    """Per group, the outputs of each layer producing it: ``[samples, units]`` each (float64).
 
     Raises:
-        ModelMergeError: the network has no forward, or its spec is not one these
-            layers reveal (e.g. a hand-written spec for a bare checkpoint).
+        ModelMergeError: the network has no forward to run.
     """
     found: dict[str, list[torch.Tensor]] = {}
-    if network.module is not None:
-        producers = _producers(network)
-        modules = dict(network.module.named_modules())
-        hooks = []
 
-        def hook(name):
-            group, axis = producers[name]
-            return lambda _m, _i, out: found.setdefault(group, []).append(_units_last(out.detach(), axis))
+    def tap(p, out):
+        found.setdefault(p.group, []).append(units_last(out.detach(), p.axis).to(torch.float64))
 
-        try:
-            hooks = [modules[name].register_forward_hook(hook(name)) for name in producers]
-            network.module_forward(state, x)
-        finally:
-            for h in hooks:
-                h.remove()
-        return found
-    if network.forward_kind == "chain" and network.chain is not None:
-        from modelmerge.forward import chain_forward
-
-        chain = network.chain
-        floats = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-
-        def on_layer(i: int, out: torch.Tensor) -> None:
-            if i < len(chain.layers) - 1:
-                found.setdefault(chain.group(i), []).append(_units_last(out.detach(), 1))
-
-        with torch.no_grad():
-            chain_forward(chain, floats, x, on_layer=on_layer)
-        return found
-    raise ModelMergeError("activation matching needs the network's forward: pass --model pkg.module:Class (or a "
-                          "checkpoint with an architecture record)")
+    run_with_taps(network, state, x, tap)
+    return found
 
 
 def _standardised(acts: torch.Tensor) -> torch.Tensor:
@@ -158,7 +107,7 @@ def _unavailable(ctx: Context) -> str | None:
     if ctx.data is None:
         return "activation matching needs --data (a dataset name or file)"
     if net.module is None and not (net.forward_kind == "chain" and net.chain is not None):
-        return "activation matching needs the network's forward (--model or an architecture record)"
+        return f"activation matching {NO_FORWARD}"
     return None
 
 
