@@ -8,6 +8,8 @@ seeds, then runs the real commands:
     modelmerge evaluate A B     --model ... --dataset digits          (naive)
     modelmerge evaluate A B_al  --model ... --dataset digits          (aligned)
     modelmerge evaluate A B_al  --model ... --dataset digits --reset-bn
+    modelmerge evaluate A B_al  --model ... --dataset digits --reset-bn --repair
+    (and the same after --method activation-matching --data digits)
 
     python benchmarks/resnet_bn_reset.py --epochs 15 --width 16
 """
@@ -81,16 +83,25 @@ def main() -> None:
         aligned = cli("evaluate", a, al, *ev)
         reset = cli("evaluate", a, al, *ev, "--reset-bn")
         naive_reset = cli("evaluate", a, b, *ev, "--reset-bn")
+        repaired = cli("evaluate", a, al, *ev, "--repair")
+        reset_repaired = cli("evaluate", a, al, *ev, "--reset-bn", "--repair")
+        am = Path(tmp) / "b_am.safetensors"
+        cli("align", a, b, "-o", am, *common, "--method", "activation-matching", "--data", "digits", "--json")
+        am_reset_repaired = cli("evaluate", a, am, *ev, "--reset-bn", "--repair")
     print(f"### ResNet-style digits models — {date.today()} — {platform.machine()}, 1 thread, torch {torch.__version__}")
     print(f"command: `python benchmarks/resnet_bn_reset.py --epochs {args.epochs} --width {args.width}`\n")
     print(f"test accuracy A {accs[0]:.3f}, B {accs[1]:.3f}; spec {report['spec']['source']} with "
           f"{len(report['spec']['groups'])} groups; verified with the {report['verified']['forward']} forward "
           f"(max |diff| {report['verified']['max_abs_diff']:.1e}); align {report['seconds']['align']:.2f} s\n")
-    print("| interpolation | loss barrier | AUC | merged (α=0.5) loss | merged accuracy |\n|---|---|---|---|---|")
-    for name, c in (("naive", naive), ("naive + BN reset", naive_reset), ("aligned", aligned),
-                    ("aligned + BN reset", reset)):
+    print("| interpolation | loss barrier | vs naive + BN reset | AUC | merged (α=0.5) loss | merged accuracy |\n"
+          "|---|---|---|---|---|---|")
+    for name, c in (("naive", naive), ("naive + BN reset", naive_reset), ("aligned (WM)", aligned),
+                    ("aligned + BN reset", reset), ("aligned + REPAIR", repaired),
+                    ("aligned + BN reset + REPAIR", reset_repaired),
+                    ("activation matching + BN reset + REPAIR", am_reset_repaired)):
         mid = len(c["alphas"]) // 2
-        print(f"| {name} | {c['barrier']:.4f} | {c['auc']:.4f} | {c['losses'][mid]:.4f} | {c['accuracies'][mid]:.3f} |")
+        print(f"| {name} | {c['barrier']:.4f} | {c['barrier'] / naive_reset['barrier']:.2f}x | {c['auc']:.4f} | "
+              f"{c['losses'][mid]:.4f} | {c['accuracies'][mid]:.3f} |")
 
 
 if __name__ == "__main__":
