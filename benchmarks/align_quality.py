@@ -100,11 +100,23 @@ def main() -> None:
             rows[m]["learned_s"].append(secs.get("learned", float("nan")))
             rows[m]["wm_s"].append(secs.get("weight_matching", float("nan")))
         print(f"pair {i}: " + ", ".join(f"{m} {rows[m]['barrier'][-1]:.4f}" for m in methods), flush=True)
-    if args.json:
+    if args.json:  # every pair's barrier per method, and the summary a model card's "holdout" keeps
         import json
 
+        summary = {}
+        if "learned" in rows and "wm" in rows:
+            lm, lse = mean_se(rows["learned"]["barrier"])
+            wm_m, wm_se = mean_se(rows["wm"]["barrier"])
+            summary = {"learned": round(lm, 4), "learned_se": round(lse, 4), "weight_matching": round(wm_m, 4),
+                       "weight_matching_se": round(wm_se, 4),
+                       "wins": f"{sum(x < y for x, y in zip(rows['learned']['barrier'], rows['wm']['barrier']))}/"
+                               f"{args.pairs}",
+                       "learned_seconds": round(statistics.mean(rows["learned"]["learned_s"]), 4),
+                       "weight_matching_seconds": round(statistics.mean(rows["wm"]["wm_s"]), 4)}
+            if "auto+data" in rows:
+                summary["auto_data"] = round(statistics.mean(rows["auto+data"]["barrier"]), 4)
         with open(args.json, "w") as f:
-            json.dump({m: rows[m]["barrier"] for m in methods}, f)
+            json.dump({"barriers": {m: rows[m]["barrier"] for m in methods}, "summary": summary}, f)
     print(f"\n### {args.family} — {date.today()} — {platform.machine()}, {os.cpu_count()} cores, "
           f"{args.threads} thread(s), torch {torch.__version__}")
     print(f"command: `python benchmarks/align_quality.py --family {args.family} --pairs {args.pairs}"

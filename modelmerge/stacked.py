@@ -64,10 +64,13 @@ def stacked_forward(
                  padding=r["kernel"] // 2, groups=n)
         k += 1
         if r["batchnorm"]:
-            rm = None if train else params[f"{k}.running_mean"].reshape(-1)
-            rv = None if train else params[f"{k}.running_var"].reshape(-1)
-            h = F.batch_norm(h, rm, rv, params[f"{k}.weight"].reshape(-1), params[f"{k}.bias"].reshape(-1),
-                             training=train, eps=1e-5)
+            w, b = params[f"{k}.weight"].reshape(-1), params[f"{k}.bias"].reshape(-1)
+            if train:
+                h = F.batch_norm(h, None, None, w, b, training=True, eps=1e-5)
+            else:  # written out: running statistics may carry gradients (the aligner's LMC loss)
+                shape = (1, -1) + (1,) * (h.ndim - 2)
+                rm, rv = params[f"{k}.running_mean"].reshape(shape), params[f"{k}.running_var"].reshape(shape)
+                h = (h - rm) * torch.rsqrt(rv + 1e-5) * w.view(shape) + b.view(shape)
             k += 1
         h = act(h)
         k += 1

@@ -115,3 +115,24 @@ def test_out_of_family_is_refused():
     c = VGGish().double().state_dict()
     with pytest.raises(OutOfFamilyError, match="CNN"):
         aligner_answer(_aligner(), c, c)
+
+
+def _bundled():
+    from modelmerge.deepalign.pretrained import list_aligners
+
+    return [w.name for w in list_aligners()]
+
+
+@pytest.mark.parametrize("name", _bundled())
+def test_every_bundled_aligner_keeps_both_symmetries(name):
+    """The shipped weights, not just fresh ones: permuting inputs permutes the answer; swapping transposes it."""
+    from modelmerge.deepalign.pretrained import load_aligner
+
+    model, _ = load_aligner(name)
+    model = model.double()
+    if model.config.family == "mlp":
+        a, b = _pair([40, 32, 24, 16, 10], 7)
+    else:
+        a, b = VGGish(seed=5).double().state_dict(), VGGish(seed=6).double().state_dict()
+    assert check_equivariance(model, a, b, 7)
+    assert all(torch.equal(torch.argsort(p), q) for p, q in zip(aligner_answer(model, a, b), aligner_answer(model, b, a)))

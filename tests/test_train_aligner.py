@@ -260,3 +260,19 @@ def test_unknown_schedule_is_one_line(tiny_zoo, tmp_path):
     r = runner.invoke(app, ["train-aligner", "--zoo", str(tiny_zoo), "-o", str(tmp_path / "x"), "--data", "digits",
                             *TINY, "--schedule", "cosine"])
     assert r.exit_code == 1 and "unknown --schedule 'cosine'" in r.stderr and not (tmp_path / "x").exists()
+
+
+def test_lmc_loss_reaches_softly_permuted_batchnorm_statistics():
+    """A BatchNorm zoo's LMC loss backpropagates into running statistics that the soft permutation produced."""
+    from modelmerge.archs import build
+    from modelmerge.deepalign.losses import lmc_loss
+
+    rec = {"family": "cnn", "input_shape": [1, 8, 8], "channels": [4, 6], "hidden": [], "batchnorm": True,
+           "num_classes": 10}
+    states = [build(rec, seed=s).state_dict() for s in (1, 2)]
+    a = {k: torch.stack([states[0][k]]) for k in states[0]}
+    b = {k: torch.stack([states[1][k]]).float().requires_grad_(True) if states[1][k].is_floating_point()
+         else torch.stack([states[1][k]]) for k in states[1]}
+    loss = lmc_loss(rec, a, b, torch.randn(1, 5, 1, 8, 8), torch.randint(10, (1, 5)), torch.tensor([0.5]))
+    loss.backward()
+    assert b["1.running_var"].grad is not None and torch.isfinite(b["1.running_var"].grad).all()
