@@ -87,7 +87,9 @@ def main() -> None:
     data = load_dataset(dataset_name)
     seeds = list(range(HELD_OUT_SEED, HELD_OUT_SEED + 2 * args.pairs))
     models = train_models(record, data, seeds, TrainConfig(epochs=args.epochs))
-    metric = resolve_network(models[0].state, record=record).metric(data, "test")
+    # BatchNorm families: statistics recomputed on the train split for every model measured
+    metric = resolve_network(models[0].state, record=record).metric(data, "test",
+                                                                    reset_bn=bool(record.get("batchnorm")))
     rows = {m: {"barrier": [], "auc": [], "seconds": [], "learned_s": [], "wm_s": []} for m in methods}
     for i in range(args.pairs):
         a, b = models[2 * i].state, models[2 * i + 1].state

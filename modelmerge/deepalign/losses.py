@@ -78,7 +78,7 @@ def interpolate_stacked(a: Stacked, b: Stacked, alpha: torch.Tensor) -> dict[str
 def lmc_loss(
     record: Mapping, a: Stacked, b_aligned: Stacked, x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor
 ) -> torch.Tensor:
-    """Mean task loss of the interpolations ``(1-α)·A + α·aligned B``.
+    """Mean task loss of the interpolations ``(1-α)·A + α·aligned B`` (BatchNorm on batch statistics).
 
     Args:
         record: architecture record (the forward).
@@ -87,7 +87,9 @@ def lmc_loss(
         alpha: ``[N]``.
     """
     merged = interpolate_stacked(a, b_aligned, alpha)
-    logits = stacked_forward(record, merged, x)
+    # BatchNorm runs on the batch's statistics: the merge judged as after a BatchNorm reset, since
+    # interpolated running statistics are wrong for any merge (variance collapse) however well aligned
+    logits = stacked_forward(record, merged, x, train=bool(record.get("batchnorm")))
     return F.cross_entropy(logits.flatten(0, 1), y.flatten())
 
 

@@ -153,13 +153,14 @@ def apply_hard(zoo: Zoo, b: Mapping, perms: list[torch.Tensor]) -> dict[str, tor
 
 
 def pair_barriers(record: Mapping, a: Mapping, b_aligned: Mapping, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Loss barrier of each pair over ``VAL_ALPHAS`` on ``(x, y)``: ``[N]``."""
+    """Loss barrier of each pair over ``VAL_ALPHAS`` on ``(x, y)``: ``[N]`` (BatchNorm on batch statistics)."""
     n, k = next(iter(a.values())).shape[0], len(VAL_ALPHAS)
     rep = lambda s: {name: t.repeat_interleave(k, 0) for name, t in s.items()}
     alphas = torch.tensor(VAL_ALPHAS).repeat(n)
     with torch.no_grad():
         merged = interpolate_stacked(rep(a), rep(b_aligned), alphas)
-        logits = stacked_forward(record, merged, x.expand(n * k, *x.shape))
+        # BatchNorm on the evaluation batch's statistics, as the LMC loss does (see losses.lmc_loss)
+        logits = stacked_forward(record, merged, x.expand(n * k, *x.shape), train=bool(record.get("batchnorm")))
         losses = torch.nn.functional.cross_entropy(
             logits.flatten(0, 1), y.repeat(n * k), reduction="none").view(n, k, -1).mean(2)
     al = torch.tensor(VAL_ALPHAS)
