@@ -262,10 +262,12 @@ def test_unknown_schedule_is_one_line(tiny_zoo, tmp_path):
     assert r.exit_code == 1 and "unknown --schedule 'cosine'" in r.stderr and not (tmp_path / "x").exists()
 
 
-def test_lmc_loss_reaches_softly_permuted_batchnorm_statistics():
-    """A BatchNorm zoo's LMC loss backpropagates into running statistics that the soft permutation produced."""
+def test_batchnorm_zoos_train_and_evaluate_with_gradients_everywhere():
+    """Eval-mode BatchNorm takes running statistics that carry gradients (softly permuted ones); the LMC
+    loss of a BN merge runs BatchNorm on the batch's statistics, as after a reset."""
     from modelmerge.archs import build
     from modelmerge.deepalign.losses import lmc_loss
+    from modelmerge.stacked import stacked_forward
 
     rec = {"family": "cnn", "input_shape": [1, 8, 8], "channels": [4, 6], "hidden": [], "batchnorm": True,
            "num_classes": 10}
@@ -273,6 +275,12 @@ def test_lmc_loss_reaches_softly_permuted_batchnorm_statistics():
     a = {k: torch.stack([states[0][k]]) for k in states[0]}
     b = {k: torch.stack([states[1][k]]).float().requires_grad_(True) if states[1][k].is_floating_point()
          else torch.stack([states[1][k]]) for k in states[1]}
-    loss = lmc_loss(rec, a, b, torch.randn(1, 5, 1, 8, 8), torch.randint(10, (1, 5)), torch.tensor([0.5]))
-    loss.backward()
+    x, y = torch.randn(1, 5, 1, 8, 8), torch.randint(10, (1, 5))
+    stacked_forward(rec, b, x).sum().backward()
     assert b["1.running_var"].grad is not None and torch.isfinite(b["1.running_var"].grad).all()
+    loss = lmc_loss(rec, a, b, x, y, torch.tensor([0.5]))
+    merged = {k: 0.5 * a[k] + 0.5 * b[k] if a[k].is_floating_point() else a[k] for k in a}
+    reset = torch.nn.functional.cross_entropy(stacked_forward(rec, merged, x, train=True)[0], y[0])
+    torch.testing.assert_close(loss, reset)
+    loss.backward()
+    assert torch.isfinite(b["1.weight"].grad).all()
