@@ -32,6 +32,7 @@ than it; every test and benchmark network gives the float64 answer exactly.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -261,6 +262,7 @@ def weight_matching(
     on_sweep: Callable[[int, float], None] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     cache_bytes: int | None = None,
+    objective: bool = True,
 ) -> tuple[Permutation, MatchInfo]:
     """Find permutations of B's units that match A's, by coordinate descent.
 
@@ -277,6 +279,9 @@ def weight_matching(
             by one sweep per sweep started.
         cache_bytes: memory for cached per-tensor cost contributions (default: the
             larger of 256 MiB and half the size of A's tensors); 0 turns the cache off.
+        objective: compute ``info.objective_before``/``_after`` (two passes over every
+            tensor; callers that only want the permutation, like the LMC refinement's
+            projections, skip them and get NaN).
 
     Returns:
         ``(perm, info)``: unit ``i`` of aligned B is unit ``perm[g][i]`` of B.
@@ -300,7 +305,7 @@ def weight_matching(
         cache_bytes = max(256 << 20, sum(t.numel() * t.element_size() for t in a.values()) // 2)
     cacheable = _cacheable(members, spec, cache_bytes)
     norms: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-    before = alignment_objective(a, b, spec, perm)
+    before = alignment_objective(a, b, spec, perm) if objective else math.nan
     rng = np.random.default_rng(seed)
     version = dict.fromkeys(groups, 0)  # bumped whenever a group's permutation changes
     seen: dict[str, tuple] = {}  # group -> its neighbours' versions when it was last solved
@@ -328,7 +333,7 @@ def weight_matching(
         if not improved:
             converged = True
             break
-    after = alignment_objective(a, b, spec, perm)
+    after = alignment_objective(a, b, spec, perm) if objective else math.nan
     del cache, work, norms
     if sum(t.numel() for t in a.values()) > 1 << 24:
         _release_freed_memory()  # a large run leaves hundreds of MiB of freed blocks in the heap

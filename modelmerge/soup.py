@@ -169,7 +169,7 @@ def _merge_many_wm(states, spec, w, max_iter, seed, on_progress):
             # equal shares when the others weigh nothing (a model at weight 1 still needs a frame)
             ws = [w[j] / share for j in others] if share > 0 else [1.0 / len(others)] * len(others)
             reference = average([aligned[j] for j in others], ws)
-            perm, _ = weight_matching(reference, states[i], spec, seed=seed + sweep, init=perms[i])
+            perm, _ = weight_matching(reference, states[i], spec, seed=seed + sweep, init=perms[i], objective=False)
             if any(not torch.equal(perm[g], perms[i][g]) for g in perm):
                 changed = True
                 perms[i] = perm

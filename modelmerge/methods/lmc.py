@@ -117,7 +117,7 @@ def refine_lmc(
     last = None
     for step in range(steps):
         frozen = {k: v.detach() for k, v in theta.items()}
-        perm, _ = weight_matching(frozen, b, spec, seed=seed + step, max_iter=max_iter, init=perm)
+        perm, _ = weight_matching(frozen, b, spec, seed=seed + step, max_iter=max_iter, init=perm, objective=False)
         projected = apply_permutation(b, spec, perm)
         # straight through: the forward sees the projection, the gradient reaches θ
         st = {k: (v + (projected[k].float() - v).detach() if v.requires_grad else projected[k])
