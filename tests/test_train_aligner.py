@@ -284,3 +284,14 @@ def test_batchnorm_zoos_train_and_evaluate_with_gradients_everywhere():
     torch.testing.assert_close(loss, reset)
     loss.backward()
     assert torch.isfinite(b["1.weight"].grad).all()
+
+
+def test_relative_loss_selects_by_ratio_to_weight_matching(tiny_zoo, tmp_path):
+    out = tmp_path / "rel"
+    r = runner.invoke(app, ["train-aligner", "--zoo", str(tiny_zoo), "-o", str(out), "--data", "digits", *TINY,
+                            "--relative-loss"])
+    assert r.exit_code == 0, r.output
+    card = json.loads((out / "aligner.json").read_text())
+    val = card["validation"]
+    assert val["metric"] == "barrier_ratio" and card["settings"]["relative"] is True
+    assert val["barrier_ratio"] == pytest.approx(val["barrier"] / val["weight_matching_barrier"])  # one zoo

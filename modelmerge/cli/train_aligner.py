@@ -60,6 +60,10 @@ def train_aligner_command(
     schedule: Annotated[str, typer.Option("--schedule", help="Learning rate: constant | onecycle.")] = "constant",
     val_every: Annotated[int, typer.Option("--val-every", min=0, help="Validate every N steps (0: per epoch).")
                          ] = 0,
+    relative: Annotated[
+        bool, typer.Option("--relative-loss", help="Divide each zoo's LMC loss by its networks' mean test loss and "
+                           "keep the checkpoint with the lowest mean validation barrier relative to weight matching.")
+    ] = False,
     max_minutes: Annotated[
         float, typer.Option("--max-minutes", min=0.0, help="Stop after this much training (0: no limit); "
                             "the best validated aligner is kept.")
@@ -117,7 +121,7 @@ def train_aligner_command(
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                              val_fraction=val_fraction, val_pairs=val_pairs, seed=seed, l2=l2_w, planted=planted_w,
                              alpha_range=(alpha_min, alpha_max), schedule=schedule, val_every=val_every,
-                             max_minutes=max_minutes)
+                             max_minutes=max_minutes, relative=relative)
     config = AlignerConfig(channels=channels, layers=layers, probes=probes, unroll=unroll, feature_dim=feature_dim,
                            weighted_costs=weighted_costs, readout_hidden=readout_hidden, output_dims=output_dims)
     command = "modelmerge " + " ".join(sys.argv[1:])
@@ -149,6 +153,8 @@ def train_aligner_command(
                f"{card['seconds']:.0f} s); best validation "
         if val.get("barrier") is not None:
             line += f"barrier {val['barrier']:.4f} (weight matching {val['weight_matching_barrier']:.4f})"
+            if val.get("barrier_ratio") is not None:
+                line += f", mean ratio to weight matching {val['barrier_ratio']:.3f}"
         else:
             line += f"L2 {val['l2']:.4f} (weight matching {val['weight_matching_l2']:.4f})"
         con.print(line)

@@ -77,6 +77,7 @@ class TrainSettings:
     schedule: str = "constant"
     val_every: int = 0
     max_minutes: float = 0.0
+    relative: bool = False
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -94,6 +95,7 @@ class Zoo:
     states: dict[str, torch.Tensor]  # name -> [Nz, ...]
     seeds: list[int]
     dataset: str | None
+    loss_scale: float = 1.0  # the networks' mean test loss (from the zoo's index), for relative losses
 
     @property
     def size(self) -> int:
@@ -137,7 +139,9 @@ def load_zoo_for_training(folder: str | Path) -> Zoo:
     chain = infer_chain(first)
     states = {k: torch.stack([ck.state[k] for ck in checkpoints]) for k in first}
     seeds = [m["seed"] for m in index["models"]]
-    return Zoo(str(folder), index["arch"], chain, chain.spec(first), states, seeds, index.get("dataset"))
+    losses = [m["test_loss"] for m in index["models"] if isinstance(m.get("test_loss"), (int, float))]
+    scale = float(np.mean(losses)) if losses and np.mean(losses) > 0 else 1.0
+    return Zoo(str(folder), index["arch"], chain, chain.spec(first), states, seeds, index.get("dataset"), scale)
 
 
 def align_stacked(model: DeepAlign, zoo: Zoo, a: Mapping, b: Mapping) -> list[torch.Tensor]:
@@ -370,7 +374,7 @@ class _Run:
         self.opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
         self.trained = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
             model, find_unused_parameters=True)
-        self.metric = "barrier" if lmc_w > 0 else "l2"
+        self.metric = ("barrier_ratio" if settings.relative else "barrier") if lmc_w > 0 else "l2"
         self.step = 0
         self.best = math.inf
         self.history: list = []
@@ -433,8 +437,11 @@ class _Run:
         scores = [p.validator.score(self.model, p.zoo) for p in self.parts]
         self.model.train()
         val = {"l2": _mean([x["l2"] for x in scores])}
-        if self.metric == "barrier":
+        if self.metric != "l2":
             val["barrier"] = _mean([x.get("barrier") for x in scores])
+        if self.metric == "barrier_ratio":  # each zoo's barrier over weight matching's on its pairs
+            val["barrier_ratio"] = _mean([x["barrier"] / max(p.validator.wm_barrier, 1e-6)
+                                          for x, p in zip(scores, self.parts)])
         self.history.append({"step": self.step, **val})
         if val[self.metric] < self.best:
             self.best = val[self.metric]
@@ -545,7 +552,7 @@ def _train_step(trained, zoo: Zoo, train_idx, settings, dataset, lmc_w, rng, gen
             lo, hi = settings.alpha_range
             alpha = lo + (hi - lo) * torch.rand(n, generator=gen)
             losses["lmc"] = lmc_loss(zoo.record, a, aligned, dataset.x_train[idx], dataset.y_train[idx], alpha)
-            total = total + lmc_w * losses["lmc"]
+            total = total + lmc_w * losses["lmc"] / (zoo.loss_scale if settings.relative else 1.0)
         if settings.l2 > 0:
             soft = {zoo.chain.group(l): sinkhorn(s, settings.sinkhorn_iters) for l, s in enumerate(reg)}
             losses["l2"] = l2_loss(a, soft_permute(b, zoo.spec, soft))
