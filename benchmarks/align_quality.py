@@ -37,6 +37,9 @@ FAMILIES = {
     # 6 Linear layers of width 100: a depth and width no training zoo has
     "digits-mlp-deep": ({"family": "mlp", "widths": [64, 100, 100, 100, 100, 100, 10], "activation": "relu"},
                         "digits"),
+    # the other depths auto trusts, at widths no training zoo has: 2 and 5 Linear layers
+    "digits-mlp-2": ({"family": "mlp", "widths": [64, 200, 10], "activation": "relu"}, "digits"),
+    "mnist1d-mlp-5": ({"family": "mlp", "widths": [40, 80, 80, 80, 80, 10], "activation": "relu"}, "mnist1d"),
     "digits-cnn": ({"family": "cnn", "input_shape": [1, 8, 8], "channels": [16, 32], "hidden": [64],
                     "batchnorm": False, "kernel": 3, "num_classes": 10, "activation": "relu"}, "digits"),
     "digits-cnn-bn": ({"family": "cnn", "input_shape": [1, 8, 8], "channels": [16, 32], "hidden": [64],
