@@ -9,8 +9,9 @@ Two ways to find the common frame:
   stops when a sweep changes nothing (or after ``max_iter`` sweeps). No model is
   privileged: the frame is the one the group converges to.
 * any other alignment method (``auto``, ``deep-align``, ``activation-matching``):
-  each model is aligned to the first one, pairwise, with that method (the
-  learned aligner reads pairs, so there is no joint version of it).
+  each model is aligned to the first one, pairwise, as ``align`` would (``auto``
+  with data also ranks weight matching and the LMC-refined answer); the learned
+  aligner reads pairs, so there is no joint version of it.
 
 The soup is ``sum_i w_i * aligned_i`` per floating-point tensor (integer
 buffers come from the first model). Every aligned model is verified to compute
@@ -142,8 +143,8 @@ def merge_many(
 
         perms, sweeps, converged = [identity_permutation(spec)], 0, None
         for i in range(1, n):
-            r = align(states[0], states[i], network=network, method=method, data=data, aligner=aligner,
-                      refine="none", seed=seed)
+            # align()'s defaults: auto with data also ranks weight matching and the LMC refinement
+            r = align(states[0], states[i], network=network, method=method, data=data, aligner=aligner, seed=seed)
             perms.append(r.perm)
             if on_progress is not None:
                 on_progress(i, n - 1)
