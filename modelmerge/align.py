@@ -165,8 +165,11 @@ def align(
         if net.data_note:
             notes.append(net.data_note)
     t1 = time.perf_counter()
-    answers = [methods.get("align", name).run(ctx, None)
-               for name in (["weight-matching"] if ranked and first != "weight-matching" else []) + [first]]
+    extra = []
+    if ranked:  # auto --data also ranks weight matching's and activation matching's answers
+        extra = [name for name in ("weight-matching", "activation-matching")
+                 if name != first and methods.get("align", name).unavailable(ctx) is None]
+    answers = [methods.get("align", name).run(ctx, None) for name in extra + [first]]
     ran = list(answers)
     if refine != "none":
         ran.append(methods.get("refine", refine).run(ctx, answers[-1]))

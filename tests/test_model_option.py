@@ -47,7 +47,7 @@ def test_auto_with_data_refines_any_model_through_its_real_forward(resnets, tmp_
             "--json")
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
-    assert set(report["candidates"]) == {"weight-matching", "weight-matching+lmc"}
+    assert set(report["candidates"]) == {"weight-matching", "activation-matching", "weight-matching+lmc"}
     # refinement keeps the best answer seen, weight matching's included
     assert report["candidates"]["weight-matching+lmc"] <= report["candidates"]["weight-matching"] + 1e-6
     assert report["verified"]["forward"] == "model"
@@ -64,7 +64,7 @@ def test_half_precision_checkpoints_refine_through_the_real_forward(tmp_path, sa
     r = run("align", *paths, "-o", out, "--model", "archs:ResNetish", "--data", "digits", "--refine-steps", "3",
             "--json")
     assert r.exit_code == 0, r.output
-    assert set(json.loads(r.stdout)["candidates"]) == {"weight-matching", "weight-matching+lmc"}
+    assert set(json.loads(r.stdout)["candidates"]) == {"weight-matching", "activation-matching", "weight-matching+lmc"}
     assert all(v.dtype == torch.float16 for k, v in load_checkpoint(out).state.items() if v.is_floating_point())
 
 

@@ -73,7 +73,7 @@ def test_auto_with_data_outside_every_family_refines_weight_matching(tmp_path, s
                             "--json"])
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
-    assert set(report["candidates"]) == {"weight-matching", "weight-matching+lmc"}
+    assert set(report["candidates"]) == {"weight-matching", "activation-matching", "weight-matching+lmc"}
     assert report["method"] == min(report["candidates"], key=report["candidates"].get)
     assert any("no bundled aligner" in n for n in report["notes"]) and out.is_file()
     assert "LMC refinement: 7/7" in r.stderr  # progress (plain lines when not a terminal)

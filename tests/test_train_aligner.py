@@ -132,7 +132,7 @@ def test_auto_with_data_reports_candidates(trained, tiny_zoo, tmp_path):
                             str(trained), "--data", "digits", "--json"])
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
-    assert set(report["candidates"]) == {"deep-align", "weight-matching", "deep-align+lmc"}
+    assert set(report["candidates"]) == {"deep-align", "weight-matching", "activation-matching", "deep-align+lmc"}
     assert report["method"] == min(report["candidates"], key=report["candidates"].get)
 
 
@@ -161,7 +161,8 @@ def test_auto_with_an_aligner_path_falls_back_out_of_family(trained, tmp_path, s
 def test_auto_with_data_honours_refine(trained, tiny_zoo, tmp_path):
     """--refine under auto --data changes the candidates instead of being dropped."""
     a, b = tiny_zoo / "model_00002.safetensors", tiny_zoo / "model_00003.safetensors"
-    expect = {"wm": {"deep-align", "weight-matching", "deep-align+wm"}, "none": {"deep-align", "weight-matching"}}
+    expect = {"wm": {"deep-align", "weight-matching", "activation-matching", "deep-align+wm"},
+              "none": {"deep-align", "weight-matching", "activation-matching"}}
     for refine, names in expect.items():
         r = runner.invoke(app, ["align", str(a), str(b), "-o", str(tmp_path / f"{refine}.safetensors"), "--aligner",
                                 str(trained), "--data", "digits", "--refine", refine, "--json"])
