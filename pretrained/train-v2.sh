@@ -4,8 +4,11 @@
 # CNN zoos (1-4 convs of 8-64 channels, with and without BatchNorm and pooling). Then one aligner per
 # family, trained on all its zoos with a one-cycle schedule and validated every 100 steps (best
 # checkpoint by validation barrier). Run from the repository root; on the 2-core machine of
-# docs/pretrained.md:
-#   bash pretrained/train-v2.sh mlp ./out 2 1 80 15
+# docs/pretrained.md (deepalign-mlp-v2 took two stages; deepalign-cnn-v2 the cnn line alone):
+#   bash pretrained/train-v2.sh mlp ./out 2 1 80 13 && mv ./out/mlp ./out/mlp-stage1
+#   ARGS="--init ./out/mlp-stage1 --relative-loss --batch-size 16 --lr 5e-4" \
+#     bash pretrained/train-v2.sh mlp ./out 2 1 35 10
+#   bash pretrained/train-v2.sh cnn ./out 1 1 40 30
 # usage: bash pretrained/train-v2.sh FAMILY OUT ZOO_JOBS TRAIN_THREADS MAX_MINUTES EPOCHS
 #   ZOO_JOBS      zoos trained at once (one thread each)
 #   TRAIN_THREADS torch threads for the aligner's training

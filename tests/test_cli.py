@@ -63,20 +63,21 @@ def test_align_json_goes_to_stdout(pair, tmp_path):
 
 
 def test_auto_uses_the_bundled_aligner_in_its_family(pair, tmp_path):
-    a, b = pair  # a 3-layer MLP: the bundled MLP aligner covers depths 3 and 4
+    a, b = pair  # a 3-layer MLP: the bundled MLP aligner covers depths 2 to 6
     r = run("align", a, b, "-o", tmp_path / "o.safetensors", "--json")
     report = json.loads(r.stdout)
-    assert report["method"] == "deep-align" and report["aligner"] == "deepalign-mlp-v1"
+    assert report["method"] == "deep-align" and report["aligner"] == "deepalign-mlp-v2"
     assert "learned" in report["seconds"] and report["verified"]["forward"] == "chain"
 
 
 def test_auto_falls_back_to_weight_matching_and_says_why(save_sd, tmp_path):
-    a = save_sd(mlp((12, 16, 5), seed=0).state_dict(), "a2.safetensors")  # 2 layers: not covered
-    b = save_sd(mlp((12, 16, 5), seed=1).state_dict(), "b2.safetensors")
+    widths = (12, 16, 16, 16, 16, 16, 16, 5)  # 7 layers: no bundled aligner was trained that deep
+    a = save_sd(mlp(widths, seed=0).state_dict(), "a7.safetensors")
+    b = save_sd(mlp(widths, seed=1).state_dict(), "b7.safetensors")
     r = run("align", a, b, "-o", tmp_path / "o.safetensors", "--json")
     report = json.loads(r.stdout)
     assert report["method"] == "weight-matching"
-    assert any("no bundled aligner covers a 2-layer MLP" in n for n in report["notes"])
+    assert any("no bundled aligner covers a 7-layer MLP" in n for n in report["notes"])
 
 
 def test_align_cnn_with_spec_file(save_sd, tmp_path):

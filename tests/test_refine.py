@@ -65,9 +65,10 @@ def test_bare_bias_free_mlp_runs_on_data_like_its_module():
 def test_auto_with_data_outside_every_family_refines_weight_matching(tmp_path, save_sd):
     from conftest import mlp
 
-    # five Linear layers: no bundled aligner covers that depth
-    a = save_sd(mlp([64, 24, 24, 24, 24, 10], seed=0).state_dict(), "a.safetensors")
-    b = save_sd(mlp([64, 24, 24, 24, 24, 10], seed=1).state_dict(), "b.safetensors")
+    # seven Linear layers: no bundled aligner covers that depth
+    widths = [64, 24, 24, 24, 24, 24, 24, 10]
+    a = save_sd(mlp(widths, seed=0).state_dict(), "a.safetensors")
+    b = save_sd(mlp(widths, seed=1).state_dict(), "b.safetensors")
     out = tmp_path / "o.safetensors"
     r = runner.invoke(app, ["align", str(a), str(b), "-o", str(out), "--data", "digits", "--refine-steps", "7",
                             "--json"])
