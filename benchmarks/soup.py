@@ -64,7 +64,7 @@ def main() -> None:
                                  check=True, capture_output=True, text=True)
             rows[name] = json.loads(out.stdout)
     first = next(iter(rows.values()))
-    individual = [first["scores"][p]["accuracy"] for p in paths]
+    individual = [first["scores"][f"model {i}"]["accuracy"] for i in range(1, len(paths) + 1)]
     mean_acc = statistics.mean(individual)
     print(f"### Soup of {args.models} {args.family} models — {date.today()} — {platform.machine()}, 1 thread, "
           f"torch {torch.__version__}")

@@ -83,6 +83,9 @@ def producers(network: Network) -> list[Producer]:
                 weight, bias = affine[-1].params["weight"], affine[-1].params.get("bias")
             out.append(Producer(weight.rsplit(".", 1)[0], chain.group(i), 1, weight, bias))
         return out
+    if network.forward_kind == "chain":
+        raise ModelMergeError("reading layer outputs needs the real forward when --spec differs from the inferred "
+                              "chain: pass --model pkg.module:Class")
     raise ModelMergeError(f"reading layer outputs {NO_FORWARD}")
 
 

@@ -54,7 +54,8 @@ def unit_statistics(network: Network, state: Mapping[str, torch.Tensor], x: torc
     stats = {}
 
     def tap(p: Producer, out: torch.Tensor) -> None:
-        stats[p.name] = _moments(out, p)
+        if p.name not in stats:  # a module called twice: its first call, as the correction uses
+            stats[p.name] = _moments(out, p)
 
     run_with_taps(network, state, x, tap)
     return stats

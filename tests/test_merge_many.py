@@ -65,7 +65,9 @@ def test_cli_soup_report_and_scores(tmp_path, save_sd):
     r = runner.invoke(app, ["merge", *paths, "-o", str(out), "--data", "digits", "--report", str(report)])
     assert r.exit_code == 0, r.output
     data = json.loads(report.read_text())
-    assert set(data["scores"]) == {*paths, "soup", "naive average"} and data["weights"] == pytest.approx([1 / 3] * 3)
+    assert set(data["scores"]) == {"model 1", "model 2", "model 3", "soup", "naive average"}
+    assert [data["scores"][f"model {i}"]["source"] for i in (1, 2, 3)] == paths
+    assert data["weights"] == pytest.approx([1 / 3] * 3)
     soup = load_checkpoint(out)
     expected = merge_many([load_checkpoint(p).state for p in paths], resolve_network(soup.state)).soup
     for k, v in expected.items():

@@ -118,8 +118,11 @@ def merge_command(
         task = network.shape_data(dataset)  # fits the network, before any work
         bn_x = network.bn_inputs(dataset) if reset_bn else None
         if repair:
+            from modelmerge.activations import producers
             from modelmerge.repair import repair_inputs
 
+            if not producers(network):  # fail before the alignment, not after it
+                raise ModelMergeError("--repair: no Linear/Conv/norm layer produces a permutation group's units")
             repair_x = repair_inputs(network, task.x_train, seed)
     reads_data = method in ("auto", "activation-matching")
     with progress_bar("aligning models") as bar:
@@ -164,9 +167,9 @@ def _scores(network, task, cks, soup, shares, reset_bn) -> dict:
 
     metric = network.metric(task, "test", reset_bn=reset_bn)
     out = {}
-    for ck in cks:
+    for i, ck in enumerate(cks, start=1):  # keyed by position: the same file may be given twice
         loss, acc = metric(ck.state)
-        out[ck.source] = {"loss": loss, "accuracy": acc}
+        out[f"model {i}"] = {"source": ck.source, "loss": loss, "accuracy": acc}
     loss, acc = network.metric(task, "test")(soup)
     out["soup"] = {"loss": loss, "accuracy": acc}
     loss, acc = metric(average([ck.state for ck in cks], shares))
@@ -192,8 +195,8 @@ def _summary(out: dict) -> None:
     worst = max(range(len(diffs)), key=lambda i: math.inf if diffs[i] is None else diffs[i])  # unverified first
     table.add_row("verified", f"{len(diffs)} aligned models; worst: {out['verified'][worst]}")
     for name, s in (out["scores"] or {}).items():
-        table.add_row(name if name in ("soup", "naive average") else Path(name).name,
-                      f"test loss {s['loss']:.4f}, accuracy {s['accuracy']:.4f}")
+        label = f"{name} ({Path(s['source']).name})" if "source" in s else name
+        table.add_row(label, f"test loss {s['loss']:.4f}, accuracy {s['accuracy']:.4f}")
     table.add_row("seconds", ", ".join(f"{k} {v:.3f}" for k, v in out["seconds"].items()))
     table.add_row("wrote", out["output"])
     con.print(table)

@@ -49,29 +49,34 @@ def unit_activations(network: Network, state: Mapping[str, torch.Tensor], x: tor
     return found
 
 
-def _standardised(acts: torch.Tensor) -> torch.Tensor:
-    acts = acts - acts.mean(0)
-    return acts / (acts.pow(2).mean(0).sqrt() + 1e-8)
-
-
 def correlations(network: Network, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
                  x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per group, ``[n, n]`` summed correlation of A's unit ``i`` with B's unit ``j`` on inputs ``x``."""
-    acts_a: dict[str, list[torch.Tensor]] = {}
-    acts_b: dict[str, list[torch.Tensor]] = {}
+    """Per group, ``[n, n]`` summed correlation of A's unit ``i`` with B's unit ``j`` on inputs ``x``.
+
+    Streamed over batches of inputs: per producing layer only running sums (of
+    each side, their squares and the A-B products) are kept, so memory does not
+    grow with the number of examples or positions.
+    """
+    sums: dict[tuple[str, int], list] = {}  # (group, layer) -> [count, sum A, sum B, sum A^2, sum B^2, A^T B]
     for start in range(0, len(x), _BATCH):
-        for acts, state in ((acts_a, a), (acts_b, b)):
-            for group, outs in unit_activations(network, state, x[start:start + _BATCH]).items():
-                acts.setdefault(group, []).append(outs)
-    out = {}
-    for group, batches in acts_a.items():
-        total = None
-        for layer in range(len(batches[0])):  # per producing layer, all batches' samples together
-            za = _standardised(torch.cat([bt[layer] for bt in batches]))
-            zb = _standardised(torch.cat([bt[layer] for bt in acts_b[group]]))
-            corr = za.T @ zb / len(za)
-            total = corr if total is None else total + corr
-        out[group] = total
+        batch = x[start:start + _BATCH]
+        acts_a, acts_b = unit_activations(network, a, batch), unit_activations(network, b, batch)
+        for group, outs in acts_a.items():
+            for layer, (ua, ub) in enumerate(zip(outs, acts_b[group])):
+                acc = sums.setdefault((group, layer), [0, 0.0, 0.0, 0.0, 0.0, 0.0])
+                acc[0] += len(ua)
+                acc[1] += ua.sum(0)
+                acc[2] += ub.sum(0)
+                acc[3] += ua.pow(2).sum(0)
+                acc[4] += ub.pow(2).sum(0)
+                acc[5] += ua.T @ ub
+    out: dict[str, torch.Tensor] = {}
+    for (group, _), (n, sa, sb, qa, qb, cross) in sums.items():
+        mu_a, mu_b = sa / n, sb / n
+        sd_a = (qa / n - mu_a**2).clamp_min(0).sqrt() + 1e-8
+        sd_b = (qb / n - mu_b**2).clamp_min(0).sqrt() + 1e-8
+        corr = (cross / n - mu_a[:, None] * mu_b[None, :]) / (sd_a[:, None] * sd_b[None, :])
+        out[group] = corr if group not in out else out[group] + corr
     return out
 
 
