@@ -85,3 +85,32 @@ def test_class_count_of_a_dataset_with_an_empty_split():
 
     d = Dataset("tiny", torch.zeros(2, 3), torch.tensor([0, 4]), torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
     assert d.num_classes == 5
+
+
+def test_batchnorm_candidates_are_scored_after_a_reset(tmp_path):
+    """auto --data ranks BN merges as --reset-bn would use them: statistics recomputed on the scoring examples."""
+    import copy
+
+    import numpy as np
+    from conftest import VGGish
+
+    from modelmerge.data import from_file
+    from modelmerge.methods.lmc import score
+
+    a, b = VGGish(seed=0).state_dict(), VGGish(seed=1).state_dict()
+    network = resolve_network(a, module=VGGish(seed=0), input_shape=(1, 8, 8))
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((40, 1, 8, 8)).astype("float32"),
+             y=np.arange(40) % 4)
+    data = network.shape_data(from_file(tmp_path / "d.npz"))
+    perm = identity_permutation(network.spec)
+    by_hand = copy.deepcopy(VGGish(seed=0))
+    by_hand.load_state_dict({k: 0.5 * a[k] + 0.5 * b[k] if a[k].is_floating_point() else a[k] for k in a})
+    for m in by_hand.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    x, y = selection_batch(data)
+    with torch.no_grad():
+        by_hand.train()(x)  # one batch: the statistics of exactly these examples
+        expected = float(torch.nn.functional.cross_entropy(by_hand.eval()(x), y))
+    assert abs(score(network, a, b, perm, data) - expected) < 1e-5

@@ -61,9 +61,27 @@ def selection_batch(data: Dataset, limit: int = SELECTION_LIMIT) -> tuple[torch.
 
 
 def score(network: Network, a, b, perm: Permutation, data: Dataset) -> float:
-    """The α = 0.5 merge's loss on the selection batch for ``perm``: how candidates are ranked."""
+    """The α = 0.5 merge's loss on the selection batch for ``perm``: how candidates are ranked.
+
+    A network with BatchNorm (and a module to run) is scored with the merge's
+    BatchNorm statistics recomputed on the same examples, as ``--reset-bn`` would
+    use it: interpolated running statistics misjudge every merge (variance
+    collapse), and would rank candidates by that rather than by their alignment.
+    """
+    x, y = selection_batch(data)
     with torch.no_grad():
-        return float(merged_loss(network, a, apply_permutation(b, network.spec, perm), *selection_batch(data)))
+        aligned = apply_permutation(b, network.spec, perm)
+        if not _has_batchnorm(network):
+            return float(merged_loss(network, a, aligned, x, y))
+        merged = {k: mix(v, aligned[k], 0.5).to(v.dtype) if v.is_floating_point() else v for k, v in a.items()}
+        merged = network.reset_bn(merged, x)
+        return float(F.cross_entropy(network.forward(merged, x), y))
+
+
+def _has_batchnorm(network: Network) -> bool:
+    from modelmerge.bnreset import has_batchnorm
+
+    return network.module is not None and has_batchnorm(network.module)
 
 
 def refine_lmc(
