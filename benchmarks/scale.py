@@ -8,6 +8,8 @@ commands run as child processes, one at a time:
 
     modelmerge align A B -o B_al --model benchmarks.scale_models:CLASS --method weight-matching --json
     modelmerge interpolate A B_al -o MERGED            (with --interpolate)
+    modelmerge evaluate A B_al --dataset RANDOM.npz --model … --alphas 3   (with --evaluate: 64 random
+                                                        inputs of the model's shape, 10 classes)
 
 Each child's peak RSS is read from its own rusage (``os.wait4``), so one
 child's peak never hides another's. A child running past ``--timeout`` is
@@ -92,7 +94,8 @@ def run_child(args: list[str], timeout: float, cwd: Path) -> dict:
                 "stdout": out.read(), "stderr": err.read()[-2000:]}
 
 
-def bench(name: str, folder: Path, timeout: float, max_iter: int, interpolate: bool, bn_affine: bool) -> dict:
+def bench(name: str, folder: Path, timeout: float, max_iter: int, interpolate: bool, bn_affine: bool,
+          evaluate: bool = False) -> dict:
     from benchmarks.scale_models import MODELS
 
     target, shape = MODELS[name]
@@ -120,6 +123,17 @@ def bench(name: str, folder: Path, timeout: float, max_iter: int, interpolate: b
             res = run_child(["interpolate", a, out, "-o", merged, "--force"], timeout, ROOT)
             row["interp_rss"] = res["rss"] if res["rc"] == 0 else None
             merged.unlink(missing_ok=True)
+        if evaluate:
+            import numpy as np
+
+            data = folder / f"{name}_data.npz"
+            dims = [int(d) for d in shape.split(",")]
+            np.savez(data, x=np.random.default_rng(0).standard_normal((64, *dims)).astype("float32"),
+                     y=np.arange(64) % 10)
+            res = run_child(["evaluate", a, out, "--dataset", data, "--model", target, "--input-shape", shape,
+                             "--alphas", 3, "--threads", 1, "--json"], timeout, ROOT)
+            row["eval_rss"] = res["rss"] if res["rc"] == 0 else None
+            data.unlink(missing_ok=True)
     for p in (a, b, out):
         p.unlink(missing_ok=True)
     return row
@@ -129,11 +143,13 @@ def _mb(n) -> str:
     return "-" if n is None else f"{n / 2**20:,.0f}"
 
 
-def table(rows: list[dict], interpolate: bool) -> str:
+def table(rows: list[dict], interpolate: bool, evaluate: bool = False) -> str:
     head = ["model", "groups / units", "A+B MiB", "align s (total)", "weight_matching s", "sweeps",
             "objective before -> after", "align peak RSS MiB", "RSS / (A+B)"]
     if interpolate:
         head.append("interpolate peak RSS MiB")
+    if evaluate:
+        head.append("evaluate peak RSS MiB (/ (A+B))")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         ok = r["status"] == "ok"
@@ -150,6 +166,9 @@ def table(rows: list[dict], interpolate: bool) -> str:
         ]
         if interpolate:
             cells.append(_mb(r.get("interp_rss")))
+        if evaluate:
+            rss = r.get("eval_rss")
+            cells.append("-" if rss is None else f"{_mb(rss)} ({rss / r['size']:.2f}x)")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -162,6 +181,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per align run before it is killed")
     ap.add_argument("--max-iter", type=int, default=100)
     ap.add_argument("--interpolate", action="store_true", help="also measure `interpolate A B_aligned` peak RSS")
+    ap.add_argument("--evaluate", action="store_true", help="also measure `evaluate A B_aligned` peak RSS")
     ap.add_argument("--bn-affine", action="store_true",
                     help="also randomise BatchNorm weight and bias (a harder, near rank-one cost; see the docs)")
     ap.add_argument("--folder", type=Path, default=None, help="where to write checkpoints (default: a temp folder)")
@@ -175,13 +195,13 @@ def main() -> None:
         folder = args.folder or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         for name in args.models:
-            row = bench(name, folder, args.timeout, args.max_iter, args.interpolate, args.bn_affine)
+            row = bench(name, folder, args.timeout, args.max_iter, args.interpolate, args.bn_affine, args.evaluate)
             rows.append(row)
             print(f"{name}: {row}", file=sys.stderr, flush=True)
     print(f"#### Real model sizes - {date.today()} - {platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, 1 thread")
     print(f"command: `python benchmarks/scale.py {' '.join(sys.argv[1:])}`\n")
-    print(table(rows, args.interpolate))
+    print(table(rows, args.interpolate, args.evaluate))
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
