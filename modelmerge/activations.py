@@ -113,7 +113,8 @@ def run_with_taps(network: Network, state: Mapping[str, torch.Tensor], x: torch.
             return lambda _m, _i, out: tap(p, out)
 
         try:
-            hooks = [modules[p.name].register_forward_hook(hook(p)) for p in found]
+            for p in found:
+                hooks.append(modules[p.name].register_forward_hook(hook(p)))
             network.module_forward(state, x)
         finally:
             for h in hooks:
@@ -121,15 +122,13 @@ def run_with_taps(network: Network, state: Mapping[str, torch.Tensor], x: torch.
         return
     from modelmerge.forward import chain_forward
 
-    by_layer = {}
-    for i, layer in enumerate(network.chain.layers[:-1]):
-        keys = {layer.weight} | {k for n in layer.norms for k in n.params.values()}
-        by_layer[i] = next((p for p in found if p.weight in keys), None)
+    chain = network.chain
+    by_group = {p.group: p for p in found}  # a chain's hidden layer i produces group chain.group(i) alone
     floats = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
     def on_layer(i: int, out: torch.Tensor) -> torch.Tensor | None:
-        p = by_layer.get(i)
+        p = by_group.get(chain.group(i)) if i < len(chain.layers) - 1 else None
         return tap(p, out) if p is not None else None
 
     with torch.no_grad():
-        chain_forward(network.chain, floats, x, on_layer=on_layer)
+        chain_forward(chain, floats, x, on_layer=on_layer)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from modelmerge import methods
+from modelmerge.data import Dataset
 from modelmerge.errors import ModelMergeError, check_seed
 from modelmerge.matching import alignment_objective
 from modelmerge.merge import check_same_architecture
@@ -99,7 +100,7 @@ def align(
     method: str = "auto",
     aligner: str | None = None,
     refine: str | None = None,
-    data: str | None = None,
+    data: str | Dataset | None = None,
     seed: int = 0,
     max_iter: int = 100,
     refine_steps: int = 100,
@@ -123,7 +124,7 @@ def align(
         refine: ``"none"``, ``"wm"`` (weight matching from the answer) or ``"lmc"``
             (a short LMC optimisation from it; needs ``data``). Default: ``"lmc"``
             for ``auto`` with ``data``, else ``"none"``.
-        data: dataset name or file. With ``auto``, the answer, weight matching's and
+        data: dataset name or file (or a loaded ``Dataset``). With ``auto``, the answer, weight matching's and
             the refined one are all candidates and the merge with the lowest loss
             at α = 0.5 (training split) wins.
         seed: seeds the methods' randomness and the verification inputs.

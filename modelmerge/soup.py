@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from modelmerge.data import Dataset
 from modelmerge.errors import ModelMergeError
 from modelmerge.merge import check_same_architecture
 from modelmerge.network import Network
@@ -101,7 +102,7 @@ def merge_many(
     *,
     weights: Sequence[float] | None = None,
     method: str = "weight-matching",
-    data: str | None = None,
+    data: str | Dataset | None = None,
     aligner: str | None = None,
     max_iter: int = 20,
     seed: int = 0,
@@ -114,7 +115,8 @@ def merge_many(
         network: their resolved network (spec and forward).
         weights: each model's share of the soup (default: equal).
         method: ``"weight-matching"`` (MergeMany) or an ``align`` method (pairwise to the first model).
-        data: ``--data`` for methods that read it (``activation-matching``, ``auto``).
+        data: ``--data`` for methods that read it (``activation-matching``, ``auto``): a name or
+            file, or a loaded ``Dataset`` (read once for all the models).
         aligner: ``--aligner`` for ``auto``/``deep-align``.
         max_iter: MergeMany sweeps at most.
         seed: visiting order and verification inputs.

@@ -73,3 +73,13 @@ def test_needs_data_and_says_so_in_one_line(tmp_path, save_sd):
                             "--data", "digits", "--json"])
     assert r.exit_code == 0, r.output
     assert out.exists()
+
+
+def test_a_loaded_dataset_serves_like_its_name():
+    """merge hands align() the Dataset it loaded once; the answer is the same as from the name."""
+    from modelmerge.data import load_dataset
+
+    a, b = mlp([64, 12, 10], seed=0).state_dict(), mlp([64, 12, 10], seed=1).state_dict()
+    by_name = align(a, b, method="activation-matching", data="digits")
+    by_object = align(a, b, method="activation-matching", data=load_dataset("digits"))
+    assert all(torch.equal(by_name.perm[g], by_object.perm[g]) for g in by_name.perm)

@@ -98,7 +98,7 @@ def align_command(
     set_threads(threads)
     ck_a, ck_b = load_checkpoint(a, revision), load_checkpoint(b, revision)
     network = resolve(ck_a.state, spec, ck_a.arch, model, model_kwargs, input_shape, assume_chain)
-    task = load_dataset(data) if data is not None else None
+    task = load_dataset(data) if reset_bn or repair else None  # align() loads it itself when it reads it
     dataset = network.bn_inputs(task) if reset_bn else None  # checked before any work
     repair_x = None
     if repair:

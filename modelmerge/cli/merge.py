@@ -110,7 +110,7 @@ def merge_command(
     set_threads(threads)
     cks = [load_checkpoint(m, revision) for m in models]
     network = resolve(cks[0].state, spec, cks[0].arch, model, model_kwargs, input_shape, assume_chain)
-    task = bn_x = repair_x = None
+    dataset = task = bn_x = repair_x = None
     if data is not None:
         from modelmerge.data import load_dataset
 
@@ -127,7 +127,7 @@ def merge_command(
     reads_data = method in ("auto", "activation-matching")
     with progress_bar("aligning models") as bar:
         result = merge_many([ck.state for ck in cks], network, weights=shares, method=method,
-                            data=data if reads_data else None, aligner=aligner, max_iter=max_iter, seed=seed,
+                            data=dataset if reads_data else None, aligner=aligner, max_iter=max_iter, seed=seed,
                             on_progress=lambda done, total: bar(done, total, "model visits"))
     soup = network.reset_bn(result.soup, bn_x) if bn_x is not None else result.soup
     if repair_x is not None:

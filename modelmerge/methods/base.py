@@ -56,7 +56,7 @@ class Context:
         network: A's resolved network (B has the same keys and shapes).
         seed, max_iter, refine_steps: the options of ``align``.
         aligner: ``--aligner`` (a bundled name or trained folder/file), or None for the default.
-        data: ``--data`` (a dataset name or file), or None.
+        data: ``--data`` (a dataset name or file, or a loaded ``Dataset``), or None.
         on_refine: progress of long refinements: (steps done, steps, best loss so far).
         on_progress: progress of weight matching: (group visits done, estimated total).
         cache: values shared by methods (the loaded aligner, the shaped dataset).
@@ -87,11 +87,13 @@ class Context:
             ModelMergeError: no ``--data``, or the network cannot run on data.
             DataError: the data does not fit the network.
         """
-        from modelmerge.data import load_dataset
+        from modelmerge.data import Dataset, load_dataset
 
         if self.data is None:
             raise ModelMergeError("this method needs --data (a dataset name or file)")
-        return self.once("task", lambda: self.network.shape_data(load_dataset(self.data)))
+        # a Dataset already in memory (e.g. one merge aligning many models) is not loaded again
+        raw = (lambda: self.data) if isinstance(self.data, Dataset) else (lambda: load_dataset(self.data))
+        return self.once("task", lambda: self.network.shape_data(raw()))
 
 
 @dataclass(frozen=True)

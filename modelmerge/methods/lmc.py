@@ -119,7 +119,6 @@ def refine_lmc(
         ModelMergeError: no training data.
     """
     spec = network.spec
-    x_sel, y_sel = selection_batch(data)
     gen = torch.Generator().manual_seed(seed)
 
     def loss_of(perm) -> float:
