@@ -28,6 +28,7 @@ _LAZY = {
     "load_checkpoint": "modelmerge.checkpoint",
     "save_checkpoint": "modelmerge.checkpoint",
     "PermutationSpec": "modelmerge.spec",
+    "HeadSet": "modelmerge.spec",
     "infer_spec": "modelmerge.spec",
     "infer_chain": "modelmerge.spec",
     "apply_permutation": "modelmerge.permutation",

@@ -67,7 +67,7 @@ def producers(network: Network) -> list[Producer]:
                     mod, nn.modules.conv._ConvTransposeNd):
                 continue
             axes = spec.axes.get(_key(name, "weight"))
-            if axes and axes[0] is not None:
+            if axes and isinstance(axes[0], str):  # a packed (segmented) output is several groups: not one producer
                 bias = _key(name, "bias") if getattr(mod, "bias", None) is not None else None
                 out.append(Producer(name, axes[0], 1 if isinstance(mod, _CHANNEL_FIRST) else -1,
                                     _key(name, "weight"), bias))

@@ -175,8 +175,23 @@ def _compare(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Ten
         raise ArchError(f"the checkpoint does not fit {what} ({detail})")
 
 
+def tied_keys(module: nn.Module) -> dict[str, str]:
+    """Keys of ``module``'s state dict that name a tensor an earlier key already names (tied weights,
+    e.g. GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``): alias -> first name."""
+    first: dict[int, str] = {}
+    out = {}
+    for k, t in module.state_dict(keep_vars=True).items():
+        owner = first.setdefault(id(t), k)
+        if owner != k:
+            out[k] = owner
+    return out
+
+
 def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> nn.Module:
     """Load ``state`` into ``module`` strictly (eval mode), or say which keys do not fit.
+
+    A tied weight may be saved once (``save_pretrained`` drops ``lm_head.weight``): a key
+    missing from ``state`` whose tensor is another key's is filled from that key.
 
     Args:
         module: the model to fill.
@@ -186,6 +201,12 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str)
     Raises:
         ArchError: missing, unexpected or wrongly shaped keys (named, sorted).
     """
+    state = dict(state)
+    for alias, owner in tied_keys(module).items():
+        if alias not in state and owner in state:
+            state[alias] = state[owner]
+        elif owner not in state and alias in state:
+            state[owner] = state[alias]
     _compare(module.state_dict(), state, what)
-    module.load_state_dict(dict(state))
+    module.load_state_dict(state)
     return module.eval()

@@ -10,6 +10,15 @@ relative to the group's current score (the gain measured in float64), so the
 objective never drops; a sweep in which no group changes ends the search, as
 does ``max_iter`` sweeps.
 
+Structured specs. A parameter with a segmented axis (a concatenation, e.g. a
+packed attention projection) is split into per-segment views with plain axes
+(a cartesian product when several axes are segmented), so everything below runs
+on them unchanged. The groups of a head set are solved jointly in one step
+(:func:`solve_structured`: a within-chunk assignment per chunk pair and member,
+then one assignment of chunks), and the answer is adopted only if its exact
+float64 gain over the parameters they touch is positive. Specs with neither
+take the plain path.
+
 How it is made fast (ResNet-50, 11,456 units: 36 s -> about 5 s, the same
 answer; docs/benchmarks.md). Only float32 round-off can change an answer, by
 changing the solver's choice between assignments whose costs differ by less
@@ -32,6 +41,7 @@ than it; every test and benchmark network gives the float64 answer exactly.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -40,14 +50,17 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from modelmerge.errors import SpecError
 from modelmerge.permutation import (
     Permutation,
     axis_index,
     check_permutation,
+    entry_index,
     identity_permutation,
     permute_param,
+    structured_permutation,
 )
-from modelmerge.spec import PermutationSpec
+from modelmerge.spec import Axes, PermutationSpec
 
 
 @dataclass(frozen=True)
@@ -237,12 +250,12 @@ def alignment_objective(
     return total
 
 
-def _dot(ta: torch.Tensor, tb: torch.Tensor, axes: tuple[str | None, ...], perm) -> float:
+def _dot(ta: torch.Tensor, tb: torch.Tensor, axes: Axes, perm) -> float:
     """``<A, P(B)>`` in float64 (exact products), permuting B a slice of its first axis at a time."""
     if ta.ndim == 0 or ta.numel() <= _CHECK_BLOCK:
         pb = permute_param(tb, axes, perm)
         return float(torch.dot(ta.reshape(-1).to(torch.float64), pb.reshape(-1).to(torch.float64)))
-    first = axis_index(perm[axes[0]], ta.shape[0]) if axes[0] is not None else torch.arange(ta.shape[0])
+    first = entry_index(axes[0], perm, ta.shape[0]) if axes[0] is not None else torch.arange(ta.shape[0])
     step = max(1, _CHECK_BLOCK // (ta.numel() // ta.shape[0]))
     total = 0.0
     for s in range(0, ta.shape[0], step):
@@ -293,6 +306,8 @@ def weight_matching(
     spec.check(b, "second checkpoint")
     perm = {g: p.clone() for g, p in (init or identity_permutation(spec)).items()}
     check_permutation(spec, perm)
+    if spec.segmented:  # per-segment views with plain axes: the same objective, the same groups
+        a, b, spec = _segment_views(a, b, spec)
     groups = list(spec.groups)
     members: dict[str, list[_Member]] = {}
     for g in groups:
@@ -308,15 +323,30 @@ def weight_matching(
     before = alignment_objective(a, b, spec, perm) if objective else math.nan
     rng = np.random.default_rng(seed)
     version = dict.fromkeys(groups, 0)  # bumped whenever a group's permutation changes
-    seen: dict[str, tuple] = {}  # group -> its neighbours' versions when it was last solved
+    seen: dict = {}  # group (or head set) -> its neighbours' versions when it was last solved
     cache: dict[tuple[str, int | None], _Cached] = {}
     work: dict = {}  # reused buffers per matrix size: float32 costs (n) and float64 solver input (-n)
-    visits, sweeps, converged = 0, 0, not groups
-    while groups and sweeps < max_iter:
+    # what one step solves: a group, or (plain specs have none) a head set's groups together
+    units: list = groups if not spec.heads else _step_units(spec)
+    touched = {} if not spec.heads else _head_params(spec, a)
+    visits, sweeps, converged = 0, 0, not units
+    while units and sweeps < max_iter:
         sweeps += 1
         improved = False
-        for gi in rng.permutation(len(groups)):
-            g = groups[gi]
+        for gi in rng.permutation(len(units)):
+            g = units[gi]
+            if not isinstance(g, str):  # a head set: its groups in one step
+                key = tuple(version[h] for m_g in spec.heads[g[1]].groups for m in members[m_g] for _, h in m.others)
+                if seen.get(g) != key:
+                    seen[g] = key
+                    for h in _improve_heads(g[1], spec, members, a, b, perm, version, cache, cacheable, work,
+                                            touched[g[1]]):
+                        version[h] += 1
+                        improved = True
+                visits += 1
+                if on_progress is not None:
+                    on_progress(visits, len(units) * min(sweeps + 1, max_iter))
+                continue
             n = spec.groups[g]
             key = tuple(version[h] for m in members[g] for _, h in m.others)
             if seen.get(g) != key:  # else its cost matrix, hence its answer, is unchanged
@@ -327,7 +357,7 @@ def weight_matching(
                     improved = True
             visits += 1
             if on_progress is not None:
-                on_progress(visits, len(groups) * min(sweeps + 1, max_iter))
+                on_progress(visits, len(units) * min(sweeps + 1, max_iter))
         if on_sweep is not None:
             on_sweep(sweeps, alignment_objective(a, b, spec, perm))
         if not improved:
@@ -487,3 +517,153 @@ def _improve(g: str, n: int, cost: torch.Tensor, updates: list[int], members: li
         perm[g] = cols
         return True
     return False
+
+
+# --------------------------------------------------------------------------- structured specs
+
+
+def _segment_views(a, b, spec: PermutationSpec) -> tuple[dict, dict, PermutationSpec]:
+    """Split every parameter with a segmented axis into views with plain axes.
+
+    A view is the part of the tensor where each segmented axis is narrowed to one
+    of its segments (every combination, when several axes are segmented); its entry
+    on that axis is the segment's group (or None). The views cover the tensor
+    exactly, so objectives and cost matrices are unchanged. View names end with the
+    parameter's name (BatchNorm statistics stay recognisable to :func:`_counts`).
+    """
+    av, bv, axes = {}, {}, {}
+    for p, ax in spec.axes.items():
+        if all(e is None or isinstance(e, str) for e in ax):
+            av[p], bv[p], axes[p] = a[p], b[p], ax
+            continue
+        choices = [[(None, e, 0, 0)] if e is None or isinstance(e, str)
+                   else [(j, g, start, n) for j, (g, start, n) in enumerate(spec.segments(p, d, a[p].shape[d]))]
+                   for d, e in enumerate(ax)]
+        for combo in itertools.product(*choices):
+            ta, tb = a[p], b[p]
+            for d, (j, _, start, n) in enumerate(combo):
+                if j is not None:
+                    ta, tb = ta.narrow(d, start, n), tb.narrow(d, start, n)
+            name = "\0" + ",".join("" if j is None else str(j) for j, *_ in combo) + "\0" + p
+            av[name], bv[name], axes[name] = ta, tb, tuple(g for _, g, _, _ in combo)
+    return av, bv, PermutationSpec(spec.groups, axes, spec.heads)
+
+
+def _step_units(spec: PermutationSpec) -> list:
+    """Groups outside head sets, and ``("heads", name)`` for each head set, in spec order."""
+    units: list = []
+    done: set[str] = set()
+    for g in spec.groups:
+        name = spec.head_of(g)
+        if name is None:
+            units.append(g)
+        elif name not in done:
+            done.add(name)
+            units.append(("heads", name))
+    return units
+
+
+def _head_params(spec: PermutationSpec, a) -> dict[str, list[str]]:
+    """Per head set, the counted parameters some member group acts on (those its gain is measured on)."""
+    out = {}
+    for name, hs in spec.heads.items():
+        found = dict.fromkeys(p for g in hs.groups for p, _ in spec.members(g) if _counts(p, a[p]))
+        out[name] = list(found)
+    return out
+
+
+def _improve_heads(name: str, spec: PermutationSpec, members, a, b, perm, version, cache, cacheable, work,
+                   params: list[str]) -> list[str]:
+    """Solve head set ``name``'s groups jointly; adopt the answer if its exact float64 gain is positive.
+
+    Returns the groups whose permutation changed (none if the answer was refused).
+    """
+    hs = spec.heads[name]
+    costs = {}
+    for g in hs.groups:
+        cost, _ = _cost(g, spec.groups[g], members[g], a, b, perm, version, cache, cacheable, work)
+        costs[g] = cost.double()  # a copy: the work buffer is shared by equal sizes
+    new = solve_structured(spec, costs)
+    changed = [g for g in hs.groups if not torch.equal(new[g], perm[g])]
+    if not changed:
+        return []
+    trial = {**perm, **{g: new[g] for g in changed}}
+    old = gain = 0.0
+    for p in params:
+        before = _dot(a[p], b[p], spec.axes[p], perm)
+        old += before
+        gain += _dot(a[p], b[p], spec.axes[p], trial) - before
+    if gain > 1e-12 * max(1.0, abs(old)):
+        perm.update({g: new[g] for g in changed})
+        return changed
+    return []
+
+
+def solve_structured(spec: PermutationSpec, gains: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Permutations maximising the total gain ``sum_g sum_i gains[g][i, perm[g][i]]``, valid for ``spec``.
+
+    Groups outside head sets are solved one by one (a linear assignment each). The
+    groups of a head set are solved together, exactly: for every chunk pair ``(x, y)``
+    each non-rigid member's ``c x c`` block ``gains[g][x*c:(x+1)*c, y*c:(y+1)*c]`` is
+    solved as an assignment (a rigid member scores the block's trace), the members'
+    scores are summed into an ``H x H`` matrix, whose assignment is the shared chunk
+    permutation. A member missing from ``gains`` counts zero, keeps its chunks' order,
+    and is still moved with its head set (it is in the answer).
+
+    Args:
+        spec: the spec (group sizes, head sets).
+        gains: group -> ``[n, n]`` gain of matching unit ``i`` (of A) with unit ``j`` (of B).
+
+    Returns:
+        group -> LongTensor ``[n]``: unit ``i`` takes B's unit ``perm[i]``; for every
+        group of ``gains`` and every member of a head set one of them belongs to.
+
+    Raises:
+        SpecError: a gain matrix is not ``[n, n]`` for its group's size ``n``.
+    """
+    for g, gain in gains.items():
+        n = spec.groups.get(g)
+        if n is None or tuple(gain.shape) != (n, n):
+            raise SpecError(f"gain matrix for group {g!r} has shape {list(gain.shape)}; expected [{n}, {n}]")
+    out: dict[str, torch.Tensor] = {}
+    for g, gain in gains.items():
+        name = spec.head_of(g)
+        if name is None:
+            _, cols = linear_sum_assignment(gain.detach().to(torch.float64).cpu().numpy(), maximize=True)
+            out[g] = torch.as_tensor(cols, dtype=torch.long)
+        elif g not in out:
+            out.update(_solve_head_set(spec, name, gains))
+    return out
+
+
+def _solve_head_set(spec: PermutationSpec, name: str, gains: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The exact maximiser of a head set's summed gains over its structured permutations."""
+    hs = spec.heads[name]
+    heads = hs.count
+    score = np.zeros((heads, heads))
+    within: dict[str, np.ndarray] = {}  # group -> [x, y, c]: best within-chunk answer, chunk x taking chunk y
+    for g in hs.groups:
+        if g not in gains:
+            continue
+        c = hs.chunk(spec.groups[g])
+        # [x, i, y, j] -> [x, y, i, j]: the block of chunk x of A against chunk y of B
+        blocks = gains[g].detach().to(torch.float64).cpu().reshape(heads, c, heads, c).permute(0, 2, 1, 3).numpy()
+        if g in hs.rigid or c == 1:
+            score += np.trace(blocks, axis1=2, axis2=3)
+            continue
+        best = np.empty((heads, heads, c), dtype=np.int64)
+        rows = np.arange(c)
+        for x in range(heads):
+            for y in range(heads):
+                _, cols = linear_sum_assignment(blocks[x, y], maximize=True)
+                best[x, y] = cols
+                score[x, y] += blocks[x, y, rows, cols].sum()
+        within[g] = best
+    _, pi = linear_sum_assignment(score, maximize=True)
+    out = {}
+    for g in hs.groups:
+        c = hs.chunk(spec.groups[g])
+        w = within[g][np.arange(heads), pi] if g in within else np.broadcast_to(np.arange(c), (heads, c))
+        out[g] = structured_permutation(torch.as_tensor(pi, dtype=torch.long),
+                                        torch.as_tensor(np.ascontiguousarray(w), dtype=torch.long))
+    return out

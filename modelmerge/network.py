@@ -30,6 +30,8 @@ from modelmerge.spec import Chain, PermutationSpec, infer_chain
 
 #: spatial side of the random inputs that verify a bare conv chain (its real input size is not in the weights)
 CHAIN_SPATIAL = 8
+#: below this fraction of permutable hidden units, a traced network warns that alignment can do little
+LOW_COVERAGE = 0.1
 NO_DATA = ("running this checkpoint on data needs its real forward: pass --model pkg.module:Class, or use a "
             "checkpoint with an architecture record (bare checkpoints run only as plain Linear MLPs)")
 
@@ -173,7 +175,11 @@ class Network:
                                   f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
     def random_inputs(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """``[n, *input_shape]`` Gaussian inputs (independent of any model), for verification."""
+        """``[n, *input_shape]`` Gaussian inputs (independent of any model), for verification; random token
+        ids for a model that reads tokens."""
+        vocab = token_vocab(self.module) if self.module is not None else None
+        if vocab is not None:
+            return torch.randint(0, vocab, (n, *self.input_shape), generator=generator)
         return torch.randn((n, *self.input_shape), generator=generator, dtype=torch.float32)
 
     # ------------------------------------------------------------ data
@@ -356,8 +362,12 @@ def resolve_network(
     elif module is not None:
         from modelmerge.trace import trace_spec
 
-        traced = trace_spec(module)
-        chosen, source, warnings = traced.spec, "traced", tuple(traced.warnings)
+        traced = trace_spec(module, input_shape=input_shape)
+        chosen, source, warnings = _saved_keys(traced.spec, state, module), "traced", tuple(traced.warnings)
+        if traced.units and traced.fraction < LOW_COVERAGE:
+            low = (f"only {traced.permutable} of {traced.units} hidden units ({traced.fraction:.0%}) can be permuted: "
+                   "alignment can do little for this model (see the notes above, or pass --spec)")
+            warnings += (low,)
         chosen.check(state)
     else:
         if chain is None:
@@ -383,6 +393,17 @@ def resolve_network(
         risk = None if assume_chain else _hidden_skip_risk(inferred, state)
         return Network(chosen, source, "chain", shape, n_out, chain, None, None, warnings, risk, inferred)
     return Network(chosen, source, None, None, None, None, None, None, warnings)
+
+
+def _saved_keys(spec: PermutationSpec, state: Mapping[str, torch.Tensor], module: nn.Module) -> PermutationSpec:
+    """The traced spec restricted to the keys the checkpoint has: a tied weight saved once keeps one entry."""
+    from modelmerge.archs import tied_keys
+
+    twins = tied_keys(module)
+    drop = {k for k in spec.axes if k not in state and (twins.get(k) in state or k in twins.values())}
+    if not drop:
+        return spec
+    return PermutationSpec(spec.groups, {k: v for k, v in spec.axes.items() if k not in drop}, spec.heads)
 
 
 _BLOCK_WORDS = ("shortcut", "downsample", "residual", "skip", "res_")
@@ -414,27 +435,40 @@ def _hidden_skip_risk(chain: Chain, state: Mapping[str, torch.Tensor]) -> str | 
             "broken. Pass --model pkg.module:Class to verify the real forward, or --assume-chain to state it")
 
 
+def token_vocab(module: nn.Module) -> int | None:
+    """The vocabulary size when ``module`` reads token ids (its first weight layer is an ``nn.Embedding``)."""
+    first = next((m for m in module.modules()
+                  if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding))), None)
+    return first.num_embeddings if isinstance(first, nn.Embedding) else None
+
+
 def find_input_shape(module: nn.Module, given: tuple[int, ...] | None = None) -> tuple[tuple[int, ...], int | None]:
     """A per-example input shape ``module`` accepts, and its output count if it returns ``[B, outputs]``.
 
-    Tries ``given``, else the first Linear's width or the first Conv's channels at
-    common image sizes.
+    Tries ``given``, else the first Linear's width, the first Conv's channels at
+    common image sizes, or token sequences of common lengths when the first layer
+    is an embedding (inputs are then token ids; see :func:`token_vocab`).
 
     Raises:
         ModelMergeError: no candidate works; pass --input-shape.
     """
     candidates = [tuple(given)] if given else []
-    first = next((m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))), None)
+    first = next((m for m in module.modules()
+                  if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding))), None)
     if first is not None and not given:
         if isinstance(first, nn.Linear):
             candidates.append((first.in_features,))
+        elif isinstance(first, nn.Embedding):
+            candidates += [(s,) for s in (8, 16, 4, 32)]
         else:
             dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(first)]
             candidates += [(first.in_channels, *([s] * dims)) for s in (8, 16, 28, 32, 40, 64, 224)]
+    vocab = token_vocab(module)
     for shape in candidates:
+        x = torch.zeros(2, *shape, dtype=torch.long if vocab else torch.float32)
         try:
             with torch.no_grad():
-                out = module.eval()(torch.zeros(2, *shape))
+                out = module.eval()(x)
         except Exception:  # noqa: BLE001 - any failure means "not this shape"
             continue
         n_out = out.shape[1] if isinstance(out, torch.Tensor) and out.ndim == 2 else None

@@ -4,8 +4,12 @@ A :class:`PermutationSpec` is plain data. It names, for every parameter, the
 group acting on each axis (``None`` for a fixed axis), and each group's size.
 An axis whose length is ``k`` times its group's size is permuted in contiguous
 blocks of ``k`` (a linear layer reading a flattened ``[C, H, W]`` feature map:
-``k = H * W``). Everything else (the gather indices, the weight-matching cost
-terms) is derived from it.
+``k = H * W``). An axis may also be a concatenation of *segments*
+``((group_or_None, length), ...)`` (a packed attention projection, a conv reading
+``cat(x0, x1)``), each permuted by its own group (in blocks, as above) or fixed.
+*Head sets* (:class:`HeadSet`) tie groups into chunks that move together
+(attention heads, the channel groups of a grouped convolution). Everything else
+(the gather indices, the weight-matching cost terms) is derived from it.
 
 Specs come from (a) a JSON file (:meth:`PermutationSpec.load`), (b) inference
 over a bare state dict for chains of Linear/Conv layers (:func:`infer_chain`,
@@ -18,7 +22,7 @@ import itertools
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
@@ -27,9 +31,59 @@ import torch
 from modelmerge.errors import SpecError, preview
 
 SPEC_FORMAT = "modelmerge.spec/1"
-Axes = tuple[str | None, ...]
+#: one part of a segmented axis: (group or None for fixed, length along the axis)
+Segment = tuple[str | None, int]
+#: one axis of a parameter: None (fixed), a group name, or a concatenation of segments
+AxisEntry = str | tuple[Segment, ...] | None
+Axes = tuple[AxisEntry, ...]
 _SPEC_HINT = ("pass the model class with --model pkg.module:Class (traced spec and real forward), or write a spec "
               "file (docs/spec-format.md) and pass --spec FILE.json")
+
+
+@dataclass(frozen=True)
+class HeadSet:
+    """Groups split into ``count`` equal chunks (heads) that move together.
+
+    A valid permutation of member group ``g`` (size ``n``, chunk size ``c = n // count``)
+    is ``perm[g][h*c + i] = pi[h]*c + sigma_{g,h}[i]``: one chunk permutation ``pi`` shared
+    by every member, and within each chunk any permutation ``sigma_{g,h}`` of its ``c``
+    units, free per member and per chunk; the identity for ``rigid`` members.
+
+    Attributes:
+        count: number of chunks (heads, or a grouped convolution's ``groups``).
+        groups: member groups; all share one chunk permutation.
+        rigid: members whose units never move within their chunk.
+    """
+
+    count: int
+    groups: tuple[str, ...]
+    rigid: tuple[str, ...] = ()
+
+    def chunk(self, size: int) -> int:
+        """Units per chunk of a member group of ``size`` units."""
+        return size // self.count
+
+
+def _axis_entry(p: str, a) -> AxisEntry:
+    """Normalise one axis entry: None, a group name, or a tuple of ``(group or None, length)``."""
+    if a is None or isinstance(a, str):
+        return a
+    if isinstance(a, (list, tuple)) and a and all(isinstance(s, (list, tuple)) and len(s) == 2 for s in a):
+        segs = []
+        for g, n in a:
+            if not (g is None or isinstance(g, str)) or isinstance(n, bool) or not isinstance(n, int):
+                break
+            segs.append((g, int(n)))
+        else:
+            return tuple(segs)
+    raise SpecError(
+        f"spec parameter {p!r} has axis entry {a!r}; an axis is null, a group name, or a list of "
+        "[group or null, length] segments"
+    )
+
+
+def _is_segmented(a: AxisEntry) -> bool:
+    return a is not None and not isinstance(a, str)
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,50 +92,118 @@ class PermutationSpec:
 
     Args:
         groups: group name -> number of units it permutes.
-        axes: parameter name -> one entry per tensor axis: a group name or None.
+        axes: parameter name -> one entry per tensor axis: a group name, None (fixed),
+            or a tuple of segments ``((group_or_None, length), ...)`` whose lengths sum
+            to the axis length (a concatenation; a segment's length is a multiple of
+            its group's size, and it moves in blocks of ``length // size``).
+        heads: head-set name -> :class:`HeadSet` (default none): groups whose units
+            move in chunks, with one chunk permutation shared by the set.
 
     Raises:
-        SpecError: an axis names an unknown group, or a group has size < 1.
+        SpecError: an axis names an unknown group, a group has size < 1, a segment is
+            malformed, or a head set is inconsistent (unknown or shared member, size
+            not divisible by its count, rigid member not in the set).
     """
 
     groups: Mapping[str, int]
     axes: Mapping[str, Axes]
+    heads: Mapping[str, HeadSet] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         groups = {str(g): int(n) for g, n in self.groups.items()}
-        axes = {str(p): tuple(None if a is None else str(a) for a in ax) for p, ax in self.axes.items()}
+        axes = {str(p): tuple(_axis_entry(str(p), a) for a in ax) for p, ax in self.axes.items()}
         for g, n in groups.items():
             if n < 1:
                 raise SpecError(f"spec group {g!r} has size {n}; sizes must be at least 1")
         for p, ax in axes.items():
-            for a in ax:
-                if a is not None and a not in groups:
-                    raise SpecError(f"spec parameter {p!r} names unknown group {a!r}; declare it in 'groups'")
+            for i, a in enumerate(ax):
+                if a is None:
+                    continue
+                if isinstance(a, str):
+                    if a not in groups:
+                        raise SpecError(f"spec parameter {p!r} names unknown group {a!r}; declare it in 'groups'")
+                    continue
+                for g, n in a:
+                    if g is not None and g not in groups:
+                        raise SpecError(f"spec parameter {p!r} names unknown group {g!r}; declare it in 'groups'")
+                    if n < 1:
+                        raise SpecError(f"a segment of axis {i} of {p!r} has length {n}; lengths must be at least 1")
+                    if g is not None and n % groups[g] != 0:
+                        raise SpecError(
+                            f"a segment of axis {i} of {p!r} has length {n}, not a multiple of group "
+                            f"{g!r}'s size {groups[g]}"
+                        )
+        heads = {str(h): _head_set(str(h), hs, groups) for h, hs in self.heads.items()}
+        owner: dict[str, str] = {}
+        for h, hs in heads.items():
+            for g in hs.groups:
+                if g in owner:
+                    raise SpecError(f"group {g!r} is in head sets {owner[g]!r} and {h!r}; a group belongs to at most one")
+                owner[g] = h
         object.__setattr__(self, "groups", MappingProxyType(groups))
         object.__setattr__(self, "axes", MappingProxyType(axes))
+        object.__setattr__(self, "heads", MappingProxyType(heads))
+        object.__setattr__(self, "_head_of", owner)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PermutationSpec):
             return NotImplemented
-        return dict(self.groups) == dict(other.groups) and dict(self.axes) == dict(other.axes)
+        return (dict(self.groups) == dict(other.groups) and dict(self.axes) == dict(other.axes)
+                and dict(self.heads) == dict(other.heads))
 
     __hash__ = None  # type: ignore[assignment]
 
+    @property
+    def segmented(self) -> bool:
+        """Whether any axis is a concatenation of segments."""
+        return any(_is_segmented(a) for ax in self.axes.values() for a in ax)
+
+    def head_of(self, group: str) -> str | None:
+        """The name of the head set ``group`` belongs to, or None."""
+        return self._head_of.get(group)  # type: ignore[attr-defined]
+
     def members(self, group: str) -> list[tuple[str, int]]:
-        """The (parameter, axis) pairs a group acts on, in spec order."""
-        return [(p, i) for p, ax in self.axes.items() for i, a in enumerate(ax) if a == group]
+        """The (parameter, axis) pairs a group acts on (in any segment of the axis), in spec order."""
+        return [(p, i) for p, ax in self.axes.items() for i, a in enumerate(ax)
+                if a == group or (type(a) is tuple and any(g == group for g, _ in a))]
+
+    def segments(self, param: str, axis: int, length: int | None = None) -> list[tuple[str | None, int, int]]:
+        """The segments of one axis as ``(group or None, start, length)``, in order.
+
+        A fixed axis gives ``[]``; a plain group entry is one segment of the whole
+        axis, whose length is ``length`` (the tensor's axis length; pass it for block
+        axes) or else the group's size. A segmented entry gives its segments (checked
+        against ``length`` when given).
+
+        Raises:
+            SpecError: ``length`` disagrees with the segments' total.
+        """
+        a = self.axes[param][axis]
+        if a is None:
+            return []
+        if isinstance(a, str):
+            return [(a, 0, self.groups[a] if length is None else int(length))]
+        out, start = [], 0
+        for g, n in a:
+            out.append((g, start, n))
+            start += n
+        if length is not None and start != length:
+            raise SpecError(f"the segments of axis {axis} of {param!r} sum to {start}, but the axis has length {length}")
+        return out
 
     @property
     def fixed(self) -> list[str]:
         """Parameters no group touches (input/output layers' outer axes aside)."""
-        return [p for p, ax in self.axes.items() if all(a is None for a in ax)]
+        return [p for p, ax in self.axes.items()
+                if all(a is None or (_is_segmented(a) and all(g is None for g, _ in a)) for a in ax)]
 
     def check(self, state: Mapping[str, torch.Tensor], what: str = "checkpoint") -> None:
         """Check that the spec covers ``state`` exactly, with consistent sizes.
 
         Raises:
-            SpecError: keys missing on either side, wrong number of axes, or an
-                axis length that is not a multiple of its group's size.
+            SpecError: keys missing on either side, wrong number of axes, an axis
+                length that is not a multiple of its group's size, or segments whose
+                lengths do not sum to their axis's length.
         """
         missing = sorted(set(state) - set(self.axes))
         extra = sorted(set(self.axes) - set(state))
@@ -100,19 +222,34 @@ class PermutationSpec:
             if len(shape) != len(ax):
                 raise SpecError(f"spec gives {len(ax)} axes for {p!r}, which has shape {list(shape)}")
             for i, g in enumerate(ax):
-                if g is not None and shape[i] % self.groups[g] != 0:
+                if g is None:
+                    continue
+                if isinstance(g, str):
+                    if shape[i] % self.groups[g] != 0:
+                        raise SpecError(
+                            f"axis {i} of {p!r} has length {shape[i]}, not a multiple of group "
+                            f"{g!r}'s size {self.groups[g]}"
+                        )
+                    continue
+                total = sum(n for _, n in g)
+                if total != shape[i]:
                     raise SpecError(
-                        f"axis {i} of {p!r} has length {shape[i]}, not a multiple of group "
-                        f"{g!r}'s size {self.groups[g]}"
+                        f"the segments of axis {i} of {p!r} sum to {total}, but the {what}'s tensor "
+                        f"has length {shape[i]} there (shape {list(shape)})"
                     )
 
     def to_dict(self) -> dict:
-        """JSON-ready form: ``{"format", "groups", "params"}``."""
-        return {
+        """JSON-ready form: ``{"format", "groups", "params"}`` (and ``"heads"`` when there are any)."""
+        out = {
             "format": SPEC_FORMAT,
             "groups": dict(self.groups),
-            "params": {p: list(ax) for p, ax in self.axes.items()},
+            "params": {p: [a if a is None or isinstance(a, str) else [[g, n] for g, n in a] for a in ax]
+                       for p, ax in self.axes.items()},
         }
+        if self.heads:
+            out["heads"] = {h: {"count": hs.count, "groups": list(hs.groups), "rigid": list(hs.rigid)}
+                            for h, hs in self.heads.items()}
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping) -> PermutationSpec:
@@ -130,12 +267,19 @@ class PermutationSpec:
         if not isinstance(groups, Mapping) or not isinstance(params, Mapping):
             raise SpecError("spec 'groups' and 'params' must be JSON objects")
         for p, ax in params.items():
-            if not isinstance(ax, list) or not all(a is None or isinstance(a, str) for a in ax):
-                raise SpecError(f"spec entry for {p!r} must be a list of group names or null")
+            if not isinstance(ax, list) or not all(a is None or isinstance(a, (str, list)) for a in ax):
+                raise SpecError(
+                    f"spec entry for {p!r} must be a list of group names, null, or lists of "
+                    "[group or null, length] segments"
+                )
         for g, n in groups.items():
             if isinstance(n, bool) or not isinstance(n, int):
                 raise SpecError(f"spec group {g!r} must have an integer size, got {n!r}")
-        return cls(groups=groups, axes={p: tuple(ax) for p, ax in params.items()})
+        heads = data.get("heads", {})
+        if not isinstance(heads, Mapping):
+            raise SpecError("spec 'heads' must be a JSON object: name -> {count, groups, rigid}")
+        return cls(groups=groups, axes={p: tuple(ax) for p, ax in params.items()},
+                   heads={h: _head_set(str(h), hs, None) for h, hs in heads.items()})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -164,6 +308,41 @@ class PermutationSpec:
         except json.JSONDecodeError as e:
             raise SpecError(f"spec file {p} is not valid JSON (line {e.lineno}: {e.msg})") from None
         return cls.from_dict(data)
+
+
+def _head_set(name: str, hs, groups: Mapping[str, int] | None) -> HeadSet:
+    """A validated :class:`HeadSet` from a HeadSet or its JSON mapping (sizes checked when ``groups`` is given)."""
+    if isinstance(hs, Mapping):
+        unknown = sorted(set(hs) - {"count", "groups", "rigid"})
+        if unknown or "count" not in hs or "groups" not in hs:
+            raise SpecError(f"head set {name!r} must be {{\"count\": H, \"groups\": [...], \"rigid\": [...]}}")
+        count, members, rigid = hs["count"], hs["groups"], hs.get("rigid", [])
+    elif isinstance(hs, HeadSet):
+        count, members, rigid = hs.count, hs.groups, hs.rigid
+    else:
+        raise SpecError(f"head set {name!r} must be a HeadSet or a mapping, got {type(hs).__name__}")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise SpecError(f"head set {name!r} has count {count!r}; it must be an integer of at least 1")
+    if isinstance(members, str) or not isinstance(members, (list, tuple)) or not members \
+            or not all(isinstance(g, str) for g in members):
+        raise SpecError(f"head set {name!r} must list its member groups (a non-empty list of names)")
+    if isinstance(rigid, str) or not isinstance(rigid, (list, tuple)) or not all(isinstance(g, str) for g in rigid):
+        raise SpecError(f"head set {name!r}: 'rigid' must be a list of group names")
+    if len(set(members)) != len(members):
+        raise SpecError(f"head set {name!r} lists a group twice: {list(members)}")
+    stray = [g for g in rigid if g not in members]
+    if stray:
+        raise SpecError(f"head set {name!r} marks {stray} rigid, but they are not among its groups {list(members)}")
+    if groups is not None:
+        for g in members:
+            if g not in groups:
+                raise SpecError(f"head set {name!r} names unknown group {g!r}; declare it in 'groups'")
+            if groups[g] % count != 0:
+                raise SpecError(
+                    f"head set {name!r} splits group {g!r} into {count} chunks, but its size {groups[g]} "
+                    f"is not divisible by {count}"
+                )
+    return HeadSet(int(count), tuple(members), tuple(dict.fromkeys(rigid)))
 
 
 # --------------------------------------------------------------------------- chains

@@ -5,6 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from modelmerge.examples.blocks import (  # noqa: F401  (re-exported)
+    DenseNetish,
+    EncoderClassifier,
+    FusedViT,
+    MobileNetish,
+    ResNeXtish,
+    TinyViT,
+)
 from modelmerge.examples.models import Block, ResidualMLP, ResNetish, VGGish  # noqa: F401  (re-exported)
 
 

@@ -80,8 +80,26 @@ def test_untraceable_model_points_to_spec():
         trace_spec(Untraceable())
 
 
-def test_unknown_op_holds_its_groups_fixed_and_warns():
+def test_concatenation_gives_the_reader_segments():
     result = trace_spec(WithConcat())
-    assert result.spec.axes["a.weight"][0] is None and result.spec.axes["b.weight"][0] is None
-    assert result.spec.axes["c.weight"][0] is not None  # untouched by the concatenation
-    assert any("cat" in w for w in result.warnings)
+    spec = result.spec
+    assert spec.axes["out.weight"] == (None, (("a.out", 5), ("b.out", 5)))
+    assert spec.axes["a.weight"][0] == "a.out" and spec.axes["c.weight"][0] == "c.out"
+    assert not result.warnings
+
+
+class WithCumsum(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(6, 5), torch.nn.Linear(5, 2), torch.nn.Linear(6, 4)
+        self.d = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(self.a(x).cumsum(1)) + self.d(torch.relu(self.c(x)))  # cumsum over units: order matters
+
+
+def test_unknown_op_holds_its_groups_fixed_and_warns():
+    result = trace_spec(WithCumsum())
+    assert result.spec.axes["a.weight"][0] is None and result.spec.axes["b.weight"] == (None, None)
+    assert result.spec.axes["c.weight"][0] == "c.out"  # untouched by the unknown op
+    assert len(result.warnings) == 1 and "cumsum" in result.warnings[0] and "a" in result.warnings[0]

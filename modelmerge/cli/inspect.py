@@ -43,23 +43,42 @@ def inspect_command(
     if json_out:
         print_json(s.to_dict())
         return
-    from rich.table import Table
-
     n_params = sum(t.numel() for t in ck.state.values())
     con = console()
     con.print(f"[bold]{ck.source}[/]: {len(ck.state)} tensors, {n_params:,} values; spec {network.spec_source}"
               + (f", chain of {network.depth} layers" if network.chain else ""))
-    table = Table("group", "size", "acts on (parameter:axis, xk = blocks of k)")
+    # one block per group, not a table: parameter names are long and must never be cut
+    heads = {g: (name, hs) for name, hs in s.heads.items() for g in hs.groups}
+    con.print("groups (parameter:axis; \\[a:b] = a segment of the axis; xk = blocks of k):")
     for g, n in s.groups.items():
-        members = []
+        members, matrices = [], 0
         for p, ax in s.members(g):
-            k = ck.state[p].shape[ax] // n
-            members.append(f"{p}:{ax}" + (f" x{k}" if k > 1 else ""))
-        table.add_row(g, str(n), ", ".join(members))
-    con.print(table)
+            for seg, start, length in s.segments(p, ax, ck.state[p].shape[ax]):
+                if seg != g:
+                    continue
+                k = length // n
+                part = f"\\[{start}:{start + length}]" if length != ck.state[p].shape[ax] else ""
+                members.append(f"{p}:{ax}{part}" + (f" x{k}" if k > 1 else ""))
+            matrices += ck.state[p].ndim >= 2
+        con.print(f"  [bold]{g}[/]  {n} units; {_structure(g, n, heads.get(g), matrices)}", highlight=False)
+        con.print("    " + ", ".join(dict.fromkeys(members)), highlight=False)
     con.print(f"fixed (no group): {', '.join(s.fixed) or 'none'}")
     con.print("input and output units are never permuted")
     for w in network.warnings:
         con.print(f"traced: {w}")
     if network.assumption:
         warn(network.assumption)
+
+
+def _structure(group: str, n: int, head, matrices: int) -> str:
+    """What kind of group: attention heads (and with which groups they move), a residual stream, or plain units."""
+    parts = []
+    if head is not None:
+        _, hs = head
+        others = [g for g in hs.groups if g != group]
+        rigid = " (whole blocks)" if group in hs.rigid else ""
+        parts.append(f"{hs.count} heads of {n // hs.count}{rigid}" + (f", moved with {', '.join(others)}" if others
+                                                                      else ""))
+    if matrices > 2:  # a plain hidden layer's units are in two weight matrices: its own and the next one's
+        parts.append(f"shared by {matrices} weight matrices (a residual stream)")
+    return "; ".join(parts) or "units"

@@ -7,12 +7,14 @@ Conv, BatchNorm or LayerNorm with the group on its weight's first axis)
 contributes the Pearson correlation of A's and B's units over the examples
 (and positions, for conv maps and token sequences). A group produced by
 several layers (a residual stream, a conv and its BatchNorm) sums their
-correlations. One assignment per group maximises the summed correlation.
+correlations. One assignment per group maximises the summed correlation
+(:func:`~modelmerge.matching.solve_structured`: the groups of a head set are
+solved together, so heads move as wholes and the answer stays valid).
 
 Activations are read *before* any activation function that follows a layer
 (that function is not in the module graph); for a BatchNorm'd conv they are the
 BatchNorm's outputs. Groups that no such layer produces keep B's order, and the
-answer says so.
+answer says so (a group of a head set still moves with its heads).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from collections.abc import Mapping
 import torch
 
 from modelmerge.activations import NO_FORWARD, run_with_taps, units_last
-from modelmerge.deepalign.model import hungarian
 from modelmerge.errors import ModelMergeError, preview
+from modelmerge.matching import solve_structured
 from modelmerge.methods.base import Answer, Context, Method, register
 from modelmerge.network import Network
 
@@ -95,15 +97,17 @@ def _run(ctx: Context, start: Answer | None) -> Answer:
         raise ModelMergeError(f"{why}; or use --method weight-matching")
     t = time.perf_counter()
     corr = correlations(ctx.network, ctx.a, ctx.b, _inputs(ctx))
-    perm, missing = {}, []
-    for group, n in ctx.network.spec.groups.items():
-        if group not in corr:
-            perm[group] = torch.arange(n)
-            missing.append(group)
-            continue
-        perm[group] = hungarian(corr[group])
-    note = f"activation matching: no layer's outputs reveal group(s) {preview(missing, 5)}; they keep B's order"
-    notes = (note,) if missing else ()
+    spec = ctx.network.spec
+    solved = solve_structured(spec, {g: c for g, c in corr.items() if g in spec.groups})
+    perm = {g: solved[g] if g in solved else torch.arange(n) for g, n in spec.groups.items()}
+    missing = [g for g in spec.groups if g not in corr]
+    notes = ()
+    if missing:
+        headed = [g for g in missing if spec.head_of(g) is not None]
+        note = f"activation matching: no layer's outputs reveal group(s) {preview(missing, 5)}; they keep B's order"
+        if headed:
+            note += f" (within their heads: {preview(headed, 5)} move with their head sets)"
+        notes = (note,)
     return Answer("activation-matching", perm, "activation_matching", time.perf_counter() - t, notes=notes)
 
 
