@@ -15,7 +15,10 @@ to 1, ``max_α [L(α) - ((1-α) L(0) + α L(1))]``) of:
 
 * naive: B as trained;
 * WM: ``modelmerge.align(a, b, module=<model holding A>, method="weight-matching")``;
-* WM+LMC: the same with ``refine="lmc", data=<the setting's Dataset>``.
+* AM: ``method="activation-matching"`` on the setting's training data;
+* WM+LMC: weight matching with ``refine="lmc", data=<the setting's Dataset>``;
+* auto: ``method="auto"`` with the data (ranks WM, AM and refined answers by the merge's
+  training loss; the table says which it chose).
 
 The spec comes from ``modelmerge.trace`` through ``align(module=...)``: whatever the tracer
 cannot follow stays unpermuted, and an alignment error is reported in its row. The table shows
@@ -56,6 +59,8 @@ class Setting:
 
 SETTINGS = {
     "vit-digits": Setting("vit-digits", "TinyViT", {}, "digits", (1, 8, 8), 40, 8, 3e-3),
+    "vit-digits-wide": Setting("vit-digits-wide", "TinyViT", {"dim": 96, "heads": 4, "mlp": 192}, "digits", (1, 8, 8),
+                               40, 8, 2e-3),
     "encoder-mnist1d": Setting("encoder-mnist1d", "EncoderClassifier", {"seq": 40}, "mnist1d", (40,), 50, 4, 3e-3),
 }
 BATCH = 64
@@ -128,6 +133,9 @@ def make_metric(setting: Setting, data: Dataset):
     return metric
 
 
+VARIANTS = ("wm", "am", "wm+lmc", "auto")
+
+
 def run_pair(setting: Setting, data: Dataset, a: dict, b: dict, refine_steps: int, seed: int) -> dict:
     """Barrier of naive, WM and WM+LMC for one pair; errors are caught per method."""
     from modelmerge.align import align
@@ -141,12 +149,16 @@ def run_pair(setting: Setting, data: Dataset, a: dict, b: dict, refine_steps: in
     out["loss_a"], out["loss_b"] = naive.losses[0], naive.losses[-1]
     out["naive"] = {"barrier": naive.barrier, "auc": naive.auc, "mid_acc": naive.accuracies[ALPHAS // 2],
                     "seconds": 0.0}
-    variants = {"wm": {}, "wm+lmc": {"refine": "lmc", "data": data, "refine_steps": refine_steps}}
+    variants = {
+        "wm": {"method": "weight-matching"},
+        "am": {"method": "activation-matching", "data": data},
+        "wm+lmc": {"method": "weight-matching", "refine": "lmc", "data": data, "refine_steps": refine_steps},
+        "auto": {"method": "auto", "data": data, "refine_steps": refine_steps},
+    }
     for key, kw in variants.items():
         t0 = time.perf_counter()
         try:
-            r = align(a, b, module=holder, input_shape=setting.input_shape, method="weight-matching", seed=seed,
-                      **kw)
+            r = align(a, b, module=holder, input_shape=setting.input_shape, seed=seed, **kw)
             secs = time.perf_counter() - t0
             curve = interpolation_curve(a, r.aligned, metric, ALPHAS)
             moved = sum(int((p != torch.arange(len(p))).sum()) for p in r.perm.values())
@@ -207,26 +219,26 @@ def main() -> None:
                    "train_seconds": train_s, "refine_steps": refine_steps}
             row.update(run_pair(setting, data, states[0], states[1], refine_steps, seed=i // 2))
             print(f"{name} {pair}: acc {row['acc_a']:.3f}/{row['acc_b']:.3f}, barrier naive "
-                  f"{row['naive']['barrier']:.4f}, wm {row['wm'].get('barrier', row['wm'].get('error'))}, "
-                  f"wm+lmc {row['wm+lmc'].get('barrier', row['wm+lmc'].get('error'))}", flush=True)
+                  f"{row['naive']['barrier']:.4f}, " + ", ".join(
+                      f"{k} {row[k].get('barrier', row[k].get('error'))}" for k in VARIANTS), flush=True)
             rows.append(row)
     print(f"\n### transformer merge — {time.strftime('%Y-%m-%d')} — {platform.machine()}, {os.cpu_count()} cores, "
           f"{args.threads} thread(s), torch {torch.__version__}")
     print(f"command: `python benchmarks/transformer_merge.py{' --fast' if args.fast else ''} --seeds {args.seeds}`; "
           f"test split, {ALPHAS} α, LMC {refine_steps} steps\n")
-    print("| setting | seeds | epochs | acc A / B | barrier naive | WM | WM / naive | WM+LMC | WM+LMC / naive "
-          "| groups (units) | train s | WM s | WM+LMC s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| setting | seeds | epochs | acc A / B | barrier naive | "
+          + " | ".join(f"{k} (× naive, s)" for k in VARIANTS) + " | groups (units) | auto chose |")
+    print("|---|---|---|---|---|" + "---|" * len(VARIANTS) + "---|---|")
     for r in rows:
         naive = r["naive"]["barrier"]
-        wm, wm_ratio = fmt_barrier(r["wm"], naive)
-        lmc, lmc_ratio = fmt_barrier(r["wm+lmc"], naive)
+        cells = []
+        for k in VARIANTS:
+            value, ratio = fmt_barrier(r[k], naive)
+            cells.append(f"{value} ({ratio}, {r[k]['seconds']:.1f})")
         groups = f"{r['wm']['groups']} ({r['wm']['units']})" if "groups" in r["wm"] else "-"
         print(f"| {r['setting']} | {r['seeds'][0]},{r['seeds'][1]} | {r['epochs']} | {r['acc_a']:.3f} / "
-              f"{r['acc_b']:.3f} | {naive:.4f} | {wm} | {wm_ratio} | {lmc} | {lmc_ratio} | {groups} | "
-              f"{' / '.join(f'{s:.0f}' for s in r['train_seconds'])} | {r['wm']['seconds']:.2f} | "
-              f"{r['wm+lmc']['seconds']:.2f} |")
-    errors = [(r["setting"], k, r[k]["error"]) for r in rows for k in ("wm", "wm+lmc") if "error" in r[k]]
+              f"{r['acc_b']:.3f} | {naive:.4f} | " + " | ".join(cells) + f" | {groups} | {r['auto'].get('method', '-')} |")
+    errors = [(r["setting"], k, r[k]["error"]) for r in rows for k in VARIANTS if "error" in r[k]]
     for setting, key, err in errors:
         print(f"\n{setting} {key}: {err}")
     if args.json:

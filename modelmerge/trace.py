@@ -487,6 +487,9 @@ class _Tracer:
         except _Unsupported as e:
             self.fix_args(node, str(e) or f"{name} is not understood")
             return self._free_output(node)
+        except Exception:  # noqa: BLE001 - a form of the op no rule expects: hold it fixed (sound), say so
+            self.fix_args(node, f"{name} in a form the tracer does not follow")
+            return self._free_output(node)
         self.fix_args(node, f"{name} is not understood")
         return self._free_output(node)
 
