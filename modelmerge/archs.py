@@ -202,11 +202,19 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str)
         ArchError: missing, unexpected or wrongly shaped keys (named, sorted).
     """
     state = dict(state)
-    for alias, owner in tied_keys(module).items():
+    tied = tied_keys(module)
+    for alias, owner in tied.items():
         if alias not in state and owner in state:
             state[alias] = state[owner]
         elif owner not in state and alias in state:
             state[owner] = state[alias]
-    _compare(module.state_dict(), state, what)
-    module.load_state_dict(state)
+    ref = module.state_dict()
+    _compare(ref, state, what)
+    if tied:  # assigning would untie the shared tensor
+        module.load_state_dict(state)
+    else:
+        # the module takes the checkpoint's own tensors (converted only where the dtype differs): no second
+        # copy of the weights in memory; nothing modelmerge runs changes a module's tensors in place
+        module.load_state_dict({k: v if v.dtype == ref[k].dtype else v.to(ref[k].dtype) for k, v in state.items()},
+                               assign=True)
     return module.eval()

@@ -77,10 +77,10 @@ _POOL = {"max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "
          "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
          "adaptive_max_pool2d", "max_pool2d_with_indices", "max_pool1d_with_indices", "max_pool3d_with_indices",
          "adaptive_max_pool2d_with_indices", "upsample_nearest2d", "upsample_bilinear2d", "_adaptive_avg_pool2d",
-         "pixel_shuffle"}
+         "upsample_nearest1d", "upsample_linear1d"}
 _CREATE = {"arange", "zeros", "ones", "full", "empty", "new_ones", "new_zeros", "new_full", "new_empty", "scalar_tensor",
            "zeros_like", "ones_like", "full_like", "empty_like", "rand", "randn", "tensor", "_local_scalar_dense",
-           "sym_size", "sym_numel", "sym_stride", "rand_like", "randn_like", "eye", "tril", "triu"}
+           "sym_size", "sym_numel", "sym_stride", "rand_like", "randn_like", "eye"}
 _VIEWS = {"view", "reshape", "_unsafe_view", "unflatten", "flatten"}
 _LAYERS = {"linear", "addmm", "mm", "matmul", "bmm", "conv1d", "conv2d", "conv3d", "convolution", "embedding"}
 
@@ -436,7 +436,7 @@ class _Tracer:
             if node.op == "placeholder":
                 key = self.inputs.get(node.name)
                 shape = self.shape(node)
-                if key is not None and shape is not None and node.meta["val"].is_floating_point():
+                if key is not None and key in self.state and shape is not None and node.meta["val"].is_floating_point():
                     vars_ = [self.s.new(f"{key}#{i}", n) for i, n in enumerate(shape)]
                     self.param_axes[key] = vars_
                     twin = twins.setdefault(id(self.state[key]), key) if key in self.state else key
@@ -463,6 +463,9 @@ class _Tracer:
             src = self.value.get(node.args[0].name) if isinstance(node.args[0], torch.fx.Node) else None
             if isinstance(src, list) and isinstance(node.args[1], int) and node.args[1] < len(src):
                 return src[node.args[1]]
+            if isinstance(src, tuple):  # an output the rules did not expect to be indexed
+                self.s.fix_label(tuple(f for f in src), "an op's outputs indexed in a way not followed",
+                                 self.place(node))
             return out_free
         args = node.args
         labels = [self.label(a) for a in _flat(args) + _flat(list(node.kwargs.values()))]
@@ -475,6 +478,8 @@ class _Tracer:
             if rule is not None:
                 return rule(node)
             if name in _UNARY:
+                if any(isinstance(a, torch.fx.Node) for a in _flat(list(args[1:]) + list(node.kwargs.values()))):
+                    return self.binary(node)  # clamp(x, min=tensor), ...: the other tensor is tied too
                 return self.label(args[0])
             if name in _BINARY:
                 return self.binary(node)
@@ -521,15 +526,25 @@ class _Tracer:
 
     def reduce(self, node):
         lab, shape = self.label(node.args[0]), self.shape(node.args[0])
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        keep = (node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+        first = 2 if _op_name(node.target) in ("linalg_vector_norm", "norm") else 1  # (x, ord, dim, keepdim)
+        dims = node.args[first] if len(node.args) > first else node.kwargs.get("dim")
+        keep = node.args[first + 1] if len(node.args) > first + 1 else node.kwargs.get("keepdim", False)
         if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
-            return self.free(node)  # a full reduction is invariant
+            dims = range(len(shape))  # a full reduction
         dims = {d % len(shape) for d in ([dims] if isinstance(dims, int) else dims)}
         if not isinstance(keep, bool):
             raise _Unsupported()
-        out = [(_free(1) if keep else None) if i in dims else f for i, f in enumerate(lab)]
-        return tuple(f for f in out if f is not None)
+        reduced = {f[1] for i in dims for f in _normal((lab[i],)) if f[0] == "g"}
+        kept = {f[1] for i, x in enumerate(lab) if i not in dims for f in _normal((x,)) if f[0] == "g"}
+        if reduced & kept:  # e.g. a sum over heads: the units within a head no longer line up
+            raise _Unsupported("a reduction over part of a group's units")
+        out = tuple(f for f in ((_free(1) if keep else None) if i in dims else f for i, f in enumerate(lab))
+                    if f is not None)
+        if isinstance(node.meta.get("val"), (tuple, list)):  # max/min over a dim: (values, indices)
+            if reduced:
+                raise _Unsupported("indices of a maximum over permuted units")
+            return [out, out]
+        return out
 
     def pool(self, node):
         lab = self.label(node.args[0])
@@ -539,7 +554,7 @@ class _Tracer:
             vals = node.meta["val"]
             first = tuple(_free(s) for s in vals[0].shape)
             lab2 = self._keep_leading(lab, first, node)
-            return [lab2, tuple(_free(s) for s in vals[1].shape)]
+            return [lab2, lab2]  # the indices have the values' (batch, channel) axes
         return self._keep_leading(lab, out, node)
 
     def _keep_leading(self, lab, out, node):
@@ -548,6 +563,8 @@ class _Tracer:
         for f in lab[len(lab) - n_spatial:]:
             if f[0] != "free":
                 raise _Unsupported("pooling over permuted units")
+        if len(out) != len(lab) or any(_fsize(f) != _fsize(o) for f, o in zip(lab[:len(lab) - n_spatial], out)):
+            raise _Unsupported("a spatial op that changes the channel axis")
         return tuple(lab[:len(lab) - n_spatial]) + tuple(out[len(lab) - n_spatial:])
 
     # ------------------------------------------------------------------ layers
@@ -600,6 +617,9 @@ class _Tracer:
         if lx is None or ly is None or len(sx) < 2 or len(sy) < 2:
             raise _Unsupported("a matrix product of vectors")
         place = self.place(node)
+        for lab, axis in ((lx, len(lx) - 1), (ly, len(ly) - 2)):
+            if self._head_contracted(lab, axis):
+                raise _Unsupported("a product summing over heads")
         if self.param(y) is not None and len(sy) == 2:
             self._producer(ly, 1, self.param(y))  # x @ W with a weight: W's columns are a layer's outputs
         self.s.tie((lx[-1],), (ly[-2],), "a matrix product reads fixed units", place)
@@ -620,15 +640,26 @@ class _Tracer:
             self.s.tie((self.label(extra)[-1],), (out[-1],), "", place)
         return out
 
+    def _head_contracted(self, lab, axis: int) -> bool:
+        """Whether summing over ``lab[axis]`` sums over a group's heads while its units within a head stay
+        (each head may order them differently)."""
+        heads = {f[1] for f in _normal((lab[axis],)) if f[0] == "g" and f[2] * f[3] == self.s.size[f[1]] and f[3] > 1}
+        others = {f[1] for i, x in enumerate(lab) if i != axis for f in _normal((x,)) if f[0] == "g"}
+        return bool(heads & others)
+
     def op_scaled_dot_product_attention(self, node):
         q, k, v = node.args[:3]
         lq, lk, lv = self.label(q), self.label(k), self.label(v)
         place = self.place(node)
         mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-        if isinstance(mask, torch.fx.Node) and self.label(mask) is not None \
-                and any(f[0] != "free" for f in _normal(self.label(mask))):
-            raise _Unsupported("an attention mask that depends on permuted units")
+        scores = tuple(lq[:-2]) + (lq[-2], lk[-2])
+        if isinstance(mask, torch.fx.Node) and self.label(mask) is not None:
+            lm = self.label(mask)
+            for i in range(1, min(len(lm), len(scores)) + 1):  # broadcast from the right, as the op does
+                if _fsize(lm[-i]) == _fsize(scores[-i]) and _fsize(lm[-i]) != 1:
+                    self.s.tie((lm[-i],), (scores[-i],), "an attention mask mixes permuted and fixed units", place)
         self.s.tie((lq[-1],), (lk[-1],), "attention reads fixed units", place)
+        self.s.tie((lk[-2],), (lv[-2],), "attention's keys and values are not aligned", place)
         for a, b in ((lq, lk), (lq, lv)):
             for fa, fb in zip(a[:-2], b[:-2]):
                 self.s.tie((fa,), (fb,), "attention mixes permuted and fixed heads", place)
@@ -637,6 +668,8 @@ class _Tracer:
     def op_conv(self, node, x, w, b, groups: int):
         lx, lw = self.label(x), self._weight(node, w, "convolution")
         place = self.place(node)
+        if any(f[0] != "free" for a in lx[2:] for f in _normal((a,))):
+            raise _Unsupported("a convolution sliding over permuted units")
         c_in, c_out = self.shape(x)[1], self.shape(w)[0]
         key = self.param(w)
         if groups == 1:
@@ -711,6 +744,15 @@ class _Tracer:
                 lp = self.label(p)
                 for i in range(k):
                     self.s.tie((lp[i],), (lx[len(lx) - k + i],), "a normalisation's parameters", self.place(node))
+        return lx
+
+    op_rms_norm = op_layer_norm  # (x, normalized_shape, weight, eps)
+
+    def op_prelu(self, node):
+        lx, w = self.label(node.args[0]), node.args[1]
+        lw = self.label(w)
+        if lw is not None and self.shape(w) and self.shape(w)[0] > 1:
+            self.s.tie((lw[0],), (lx[1] if len(lx) > 1 else lx[0],), "a PReLU's slopes", self.place(node))
         return lx
 
     def op_native_layer_norm(self, node):
@@ -916,7 +958,7 @@ class _Tracer:
     def op_slice(self, node):
         lab = self.label(node.args[0])
         d = (node.args[1] if len(node.args) > 1 else 0) % len(lab)
-        if _normal((lab[d],)) and _normal((lab[d],))[0][0] != "free":
+        if any(f[0] != "free" for f in _normal((lab[d],))):
             full = self.shape(node) == self.shape(node.args[0])
             if full:
                 return lab
@@ -963,45 +1005,51 @@ class _Tracer:
     # ------------------------------------------------------------------ the spec
     def build(self) -> TraceResult:
         s = self.s
-        # head structure per class
-        chunks: dict[str, int] = {}
+        # head structure per class: every split seen must be the same (heads, units in a head)
+        factors: dict[str, set[tuple[int, int]]] = {}
         for var, facs in s.structure.items():
             root = s.find(var)
-            if root == FIXED:
+            if root != FIXED:
+                factors.setdefault(root, set()).update(facs)
+        chunks: dict[str, int] = {}
+        for root, facs in factors.items():
+            if s.find(root) != root:
+                continue  # fixed meanwhile
+            n = s.size[root]
+            if root in s.pieces:  # cut into segments: only the cut itself, or splits inside one segment
+                cut, piece = len(s.pieces[root]), n // len(s.pieces[root])
+                if not all((c * st == n and c == cut) or piece % (c * st) == 0 for c, st in facs):
+                    s.fix_var(root, "units reshaped across the segments of a packed projection", root)
                 continue
-            n = s.size[var]
-            counts = {c for c, st in facs if c * st == n}  # outer factors
-            inners = {c for c, st in facs if st == 1}
-            if len(counts) == 1:
-                h = counts.pop()
-                ok = all((c, st) in ((h, n // h), (n // h, 1)) for c, st in facs)
-            else:
-                ok = False
-            if ok and chunks.get(root, h) == h:
+            outer = {c for c, st in facs if c * st == n}
+            h = next(iter(outer)) if len(outer) == 1 else None
+            if h is not None and all((c, st) in ((h, n // h), (n // h, 1)) for c, st in facs):
                 chunks[root] = h
-            elif root not in s.pieces:
-                s.fix_var(root, "units reshaped in a way not understood", var.split("#")[0])
-            del inners
-        # head ties: one head set per connected set of chunked classes
+            else:
+                s.fix_var(root, "units reshaped in a way not understood", root)
+        # head sets: classes whose head order is tied move their heads together; every member must be a
+        # group of its own with the same head count, else the whole set is held fixed
         ties = _Union()
+        for root in chunks:
+            ties.find(root)
         for a, b in s.head_ties:
             ra, rb = s.find(a), s.find(b)
-            if FIXED in (ra, rb):
+            if ra == FIXED or rb == FIXED:
                 if ra != rb:
                     s.fix_var(ra if rb == FIXED else rb, "attention heads tied to fixed units", "attention")
                 continue
             ties.union(ra, rb)
-        for _ in range(2):  # a fix can change the classes once more
-            for root in list(chunks):
-                if s.find(root) != root:
-                    chunks.pop(root)
         sets: dict[str, list[str]] = {}
-        for root in chunks:
-            sets.setdefault(ties.find(root), []).append(root)
-        for members in [m for m in ties.sets() if any(r not in chunks for r in m)]:
-            for r in members:
-                if s.find(r) == r and r != FIXED:
-                    s.fix_var(r, "attention heads that do not split evenly", r)
+        for members in ties.sets():
+            live = [r for r in members if s.find(r) == r and r != FIXED]
+            ok = all(r in chunks and r not in s.pieces and r not in s.alias and s._has_producer(r) for r in live) \
+                and len({chunks[r] for r in live}) <= 1 and len(live) == len(members)
+            if not ok:
+                for r in live:
+                    s.fix_var(r, "attention heads that cannot move together", r)
+                continue
+            if live:
+                sets[live[0]] = live
         groups: dict[str, int] = {}
         axes: dict[str, tuple] = {}
 

@@ -57,6 +57,18 @@ def test_record_that_does_not_fit_names_keys():
         load_strict(build(MLP), build({**MLP, "widths": [64, 17, 16, 10]}).state_dict(), "its record")
 
 
+def test_bundled_digits_are_scikit_learns():
+    sklearn = pytest.importorskip("sklearn.datasets")
+    ref = sklearn.load_digits()
+    d = digits()
+    x = torch.cat([d.x_train, d.x_test])
+    assert len(x) == len(ref.images) and d.x_train.shape[1:] == (1, 8, 8)
+    # same images and labels, as a set of (image, label) rows (the split shuffles them)
+    ours = sorted(zip((x * 16).round().long().reshape(len(x), -1).tolist(), torch.cat([d.y_train, d.y_test]).tolist()))
+    theirs = sorted(zip(ref.images.astype(int).reshape(len(x), -1).tolist(), ref.target.tolist()))
+    assert ours == theirs
+
+
 def test_digits_split_is_fixed():
     d1, d2 = digits(), digits()
     assert d1.x_train.shape == (1438, 1, 8, 8) and d1.x_test.shape == (359, 1, 8, 8)
