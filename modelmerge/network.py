@@ -46,7 +46,8 @@ class Network:
 
     Attributes:
         spec: the permutation spec.
-        spec_source: ``"inferred"``, ``"file"`` (given) or ``"traced"`` (from ``module``).
+        spec_source: ``"inferred"``, ``"file"`` (given), ``"traced"`` (from ``module``) or ``"untraced"``
+            (``module`` not traced: a network that only runs).
         forward_kind: ``"model"`` (``module``'s real forward), ``"record"`` (the
             architecture record's model), ``"chain"`` (the generic forward of the
             inferred chain: assumed) or None (no forward known).
@@ -327,6 +328,7 @@ def resolve_network(
     module: nn.Module | None = None,
     input_shape: tuple[int, ...] | None = None,
     assume_chain: bool = False,
+    trace: bool = True,
 ) -> Network:
     """Decide, once, what runs the checkpoint ``state``: spec, forward, input shape, chain.
 
@@ -344,6 +346,9 @@ def resolve_network(
             (unless ``spec`` is given) and its real forward.
         input_shape: one example's shape for ``module`` (found by trying common sizes if None).
         assume_chain: the user states that a bare checkpoint is a plain chain (``--assume-chain``).
+        trace: trace ``module``'s spec; False gives a network that only runs (spec source
+            ``"untraced"``: no group, every axis fixed), for commands that never permute, where
+            tracing would only cost time and memory.
 
     Returns:
         The :class:`Network`.
@@ -359,6 +364,8 @@ def resolve_network(
     if spec is not None:
         spec.check(state)
         chosen, source = spec, "file"
+    elif module is not None and not trace:
+        chosen, source = PermutationSpec({}, {k: (None,) * t.ndim for k, t in state.items()}), "untraced"
     elif module is not None:
         from modelmerge.trace import trace_spec
 

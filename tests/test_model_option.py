@@ -159,6 +159,23 @@ def test_evaluate_with_model_and_reset_bn_matches_an_independent_reset(resnets):
     assert abs(curves[True][1] - curves[False][1]) > 1e-3
 
 
+def test_commands_that_only_run_the_model_do_not_trace_it(resnets, tmp_path, monkeypatch):
+    import modelmerge.trace
+
+    def refuse(*_a, **_k):
+        raise AssertionError("traced")
+
+    monkeypatch.setattr(modelmerge.trace, "trace_spec", refuse)
+    a, b = resnets
+    r = run("evaluate", a, b, "--dataset", "digits", "--model", "archs:ResNetish", "--alphas", "3", "--json")
+    assert r.exit_code == 0, r.output
+    r = run("interpolate", a, b, "-o", tmp_path / "m.safetensors", "--dataset", "digits", "--model",
+            "archs:ResNetish", "--reset-bn")
+    assert r.exit_code == 0, r.output
+    r = run("evaluate", a, b, "--dataset", "digits", "--model", "archs:ResNetish", "--alphas", "3", "--repair")
+    assert isinstance(r.exception, AssertionError)  # REPAIR reads the groups: it does trace
+
+
 @pytest.mark.parametrize(
     "extra, needle",
     [

@@ -179,11 +179,13 @@ def warn(message: str) -> None:
 
 
 def resolve(state, spec_file: Path | None = None, record=None, model: str | None = None,
-            model_kwargs: str | None = None, input_shape: str | None = None, assume_chain: bool = False):
+            model_kwargs: str | None = None, input_shape: str | None = None, assume_chain: bool = False,
+            spec_needed: bool = True):
     """The :class:`~modelmerge.network.Network` for a checkpoint and the options every command shares.
 
     ``--spec`` is read, ``--model`` imported and built with A's weights, then
-    :func:`~modelmerge.network.resolve_network` decides the rest.
+    :func:`~modelmerge.network.resolve_network` decides the rest. ``spec_needed=False``
+    (commands that only run the model) skips tracing ``--model``.
 
     Raises:
         ModelMergeError: bad options, user code that fails, or a spec/record that does not fit.
@@ -201,4 +203,4 @@ def resolve(state, spec_file: Path | None = None, record=None, model: str | None
 
     shape = parse_shape(input_shape)
     module = build_model(model, model_kwargs, state)
-    return resolve_network(state, spec=given, record=record, module=module, input_shape=shape)
+    return resolve_network(state, spec=given, record=record, module=module, input_shape=shape, trace=spec_needed)

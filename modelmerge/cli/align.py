@@ -82,8 +82,9 @@ def align_command(
     json_out: JsonOut = False,
     seed: Seed = 0,
     max_iter: Annotated[int, typer.Option("--max-iter", min=1, help="Weight-matching sweeps at most.")] = 100,
-    refine_steps: Annotated[int, typer.Option("--refine-steps", min=1, help="LMC refinement steps (--refine lmc, "
-                                              "auto --data); each is one weight-matching projection.")] = 100,
+    refine_steps: Annotated[int, typer.Option("--refine-steps", min=1, help="LMC refinement steps at most (--refine lmc, "
+                                              "auto --data); each is one weight-matching projection; stops after half as "
+                                              "many without a better answer.")] = 100,
     revision: Revision = None,
     threads: Threads = None,
     force: Force = False,

@@ -96,6 +96,7 @@ def refine_lmc(
     batch: int = 512,
     seed: int = 0,
     max_iter: int = 20,
+    patience: int | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> tuple[Permutation, float]:
     """Improve a permutation of B's units by minimising the α = 0.5 merge's loss (see the module doc).
@@ -110,6 +111,9 @@ def refine_lmc(
         batch: training examples per step.
         seed: seeds the batches and the matcher's group order.
         max_iter: weight-matching sweeps per projection at most.
+        patience: stop once this many steps in a row found no better answer (default: half of
+            ``steps``, at least 10; 0 never stops early). The best answer seldom changes after a long plateau
+            (measured: last improvements at steps 1-79 of 100), and each step costs a projection.
         on_step: called after each step with (steps done, steps, best loss so far).
 
     Returns:
@@ -132,7 +136,11 @@ def refine_lmc(
     perm = {g: p.clone() for g, p in init.items()}
     best, best_loss = perm, loss_of(perm)
     last = None
+    patience = max(10, steps // 2) if patience is None else patience
+    improved_at = 0
     for step in range(steps):
+        if patience and step - improved_at >= patience:
+            break
         frozen = {k: v.detach() for k, v in theta.items()}
         perm, _ = weight_matching(frozen, b, spec, seed=seed + step, max_iter=max_iter, init=perm, objective=False)
         projected = apply_permutation(b, spec, perm)
@@ -150,6 +158,7 @@ def refine_lmc(
             cand = loss_of(perm)
             if cand < best_loss:
                 best, best_loss = {g: p.clone() for g, p in perm.items()}, cand
+                improved_at = step + 1
         if on_step is not None:
             on_step(step + 1, steps, best_loss)
     return dict(best), best_loss
@@ -157,9 +166,16 @@ def refine_lmc(
 
 def _run(ctx: Context, start: Answer | None) -> Answer:
     t = time.perf_counter()
+    done = [0]
+
+    def on_step(step: int, steps: int, best: float) -> None:
+        done[0] = step
+        if ctx.on_refine is not None:
+            ctx.on_refine(step, steps, best)
+
     perm, _ = refine_lmc(ctx.a, ctx.b, ctx.network, ctx.task(), start.perm, seed=ctx.seed,
-                         steps=ctx.refine_steps, on_step=ctx.on_refine)
-    return Answer(f"{start.name}+lmc", perm, "refine", time.perf_counter() - t, ctx.refine_steps, None, start.aligner)
+                         steps=ctx.refine_steps, on_step=on_step)
+    return Answer(f"{start.name}+lmc", perm, "refine", time.perf_counter() - t, done[0], None, start.aligner)
 
 
 def _unavailable(ctx: Context) -> str | None:
