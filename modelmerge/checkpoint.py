@@ -14,6 +14,8 @@ import json
 import os
 import pickle
 import re
+import struct
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -382,14 +384,51 @@ def save_checkpoint(
     Raises:
         OutputError: the path is unsafe or the write fails.
     """
-    from safetensors.torch import save_file
-
     out = check_output_path(output, inputs, force)
     tensors = _unshared(state)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     with atomic_path(out, replace=force) as tmp:
-        save_file(tensors, tmp, metadata=meta)
+        if sys.byteorder == "little" and all(t.dtype in _SAFETENSORS_DTYPES for t in tensors.values()):
+            _write_safetensors(tmp, tensors, meta)
+        else:  # a dtype this writer does not name: the library's writer (which holds a copy of every tensor)
+            from safetensors.torch import save_file
+
+            save_file(tensors, tmp, metadata=meta)
     return out
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def _write_safetensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """Write the safetensors format tensor by tensor (``safetensors.torch.save_file`` first copies
+    every tensor to bytes: one more whole checkpoint in memory).
+
+    Layout as the library writes it: an 8-byte little-endian header length, the JSON header
+    (``__metadata__`` and per tensor dtype, shape and data offsets, padded with spaces to a
+    multiple of 8), then the tensors' bytes back to back, largest element size first, then by name.
+    """
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for k in order:
+        t = tensors[k]
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for k in order:
+            t = tensors[k]
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # the tensor's own bytes, no copy
 
 
 def _unshared(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -116,17 +116,33 @@ def test_atomic_save_keeps_metadata_and_leaves_no_temp(tmp_path, state):
 
 
 def test_failed_write_leaves_nothing(tmp_path, state, monkeypatch):
-    import safetensors.torch
+    import modelmerge.checkpoint
 
-    def boom(*args, **kwargs):
-        with open(args[1], "wb") as f:
+    def boom(path, *args, **kwargs):
+        with open(path, "wb") as f:
             f.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    monkeypatch.setattr(modelmerge.checkpoint, "_write_safetensors", boom)
     with pytest.raises(OutputError, match="No space left"):
         save_checkpoint(state, tmp_path / "o.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_written_file_reads_back_in_every_dtype_with_the_library(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    state = {"w": torch.randn(3, 4), "h": torch.randn(5).half(), "bf": torch.randn(2, 3).bfloat16(),
+             "n": torch.tensor(7), "i": torch.arange(6, dtype=torch.int32).reshape(2, 3), "empty": torch.zeros(0, 3),
+             "mask": torch.tensor([True, False]), "d": torch.tensor(1.5, dtype=torch.float64),
+             "u": torch.arange(4, dtype=torch.uint8), "t": torch.randn(4, 3).t()}  # a non-contiguous view
+    out = save_checkpoint(state, tmp_path / "o.safetensors", metadata={"k": "v"})
+    back = load_file(str(out))
+    assert set(back) == set(state)
+    assert all(back[k].dtype == state[k].dtype and torch.equal(back[k], state[k]) for k in state)
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata() == {"k": "v"}
 
 
 def test_output_rules(tmp_path, save_sd, state):
