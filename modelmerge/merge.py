@@ -67,4 +67,7 @@ def mix(a: torch.Tensor, b: torch.Tensor, alpha: float | torch.Tensor) -> torch.
     ``a`` (one α per stacked pair).
     """
     work = torch.promote_types(a.dtype, torch.float32)  # half precision mixes in fp32
-    return (1.0 - alpha) * a.to(work) + alpha * b.to(work)
+    if isinstance(alpha, torch.Tensor):
+        return (1.0 - alpha) * a.to(work) + alpha * b.to(work)
+    # one new tensor, not three: a VGG classifier weight is 400 MB, and each temporary would count
+    return (a.to(work) * (1.0 - alpha)).add_(b.to(work), alpha=alpha)
