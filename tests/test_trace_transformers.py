@@ -265,3 +265,32 @@ def test_warnings_are_summarised_and_low_coverage_is_said():
     assert result.permutable == 0 and result.units == 24
     net = resolve_network(CumsumEverywhere().state_dict(), module=CumsumEverywhere())
     assert any("0 of 24 hidden units" in w for w in net.warnings)
+
+
+def test_hugging_face_checkpoint_saved_without_its_tied_head_aligns_from_the_cli(tmp_path):
+    """save_pretrained drops GPT-2's lm_head.weight (it is the embedding): align fills it for the forward,
+    writes only the keys it read, and verifies through the real model."""
+    pytest.importorskip("transformers")
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from typer.testing import CliRunner
+
+    from modelmerge.cli.app import app
+
+    kwargs = {"class": "GPT2LMHeadModel", "n_layer": 2, "n_head": 2, "n_embd": 16, "vocab_size": 40,
+              "n_positions": 16}
+    paths = []
+    for seed in (0, 1):
+        state = _randomise(_hf("gpt2"), seed).state_dict()
+        p = tmp_path / f"gpt{seed}.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items() if k != "lm_head.weight"}, str(p))
+        paths.append(p)
+    out = tmp_path / "aligned.safetensors"
+    r = CliRunner().invoke(app, ["align", str(paths[0]), str(paths[1]), "-o", str(out), "--model", "modelmerge.hf:build",
+                                 "--model-kwargs", json.dumps(kwargs), "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["verified"]["forward"] == "model" and report["spec"]["source"] == "traced"
+    written = load_file(str(out))
+    assert "lm_head.weight" not in written and set(written) == set(load_file(str(paths[1])))
