@@ -82,6 +82,9 @@ class AlignResult:
         return out
 
 
+REFINE_FROM_BEST = True
+
+
 def uses_data(method: str, refine: str | None) -> bool:
     """Whether ``align`` reads ``data`` with these options (``auto`` ranks candidates; some refinements train)."""
     return method == "auto" or (method in METHODS[1:] and methods.get("align", method).needs_data) or (
@@ -172,14 +175,20 @@ def align(
                  if name != first and methods.get("align", name).unavailable(ctx) is None]
     answers = [methods.get("align", name).run(ctx, None) for name in extra + [first]]
     ran = list(answers)
-    if refine != "none":
-        ran.append(methods.get("refine", refine).run(ctx, answers[-1]))
-        answers = ran if ranked else ran[-1:]
     candidates = None
     if ranked:
         from modelmerge.methods.lmc import score
 
         candidates = {ans.name: score(net, a, b, ans.perm, ctx.task()) for ans in answers}
+    if refine != "none":
+        start = answers[-1]
+        if ranked and REFINE_FROM_BEST:  # refine the best merge so far, not always the first method's
+            start = min(answers, key=lambda ans: candidates[ans.name])
+        ran.append(methods.get("refine", refine).run(ctx, start))
+        answers = ran if ranked else ran[-1:]
+    if ranked:
+        candidates.update({ans.name: score(net, a, b, ans.perm, ctx.task()) for ans in answers
+                           if ans.name not in candidates})
         best = min(candidates, key=candidates.get)  # ties: the earlier (simpler) answer
         chosen = next(ans for ans in answers if ans.name == best)
     else:
