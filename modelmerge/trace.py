@@ -38,6 +38,8 @@ some layer produces it (a parameter alone, tied to nothing, stays fixed).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import operator
@@ -341,7 +343,9 @@ def _export(model: nn.Module, args: tuple):
     quiet = logging.root.manager.disable
     logging.disable(logging.CRITICAL)  # export logs whole tracebacks when it fails; the one-line error says it
     try:
-        with _warnings.catch_warnings():
+        # export prints the partial graph when it fails: the one-line error below says what matters
+        with _warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
             _warnings.simplefilter("ignore")
             return torch.export.export(model, args, kwargs=kwargs, strict=False)
     except Exception as e:  # noqa: BLE001 - export raises many types for untraceable code

@@ -103,3 +103,17 @@ def test_unknown_op_holds_its_groups_fixed_and_warns():
     assert result.spec.axes["a.weight"][0] is None and result.spec.axes["b.weight"] == (None, None)
     assert result.spec.axes["c.weight"][0] == "c.out"  # untouched by the unknown op
     assert len(result.warnings) == 1 and "cumsum" in result.warnings[0] and "a" in result.warnings[0]
+
+
+def test_untraceable_model_is_one_line_from_the_cli(tmp_path):
+    """export prints the partial graph when it fails; the user sees one line."""
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from modelmerge.cli.app import app
+
+    ck = tmp_path / "u.safetensors"
+    save_file(Untraceable().state_dict(), str(ck))
+    r = CliRunner().invoke(app, ["inspect", str(ck), "--model", "archs:Untraceable"])
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("modelmerge: error: cannot trace"), r.output

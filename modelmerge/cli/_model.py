@@ -65,6 +65,8 @@ def build_model(target: str, kwargs_json: str | None, state):
         raise ModelMergeError(f"--model {target} is not a class or function that builds a model")
     try:
         model = cls(**kwargs)
+    except ModelMergeError as e:  # a builder of ours (modelmerge.hf:build) saying what is wrong
+        raise ModelMergeError(f"--model {target}: {e}") from None
     except KeyboardInterrupt:
         raise
     except BaseException as e:  # noqa: BLE001 - user code, SystemExit included
