@@ -212,7 +212,7 @@ class _State:
                     self.fix_label(p, cause, place)
 
     def note(self, var: str, count: int, stride: int) -> None:
-        if (count, stride) != (self.size[var], 1):
+        if count > 1 and (count, stride) != (self.size[var], 1):
             self.structure.setdefault(var, set()).add((count, stride))
 
     # ------------------------------------------------------------------ ties
@@ -1046,6 +1046,10 @@ class _Tracer:
         sets: dict[str, list[str]] = {}
         for members in ties.sets():
             live = [r for r in members if s.find(r) == r and r != FIXED]
+            counts = {chunks[r] for r in live if r in chunks}
+            for r in live:  # a plain group tied to heads of its size: chunks of one unit (a depthwise conv's input)
+                if r not in chunks and r not in factors and len(counts) == 1 and s.size[r] == next(iter(counts)):
+                    chunks[r] = s.size[r]
             ok = all(r in chunks and r not in s.pieces and r not in s.alias and s._has_producer(r) for r in live) \
                 and len({chunks[r] for r in live}) <= 1 and len(live) == len(members)
             if not ok:

@@ -171,11 +171,20 @@ class NormsAndSlopes(nn.Module):  # RMSNorm and a per-channel PReLU follow their
         return self.b(self.p(self.n(self.a(x[:, :, 0]))))
 
 
-MODELS = [MaxOverTime, ArgmaxOverUnits, PoolIndices, Tril, ClampByParameter, NonPersistentBuffer,
+class DepthwiseMultiplier(nn.Module):  # groups == in channels, 2 outputs per channel: blocks move with them
+    def __init__(self):
+        super().__init__()
+        self.a, self.dw, self.b = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 8, 3, padding=1, groups=4), nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.dw(torch.relu(self.a(x[:, :, :, None]))))).mean((2, 3))
+
+
+MODELS = [DepthwiseMultiplier, MaxOverTime, ArgmaxOverUnits, PoolIndices, Tril, ClampByParameter, NonPersistentBuffer,
           SliceOfFlattened, PixelShuffle, OneHeadUsed, FlatHeadGate, MeanOverHeads, ChunkThenPairs, ConvOverUnits,
           AttentionOverChannels, NormsAndSlopes]
 #: models whose units the tracer should still be able to move (the others may hold everything fixed)
-MOVABLE = {MaxOverTime, ClampByParameter, AttentionOverChannels, NormsAndSlopes}
+MOVABLE = {DepthwiseMultiplier, MaxOverTime, ClampByParameter, AttentionOverChannels, NormsAndSlopes}
 
 
 @pytest.mark.parametrize("cls", MODELS, ids=lambda c: c.__name__)
@@ -203,3 +212,20 @@ def test_every_permutation_the_spec_allows_keeps_the_outputs(cls):
                 torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     if cls in MOVABLE:
         assert result.permutable > 0 and result.spec.groups
+
+
+def test_depthwise_multiplier_blocks_are_recovered_by_weight_matching():
+    from modelmerge.matching import weight_matching
+    from modelmerge.permutation import check_permutation, invert_permutation
+
+    torch.manual_seed(0)
+    model = DepthwiseMultiplier()
+    spec = trace_spec(model, (torch.randn(2, 4, 5),)).spec
+    (heads,) = spec.heads.values()
+    assert heads.count == 4 and len(heads.groups) == 2 and len(heads.rigid) == 1
+    state = model.state_dict()
+    perm = random_permutation(spec, torch.Generator().manual_seed(3))
+    found, _ = weight_matching(state, apply_permutation(state, spec, perm), spec)
+    check_permutation(spec, found)
+    expected = invert_permutation(perm)
+    assert all(torch.equal(found[g], expected[g]) for g in spec.groups)
