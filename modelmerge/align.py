@@ -183,7 +183,9 @@ def align(
     if refine != "none":
         start = answers[-1]
         if ranked and REFINE_FROM_BEST:  # refine the best merge so far, not always the first method's
-            start = min(answers, key=lambda ans: candidates[ans.name])
+            # (weight matching started from weight matching's own answer would change nothing)
+            starts = [ans for ans in answers if not (refine == "wm" and ans.name == "weight-matching")]
+            start = min(starts or answers[-1:], key=lambda ans: candidates[ans.name])
         ran.append(methods.get("refine", refine).run(ctx, start))
         answers = ran if ranked else ran[-1:]
     if ranked:

@@ -210,11 +210,12 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str)
             state[owner] = state[alias]
     ref = module.state_dict()
     _compare(ref, state, what)
-    if tied:  # assigning would untie the shared tensor
-        module.load_state_dict(state)
+    if tied or any(v.is_inference() for v in state.values()):
+        module.load_state_dict(state)  # assigning would untie the shared tensor / cannot take inference tensors
     else:
         # the module takes the checkpoint's own tensors (converted only where the dtype differs): no second
         # copy of the weights in memory; nothing modelmerge runs changes a module's tensors in place
-        module.load_state_dict({k: v if v.dtype == ref[k].dtype else v.to(ref[k].dtype) for k, v in state.items()},
-                               assign=True)
+        # detached: the caller's own Parameters (a keep_vars state dict) keep their requires_grad
+        module.load_state_dict({k: (v if v.dtype == ref[k].dtype else v.to(ref[k].dtype)).detach()
+                                for k, v in state.items()}, assign=True)
     return module.eval()

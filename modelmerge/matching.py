@@ -665,5 +665,5 @@ def _solve_head_set(spec: PermutationSpec, name: str, gains: Mapping[str, torch.
         c = hs.chunk(spec.groups[g])
         w = within[g][np.arange(heads), pi] if g in within else np.broadcast_to(np.arange(c), (heads, c))
         out[g] = structured_permutation(torch.as_tensor(pi, dtype=torch.long),
-                                        torch.as_tensor(np.ascontiguousarray(w), dtype=torch.long))
+                                        torch.as_tensor(np.array(w), dtype=torch.long))  # a copy: broadcast views are read-only
     return out

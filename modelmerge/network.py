@@ -63,6 +63,7 @@ class Network:
             commands print it as a warning. None when nothing is assumed.
         forward_chain: the chain the generic forward runs (``forward_kind == "chain"``): the
             inferred one, whatever the spec (a user's spec is checked against it too).
+        vocab: the vocabulary size when the module reads token ids (inputs are integers), else None.
     """
 
     spec: PermutationSpec
@@ -76,6 +77,7 @@ class Network:
     warnings: tuple[str, ...] = field(default=())
     assumption: str | None = None
     forward_chain: Chain | None = None
+    vocab: int | None = None
 
     # ------------------------------------------------------------ what it is
     @property
@@ -107,8 +109,11 @@ class Network:
     def trainable(self) -> frozenset[str]:
         """The state-dict keys that are parameters (take gradients), not buffers."""
         if self.module is not None:
-            # named_parameters drops tied duplicates, which functional_call refuses twice
-            return frozenset(name for name, _ in self.module.named_parameters())
+            # named_parameters drops tied duplicates, which functional_call refuses twice; a tied
+            # parameter saved only under its alias (the checkpoint's keys are the spec's) trains under that name
+            names = {name for name, _ in self.module.named_parameters()}
+            return frozenset(names | {alias for alias, owner in self._twins.items()
+                                      if owner in names and owner not in self.spec.axes})
         chain = self.forward_chain
         if chain is None:
             return frozenset()
@@ -166,9 +171,18 @@ class Network:
         with torch.no_grad():
             return self._run_module(state, x)
 
+    @cached_property
+    def _twins(self) -> dict[str, str]:
+        from modelmerge.archs import tied_keys
+
+        return tied_keys(self.module)
+
     def _run_module(self, state, x):
         dtypes = self._module_keys
         params = {k: state[k].to(dtypes[k]) for k in dtypes if k in state}
+        for alias, owner in self._twins.items():  # a tied weight saved only under its alias
+            if owner not in params and alias in state and owner in dtypes:
+                params[owner] = state[alias].to(dtypes[owner])
         try:
             return torch.func.functional_call(self.module, params, (x,))
         except Exception as e:  # noqa: BLE001 - user code: any failure is the model's
@@ -178,9 +192,8 @@ class Network:
     def random_inputs(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """``[n, *input_shape]`` Gaussian inputs (independent of any model), for verification; random token
         ids for a model that reads tokens."""
-        vocab = token_vocab(self.module) if self.module is not None else None
-        if vocab is not None:
-            return torch.randint(0, vocab, (n, *self.input_shape), generator=generator)
+        if self.vocab is not None:
+            return torch.randint(0, self.vocab, (n, *self.input_shape), generator=generator)
         return torch.randn((n, *self.input_shape), generator=generator, dtype=torch.float32)
 
     # ------------------------------------------------------------ data
@@ -384,7 +397,8 @@ def resolve_network(
         chain = None  # the learned aligners and the generic forward describe the chain's spec only
     if module is not None:
         shape, n_out = find_input_shape(module, input_shape)
-        return Network(chosen, source, "model", shape, n_out, chain, None, module, warnings)
+        return Network(chosen, source, "model", shape, n_out, chain, None, module, warnings,
+                       vocab=input_vocab(module, shape))
     if record is not None:
         from modelmerge.archs import build_for, num_outputs, validate_record
         from modelmerge.archs import input_shape as record_input
@@ -443,10 +457,29 @@ def _hidden_skip_risk(chain: Chain, state: Mapping[str, torch.Tensor]) -> str | 
 
 
 def token_vocab(module: nn.Module) -> int | None:
-    """The vocabulary size when ``module`` reads token ids (its first weight layer is an ``nn.Embedding``)."""
+    """The vocabulary size when ``module``'s first weight layer is an ``nn.Embedding`` (it may read token
+    ids; :func:`input_vocab` checks that it does)."""
     first = next((m for m in module.modules()
                   if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding))), None)
     return first.num_embeddings if isinstance(first, nn.Embedding) else None
+
+
+def _runs(module: nn.Module, x: torch.Tensor):
+    """``module(x)`` without gradients, or None when it fails."""
+    try:
+        with torch.no_grad():
+            return module.eval()(x)
+    except Exception:  # noqa: BLE001 - any failure means "not this input"
+        return None
+
+
+def input_vocab(module: nn.Module, shape: tuple[int, ...]) -> int | None:
+    """The vocabulary when ``module`` reads token ids of ``shape`` (an embedding first, and integer inputs
+    run), else None: inputs are then floats (a learned position table registered first is not a vocabulary)."""
+    vocab = token_vocab(module)
+    if vocab is None or _runs(module, torch.zeros(2, *shape, dtype=torch.long)) is None:
+        return None
+    return vocab
 
 
 def find_input_shape(module: nn.Module, given: tuple[int, ...] | None = None) -> tuple[tuple[int, ...], int | None]:
@@ -470,14 +503,11 @@ def find_input_shape(module: nn.Module, given: tuple[int, ...] | None = None) ->
         else:
             dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(first)]
             candidates += [(first.in_channels, *([s] * dims)) for s in (8, 16, 28, 32, 40, 64, 224)]
-    vocab = token_vocab(module)
+    dtypes = (torch.long, torch.float32) if token_vocab(module) is not None else (torch.float32,)
     for shape in candidates:
-        x = torch.zeros(2, *shape, dtype=torch.long if vocab else torch.float32)
-        try:
-            with torch.no_grad():
-                out = module.eval()(x)
-        except Exception:  # noqa: BLE001 - any failure means "not this shape"
-            continue
-        n_out = out.shape[1] if isinstance(out, torch.Tensor) and out.ndim == 2 else None
-        return tuple(shape), n_out
+        for dtype in dtypes:  # token ids first when an embedding comes first, else (or then) floats
+            out = _runs(module, torch.zeros(2, *shape, dtype=dtype))
+            if out is not None:
+                n_out = out.shape[1] if isinstance(out, torch.Tensor) and out.ndim == 2 else None
+                return tuple(shape), n_out
     raise ModelMergeError("cannot find an input shape the model accepts; pass --input-shape, e.g. 1,28,28")

@@ -324,10 +324,10 @@ def example_inputs(model: nn.Module, input_shape: Sequence[int] | None = None) -
     Raises:
         ModelMergeError: no input shape works (see :func:`modelmerge.network.find_input_shape`).
     """
-    from modelmerge.network import find_input_shape, token_vocab
+    from modelmerge.network import find_input_shape, input_vocab
 
     shape, _ = find_input_shape(model, tuple(input_shape) if input_shape else None)
-    vocab = token_vocab(model)
+    vocab = input_vocab(model, shape)
     if vocab is not None:
         return (torch.arange(2 * math.prod(shape)).reshape(2, *shape) % vocab,)
     return (torch.zeros(2, *shape),)

@@ -132,8 +132,13 @@ def test_auto_with_data_reports_candidates(trained, tiny_zoo, tmp_path):
                             str(trained), "--data", "digits", "--json"])
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
-    assert set(report["candidates"]) == {"deep-align", "weight-matching", "activation-matching", "deep-align+lmc"}
-    assert report["method"] == min(report["candidates"], key=report["candidates"].get)
+    scores = report["candidates"]
+    unrefined = {"deep-align", "weight-matching", "activation-matching"}
+    refined = set(scores) - unrefined
+    assert unrefined < set(scores) and len(refined) == 1
+    # the refinement starts from the best unrefined merge
+    assert refined == {min(unrefined, key=scores.get) + "+lmc"}
+    assert report["method"] == min(scores, key=scores.get)
 
 
 def test_deep_align_refuses_out_of_family(trained, tmp_path, save_sd):

@@ -137,6 +137,8 @@ def refine_lmc(
     best, best_loss = perm, loss_of(perm)
     last = None
     patience = max(10, steps // 2) if patience is None else patience
+    if patience < 0:
+        raise ModelMergeError(f"patience must be 0 (never stop early) or more, got {patience}")
     improved_at = 0
     for step in range(steps):
         if patience and step - improved_at >= patience:

@@ -1,0 +1,76 @@
+"""Edge cases of running a user's module: tied weights saved under either name, float models whose first
+weight layer is an embedding, state dicts made under inference mode or holding the user's Parameters."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from modelmerge.network import output_tensors, resolve_network
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(50, 16)
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.head = nn.Linear(16, 50, bias=False)
+        self.head.weight = self.tok.weight  # tied: tok.weight is the owner (registered first)
+
+    def forward(self, x):
+        h = self.tok(x)
+        return self.head(h + self.fc2(torch.relu(self.fc1(h)))).mean(1)
+
+
+class PositionsFirst(nn.Module):
+    """Float inputs [B, 8, 4]; a learned position table (an nn.Embedding) registered before the input layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Embedding(8, 16)
+        self.proj, self.fc, self.out = nn.Linear(4, 16), nn.Linear(16, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = self.proj(x) + self.pos(torch.arange(x.shape[1]))
+        return self.out(torch.relu(self.fc(h))).mean(1)
+
+
+def test_a_tied_weight_saved_only_under_its_alias_runs_as_that_checkpoint():
+    torch.manual_seed(0)
+    a, b = TiedLM().eval(), TiedLM().eval()
+    # save_model-style: the alias (head.weight) kept, the owner (tok.weight) dropped
+    state_a = {k: v for k, v in a.state_dict().items() if k != "tok.weight"}
+    state_b = {k: v for k, v in b.state_dict().items() if k != "tok.weight"}
+    holder = TiedLM()
+    holder.load_state_dict(a.state_dict())
+    net = resolve_network(state_a, module=holder, input_shape=(6,))
+    x = net.random_inputs(4, torch.Generator().manual_seed(1))
+    assert x.dtype == torch.long
+    with torch.no_grad():
+        torch.testing.assert_close(net.forward(state_b, x), b(x))  # B's tied weight, not the holder's (A's)
+    assert "head.weight" in net.trainable and set(net.spec.axes) == set(state_a)
+
+
+def test_an_embedding_first_model_with_float_inputs_runs_on_floats():
+    model = PositionsFirst().eval()
+    net = resolve_network(model.state_dict(), module=model, input_shape=(8, 4))
+    assert net.vocab is None and net.num_outputs == 3
+    x = net.random_inputs(2, torch.Generator().manual_seed(0))
+    assert x.is_floating_point() and output_tensors(net.forward(model.state_dict(), x))[0].shape == (2, 3)
+    assert net.spec.groups  # traced with float example inputs too
+
+
+def test_inference_mode_state_and_the_users_parameters_are_left_as_they_were():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.inference_mode():
+        frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    net = resolve_network(frozen, module=nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
+    assert net.forward(frozen, torch.randn(2, 4)).shape == (2, 3)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = model.state_dict(keep_vars=True)
+    from modelmerge.archs import load_strict
+
+    load_strict(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), params, "a test model")
+    assert not any(p.requires_grad for p in model.parameters())  # the user's frozen Parameters stay frozen
