@@ -125,6 +125,7 @@ class _State:
         self.why: dict[str, list[str]] = {}  # cause -> places
         self.counter = 0
         self.order: list[str] = []  # producers, first seen first (names the groups)
+        self.fixes = 0  # classes held fixed so far (build repeats its checks until none is added)
 
     # ------------------------------------------------------------------ classes
     def new(self, hint: str, size: int, producer: bool = False) -> str:
@@ -195,6 +196,7 @@ class _State:
         alias = self.alias.pop(root, None)
         if self._has_producer(root) and cause:
             self.why.setdefault(cause, []).append(place)
+        self.fixes += 1
         self.parent[root] = FIXED
         for p in pieces or ():
             self.fix_var(p, cause, place)
@@ -1007,7 +1009,8 @@ class _Tracer:
     op_pad = op_constant_pad_nd
 
     # ------------------------------------------------------------------ the spec
-    def build(self) -> TraceResult:
+    def _heads(self) -> tuple[dict[str, int], dict[str, list[str]]]:
+        """Head counts per class and the head sets (tied classes); classes that fail the checks are fixed."""
         s = self.s
         # head structure per class: every split seen must be the same (heads, units in a head)
         factors: dict[str, set[tuple[int, int]]] = {}
@@ -1058,6 +1061,11 @@ class _Tracer:
                 continue
             if live:
                 sets[live[0]] = live
+        return chunks, sets
+
+    def _resolve_all(self) -> tuple[dict[str, tuple], dict[str, int]]:
+        """Every parameter's axes as spec entries, and the groups they name (may hold more classes fixed)."""
+        s = self.s
         groups: dict[str, int] = {}
         axes: dict[str, tuple] = {}
 
@@ -1082,6 +1090,18 @@ class _Tracer:
                 axes[key] = (None,) * t.ndim
                 continue
             axes[key] = tuple(resolve(v, n) for v, n in zip(vars_, t.shape))
+        return axes, groups
+
+    def build(self) -> TraceResult:
+        s = self.s
+        # a class found not understood while resolving one parameter must not stay permuted in another
+        # already resolved, nor in a head set: repeat the checks until they hold nothing more fixed
+        while True:  # each repeat holds at least one more class fixed: it ends
+            before = s.fixes
+            chunks, sets = self._heads()
+            axes, groups = self._resolve_all()
+            if s.fixes == before:
+                break
         heads = {}
         used = {g for ax in axes.values() for a in ax for g in _groups_in(a)}
         groups = {g: n for g, n in groups.items() if g in used}

@@ -180,7 +180,17 @@ class DepthwiseMultiplier(nn.Module):  # groups == in channels, 2 outputs per ch
         return self.b(torch.relu(self.dw(torch.relu(self.a(x[:, :, :, None]))))).mean((2, 3))
 
 
-MODELS = [DepthwiseMultiplier, MaxOverTime, ArgmaxOverUnits, PoolIndices, Tril, ClampByParameter, NonPersistentBuffer,
+class RepeatedThenRead(nn.Module):  # grouped-query attention's repeat: a layer reads (copy, unit) pairs
+    def __init__(self):
+        super().__init__()
+        self.v, self.o = nn.Linear(4, 6), nn.Linear(12, 3)  # v resolved before o finds it cannot follow
+
+    def forward(self, x):
+        h = self.v(x[:, :, 0])
+        return self.o(h[:, None, :].expand(-1, 2, -1).reshape(x.shape[0], 12))
+
+
+MODELS = [RepeatedThenRead, DepthwiseMultiplier, MaxOverTime, ArgmaxOverUnits, PoolIndices, Tril, ClampByParameter, NonPersistentBuffer,
           SliceOfFlattened, PixelShuffle, OneHeadUsed, FlatHeadGate, MeanOverHeads, ChunkThenPairs, ConvOverUnits,
           AttentionOverChannels, NormsAndSlopes]
 #: models whose units the tracer should still be able to move (the others may hold everything fixed)

@@ -294,3 +294,33 @@ def test_hugging_face_checkpoint_saved_without_its_tied_head_aligns_from_the_cli
     assert report["verified"]["forward"] == "model" and report["spec"]["source"] == "traced"
     written = load_file(str(out))
     assert "lm_head.weight" not in written and set(written) == set(load_file(str(paths[1])))
+
+
+HF_MORE = {
+    # rotary embeddings and grouped-query attention: attention held fixed, MLPs and the stream still move
+    "llama-gqa": ("LlamaForCausalLM", "LlamaConfig", {"num_key_value_heads": 1}),
+    "distilbert": ("DistilBertForSequenceClassification", "DistilBertConfig",
+                   {"dim": 16, "n_layers": 2, "n_heads": 2, "hidden_dim": 32}),
+    "roberta": ("RobertaForSequenceClassification", "RobertaConfig", {}),
+    "gpt-neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", {}),  # per-head interleaved fused qkv: held fixed
+    "opt": ("OPTForCausalLM", "OPTConfig", {"ffn_dim": 32, "word_embed_proj_dim": 16}),
+}
+
+
+@pytest.mark.parametrize("name", HF_MORE)
+def test_more_hugging_face_classes_keep_their_function(name):
+    transformers = pytest.importorskip("transformers")
+    cls, config_cls, extra = HF_MORE[name]
+    fields = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32,
+              "vocab_size": 40, "max_position_embeddings": 32, **extra}
+    model = _randomise(getattr(transformers, cls)(getattr(transformers, config_cls)(**fields)), 0)
+    x = _inputs("tokens")
+    result = trace_spec(model, (x,))
+    assert result.permutable > 0
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    before = _outputs(model, x)
+    for seed in (1, 2):
+        model.load_state_dict(apply_permutation(state, result.spec,
+                                                random_permutation(result.spec, torch.Generator().manual_seed(seed))))
+        for a, b in zip(before, _outputs(model, x)):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
