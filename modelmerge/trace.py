@@ -734,6 +734,8 @@ class _Tracer:
         self._affine(node, lx[1], node.args[1:5])
         return lx
 
+    op_instance_norm = op_batch_norm  # (x, weight, bias, running_mean, running_var, ...): per channel too
+
     def op__native_batch_norm_legit_no_training(self, node):
         lx = self.op_batch_norm(node)
         vals = node.meta["val"]

@@ -162,13 +162,14 @@ class AttentionOverChannels(nn.Module):  # XCiT-style: SDPA over channels; keys 
         return F.scaled_dot_product_attention(q, k, v).sum(1)
 
 
-class NormsAndSlopes(nn.Module):  # RMSNorm and a per-channel PReLU follow their channels
+class NormsAndSlopes(nn.Module):  # RMSNorm, InstanceNorm and a per-channel PReLU follow their channels
     def __init__(self):
         super().__init__()
         self.a, self.n, self.p, self.b = nn.Linear(4, 6), nn.RMSNorm(6), nn.PReLU(6), nn.Linear(6, 3)
+        self.c, self.i, self.d = nn.Conv1d(4, 6, 1), nn.InstanceNorm1d(6, affine=True), nn.Conv1d(6, 3, 1)
 
     def forward(self, x):
-        return self.b(self.p(self.n(self.a(x[:, :, 0]))))
+        return self.b(self.p(self.n(self.a(x[:, :, 0])))) + self.d(self.i(self.c(x))).mean(2)
 
 
 class DepthwiseMultiplier(nn.Module):  # groups == in channels, 2 outputs per channel: blocks move with them
@@ -203,7 +204,7 @@ def test_every_permutation_the_spec_allows_keeps_the_outputs(cls):
     model = cls().eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, t in model.state_dict(keep_vars=True).items():
+        for t in model.state_dict(keep_vars=True).values():
             if t.is_floating_point():
                 t.copy_(torch.randn(t.shape, generator=g))
         for buf in model.buffers():
