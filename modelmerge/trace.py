@@ -22,9 +22,10 @@ n/H)`` (the head) and ``(group, n/H, 1)`` (the unit within the head).
   axis into ``(H, d)`` gives the group head structure, which attention keeps
   (``q @ k^T`` and ``scaled_dot_product_attention`` tie q's and k's units, the
   batch-of-heads axes tie the head order of q, k and v);
-* selecting, unbinding or splitting along a group's axis (packed qkv
+* selecting, unbinding, splitting or slicing along a group's axis (packed qkv
   projections: ``nn.MultiheadAttention``, timm's fused ``qkv``, GPT-2's
-  ``c_attn``) cuts the group into segments, each its own group;
+  ``c_attn``; channel splits and slices) cuts the group into segments, each its
+  own group;
 * concatenation gives its output the segments of its operands' groups
   (DenseNet); a depthwise conv carries its input's group through; a grouped conv
   permutes its groups as whole blocks (rigid on the input side, free within each
@@ -913,6 +914,22 @@ class _Tracer:
         self.s.pieces[root] = subs
         return subs
 
+    def _cut_sizes(self, g: str, sizes: list[int]) -> list[str]:
+        """Cut a whole group into consecutive segments of ``sizes`` (a channel split or slice), each its own
+        group; a group already cut must have been cut the same way."""
+        root = self.s.find(g)
+        if root == FIXED or sum(sizes) != self.s.size[g]:
+            raise _Unsupported()
+        if root in self.s.pieces:
+            subs = self.s.pieces[root]
+            if [self.s.size[p] for p in subs] != sizes:
+                raise _Unsupported("units split in two different ways")
+            return subs
+        producer = self.s._has_producer(root)
+        subs = [self.s.new(f"{root}[{i}]", n, producer=producer) for i, n in enumerate(sizes)]
+        self.s.pieces[root] = subs
+        return subs
+
     def _retarget(self, x, f, sub: str):
         """A factor of the same group inside one segment now orders that segment's group."""
         if x[0] == "prod":
@@ -958,20 +975,53 @@ class _Tracer:
         f = f[0]
         if f[0] == "cat" and [_lsize(p) for p in f[1]] == sizes:
             return [lab[:d] + (_pack(p),) + lab[d + 1:] for p in f[1]]
-        if f[0] != "g" or (f[2], f[3]) != (self.s.size[f[1]], 1) or len(set(sizes)) != 1:
+        if f[0] != "g" or (f[2], f[3]) != (self.s.size[f[1]], 1):
             raise _Unsupported("splitting permuted units")
-        subs = self._cut(("g", f[1], len(sizes), sizes[0]))
-        return [lab[:d] + (("g", sub, sizes[0], 1),) + lab[d + 1:] for sub in subs]
+        subs = self._cut(("g", f[1], len(sizes), sizes[0])) if len(set(sizes)) == 1 else self._cut_sizes(f[1], sizes)
+        return [lab[:d] + (("g", sub, n, 1),) + lab[d + 1:] for sub, n in zip(subs, sizes)]
 
     def op_slice(self, node):
         lab = self.label(node.args[0])
         d = (node.args[1] if len(node.args) > 1 else 0) % len(lab)
-        if any(f[0] != "free" for f in _normal((lab[d],))):
-            full = self.shape(node) == self.shape(node.args[0])
-            if full:
+        factors = _normal((lab[d],))
+        if any(f[0] != "free" for f in factors):
+            if self.shape(node) == self.shape(node.args[0]):
                 return lab
-            raise _Unsupported("slicing permuted units")
+            n = self.shape(node.args[0])[d]
+            start, end = (list(node.args[2:4]) + [None, None])[:2]
+            step = node.args[4] if len(node.args) > 4 else 1
+            start = 0 if start is None else max(0, min(n, start + n if start < 0 else start))
+            end = n if end is None else max(start, min(n, end + n if end < 0 else end))
+            if len(factors) != 1 or step != 1:
+                raise _Unsupported("slicing permuted units")
+            return lab[:d] + (self._slice_units(factors[0], start, end),) + lab[d + 1:]
         return lab[:d] + (_free(self.shape(node)[d]),) + lab[d + 1:]
+
+    def _slice_units(self, f, start: int, end: int):
+        """The label of units ``[start:end)`` of an axis labelled ``f``: a whole group, or a concatenation of
+        them; a group the bounds fall inside is cut there into segment groups."""
+        if f[0] == "cat":
+            out, offset = [], 0
+            for piece in f[1]:
+                n = _lsize(piece)
+                lo, hi = max(start, offset), min(end, offset + n)
+                if lo < hi:
+                    inner = _normal(piece)
+                    if (lo, hi) == (offset, offset + n):
+                        out.append(piece)
+                    elif len(inner) == 1:
+                        out.append((self._slice_units(inner[0], lo - offset, hi - offset),))
+                    else:
+                        raise _Unsupported("slicing permuted units")
+                offset += n
+            return _pack((("cat", tuple(out)),)) if len(out) > 1 else _pack(out[0])
+        if f[0] != "g" or (f[2], f[3]) != (self.s.size[f[1]], 1):
+            raise _Unsupported("slicing permuted units")
+        n = f[2]
+        if (start, end) == (0, n):
+            return f
+        subs = self._cut_sizes(f[1], [x for x in (start, end - start, n - end) if x])
+        return ("g", subs[1 if start else 0], end - start, 1)  # the middle segment (the first from 0)
 
     def op_cat(self, node):
         tensors = [t for t in node.args[0]]
@@ -1026,8 +1076,10 @@ class _Tracer:
                 continue  # fixed meanwhile
             n = s.size[root]
             if root in s.pieces:  # cut into segments: only the cut itself, or splits inside one segment
-                cut, piece = len(s.pieces[root]), n // len(s.pieces[root])
-                if not all((c * st == n and c == cut) or piece % (c * st) == 0 for c, st in facs):
+                sizes = [s.size[p] for p in s.pieces[root]]
+                even = len(set(sizes)) == 1
+                if not all((even and c * st == n and c == len(sizes)) or all(z % (c * st) == 0 for z in sizes)
+                           for c, st in facs):
                     s.fix_var(root, "units reshaped across the segments of a packed projection", root)
                 continue
             outer = {c for c, st in facs if c * st == n}

@@ -191,11 +191,41 @@ class RepeatedThenRead(nn.Module):  # grouped-query attention's repeat: a layer 
         return self.o(h[:, None, :].expand(-1, 2, -1).reshape(x.shape[0], 12))
 
 
-MODELS = [RepeatedThenRead, DepthwiseMultiplier, MaxOverTime, ArgmaxOverUnits, PoolIndices, Tril, ClampByParameter, NonPersistentBuffer,
+class GhostSlice(nn.Module):  # GhostNet: primary and cheap features concatenated, then the first channels
+    def __init__(self):
+        super().__init__()
+        self.p, self.c, self.b = nn.Conv1d(4, 4, 1), nn.Conv1d(4, 4, 3, padding=1, groups=4), nn.Conv1d(6, 2, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.p(x))
+        return self.b(torch.cat([y, self.c(y)], 1)[:, :6]).mean(2)
+
+
+class PartialConv(nn.Module):  # FasterNet: convolve the first channels, pass the rest (an unequal split)
+    def __init__(self):
+        super().__init__()
+        self.a, self.pc, self.b = nn.Conv1d(4, 8, 1), nn.Conv1d(3, 3, 3, padding=1), nn.Conv1d(8, 2, 1)
+
+    def forward(self, x):
+        x1, x2 = torch.split(self.a(x), [3, 5], 1)
+        return self.b(torch.cat([self.pc(x1), x2], 1)).mean(2)
+
+
+class SlicedTwoWays(nn.Module):  # one group sliced at different bounds by two readers
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(2, 2), nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.a(x[:, :, 0])
+        return self.b(h[:, :2]) + self.c(h[:, 3:])
+
+
+MODELS = [GhostSlice, PartialConv, SlicedTwoWays, RepeatedThenRead, DepthwiseMultiplier, MaxOverTime, ArgmaxOverUnits, PoolIndices, Tril, ClampByParameter, NonPersistentBuffer,
           SliceOfFlattened, PixelShuffle, OneHeadUsed, FlatHeadGate, MeanOverHeads, ChunkThenPairs, ConvOverUnits,
           AttentionOverChannels, NormsAndSlopes]
 #: models whose units the tracer should still be able to move (the others may hold everything fixed)
-MOVABLE = {DepthwiseMultiplier, MaxOverTime, ClampByParameter, AttentionOverChannels, NormsAndSlopes}
+MOVABLE = {GhostSlice, PartialConv, DepthwiseMultiplier, MaxOverTime, ClampByParameter, AttentionOverChannels, NormsAndSlopes}
 
 
 @pytest.mark.parametrize("cls", MODELS, ids=lambda c: c.__name__)
