@@ -40,6 +40,7 @@ some layer produces it (a parameter alone, tied to nothing, stays fixed).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import math
@@ -345,6 +346,9 @@ def _export(model: nn.Module, args: tuple):
     model.eval()
     quiet = logging.root.manager.disable
     logging.disable(logging.CRITICAL)  # export logs whole tracebacks when it fails; the one-line error says it
+    if "strict" not in inspect.signature(torch.export.export).parameters:
+        raise SpecError(f"tracing --model needs torch >= 2.3 (this is {torch.__version__}); upgrade torch, or write a "
+                        "spec file (docs/spec-format.md) and pass --spec FILE.json together with --model")
     try:
         # export prints the partial graph when it fails: the one-line error below says what matters
         with _warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
@@ -393,6 +397,7 @@ class _Tracer:
         self.value: dict[str, object] = {}  # node name -> label, or list of labels (tuple outputs)
         self.param_axes: dict[str, list[str]] = {}  # state-dict key -> one variable per axis
         self.layer_outputs: list[tuple[str, int]] = []  # (key, axis) of every weight layer's output units
+        self.weight_vars: dict[str, str] = {}  # axis variable of a 2-D parameter -> its key
         sig = ep.graph_signature
         self.inputs = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
         self.state = model.state_dict(keep_vars=True)
@@ -446,6 +451,8 @@ class _Tracer:
                 if key is not None and key in self.state and shape is not None and node.meta["val"].is_floating_point():
                     vars_ = [self.s.new(f"{key}#{i}", n) for i, n in enumerate(shape)]
                     self.param_axes[key] = vars_
+                    if len(shape) == 2:
+                        self.weight_vars.update({v: key for v in vars_})
                     twin = twins.setdefault(id(self.state[key]), key) if key in self.state else key
                     if twin != key:  # one tensor under two names (tied embeddings): one set of groups
                         for u, v in zip(self.param_axes[twin], vars_):
@@ -629,6 +636,11 @@ class _Tracer:
                 raise _Unsupported("a product summing over heads")
         if self.param(y) is not None and len(sy) == 2:
             self._producer(ly, 1, self.param(y))  # x @ W with a weight: W's columns are a layer's outputs
+        elif len(sy) == 2 and ly[-1][0] == "g" and ly[-1][1] in self.weight_vars:
+            # x @ W.t() (older export IRs write linear layers as addmm/mm of a transposed weight)
+            key = self.weight_vars[ly[-1][1]]
+            self._producer(ly, 1, None)
+            self.layer_outputs.append((key, self.param_axes[key].index(ly[-1][1])))
         self.s.tie((lx[-1],), (ly[-2],), "a matrix product reads fixed units", place)
         batch_x, batch_y = lx[:-2], ly[:-2]
         out_shape = self.shape(node)

@@ -221,11 +221,21 @@ class SlicedTwoWays(nn.Module):  # one group sliced at different bounds by two r
         return self.b(h[:, :2]) + self.c(h[:, 3:])
 
 
-MODELS = [GhostSlice, PartialConv, SlicedTwoWays, RepeatedThenRead, DepthwiseMultiplier, MaxOverTime, ArgmaxOverUnits, PoolIndices, Tril, ClampByParameter, NonPersistentBuffer,
+class TransposedWeights(nn.Module):  # linear layers written as addmm/matmul of W.t() (older export IRs)
+    def __init__(self):
+        super().__init__()
+        self.w1, self.b1, self.w2 = nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(6)), nn.Parameter(
+            torch.randn(3, 6))
+
+    def forward(self, x):
+        return torch.relu(torch.addmm(self.b1, x[:, :, 0], self.w1.t())) @ self.w2.t()
+
+
+MODELS = [TransposedWeights, GhostSlice, PartialConv, SlicedTwoWays, RepeatedThenRead, DepthwiseMultiplier, MaxOverTime, ArgmaxOverUnits, PoolIndices, Tril, ClampByParameter, NonPersistentBuffer,
           SliceOfFlattened, PixelShuffle, OneHeadUsed, FlatHeadGate, MeanOverHeads, ChunkThenPairs, ConvOverUnits,
           AttentionOverChannels, NormsAndSlopes]
 #: models whose units the tracer should still be able to move (the others may hold everything fixed)
-MOVABLE = {GhostSlice, PartialConv, DepthwiseMultiplier, MaxOverTime, ClampByParameter, AttentionOverChannels, NormsAndSlopes}
+MOVABLE = {TransposedWeights, GhostSlice, PartialConv, DepthwiseMultiplier, MaxOverTime, ClampByParameter, AttentionOverChannels, NormsAndSlopes}
 
 
 @pytest.mark.parametrize("cls", MODELS, ids=lambda c: c.__name__)
