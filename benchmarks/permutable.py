@@ -114,6 +114,19 @@ def _vit() -> nn.Module:
                                                num_labels=10))
 
 
+def _hf_lm(cls_name: str, config_name: str, **extra) -> Callable[[], nn.Module]:
+    """A tiny Hugging Face model of ``cls_name`` (hidden 16, 2 layers, 2 heads)."""
+
+    def build() -> nn.Module:
+        import transformers
+
+        fields = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32,
+                  "vocab_size": VOCAB, "max_position_embeddings": 32, "use_cache": False, **extra}
+        return getattr(transformers, cls_name)(getattr(transformers, config_name)(**fields))
+
+    return build
+
+
 def _encoder() -> nn.Module:
     layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
     return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
@@ -142,6 +155,15 @@ MODELS = (
     Entry("GPT2LMHeadModel", _gpt2, _tokens, ("lm_head",), "use_cache=False; lm_head tied to wte"),
     Entry("BertModel", _bert, _tokens, ("pooler",), "last_hidden_state is an output: ceiling 160/272 = 0.588"),
     Entry("ViTForImageClassification", _vit, _images, ("classifier",)),
+    Entry("LlamaForCausalLM (GQA)", _hf_lm("LlamaForCausalLM", "LlamaConfig", num_key_value_heads=1), _tokens,
+          ("lm_head",), "rotary q/k and grouped-query attention: attention held fixed"),
+    Entry("GPTNeoXForCausalLM", _hf_lm("GPTNeoXForCausalLM", "GPTNeoXConfig"), _tokens, ("embed_out",),
+          "per-head interleaved qkv: attention held fixed"),
+    Entry("OPTForCausalLM", _hf_lm("OPTForCausalLM", "OPTConfig", ffn_dim=32, word_embed_proj_dim=16), _tokens,
+          ("lm_head",)),
+    Entry("DistilBertForSequenceClassification",
+          _hf_lm("DistilBertForSequenceClassification", "DistilBertConfig", dim=16, n_layers=2, n_heads=2,
+                 hidden_dim=32), _tokens, ("classifier",)),
     Entry("nn.TransformerEncoder", _encoder, _stream, (), "stream is input and output: ceiling 160/224 = 0.714"),
     Entry("nn.MultiheadAttention", _mha, _qkv, ("out_proj",), "called as (x, x, x)"),
     Entry("VGGish", _models("VGGish"), _images, ("classifier.3",)),
