@@ -1060,6 +1060,17 @@ class _Tracer:
             out[d] = _free(sum(_lsize(p) for p in cat[1]))
         return tuple(out)
 
+    def op_glu(self, node):
+        """``glu(x, dim)``: ``a * sigmoid(b)`` for the two halves of a group: the halves are cut and tied."""
+        lab = self.label(node.args[0])
+        d = (node.args[1] if len(node.args) > 1 else -1) % len(lab)
+        f = _normal((lab[d],))
+        if len(f) != 1 or f[0][0] != "g" or (f[0][2], f[0][3]) != (self.s.size[f[0][1]], 1) or f[0][2] % 2:
+            raise _Unsupported("glu over units it cannot halve")
+        first, second = self._cut(("g", f[0][1], 2, f[0][2] // 2))
+        self.s.union(first, second, "glu halves", self.place(node))
+        return lab[:d] + (("g", first, f[0][2] // 2, 1),) + lab[d + 1:]
+
     def op_stack(self, node):
         raise _Unsupported("stacking permuted units")
 

@@ -231,11 +231,32 @@ class TransposedWeights(nn.Module):  # linear layers written as addmm/matmul of 
         return torch.relu(torch.addmm(self.b1, x[:, :, 0], self.w1.t())) @ self.w2.t()
 
 
-MODELS = [TransposedWeights, GhostSlice, PartialConv, SlicedTwoWays, RepeatedThenRead, DepthwiseMultiplier, MaxOverTime, ArgmaxOverUnits, PoolIndices, Tril, ClampByParameter, NonPersistentBuffer,
+class GLUNet(nn.Module):  # F.glu: the two halves of a layer's outputs multiply, so they move together
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 8), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(F.glu(self.a(x), -1)).mean(1)
+
+
+class TokenMixer(nn.Module):  # MLP-Mixer: a hidden layer over the token axis, and a residual over tokens
+    def __init__(self):
+        super().__init__()
+        self.e, self.t1, self.t2 = nn.Linear(5, 8), nn.Linear(4, 6), nn.Linear(6, 4)
+        self.c1, self.c2, self.h = nn.Linear(8, 12), nn.Linear(12, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.e(x)
+        x = x + self.t2(F.gelu(self.t1(x.transpose(1, 2)))).transpose(1, 2)
+        return self.h((x + self.c2(F.gelu(self.c1(x)))).mean(1))
+
+
+MODELS = [GLUNet, TokenMixer, TransposedWeights, GhostSlice, PartialConv, SlicedTwoWays, RepeatedThenRead, DepthwiseMultiplier, MaxOverTime, ArgmaxOverUnits, PoolIndices, Tril, ClampByParameter, NonPersistentBuffer,
           SliceOfFlattened, PixelShuffle, OneHeadUsed, FlatHeadGate, MeanOverHeads, ChunkThenPairs, ConvOverUnits,
           AttentionOverChannels, NormsAndSlopes]
 #: models whose units the tracer should still be able to move (the others may hold everything fixed)
-MOVABLE = {TransposedWeights, GhostSlice, PartialConv, DepthwiseMultiplier, MaxOverTime, ClampByParameter, AttentionOverChannels, NormsAndSlopes}
+MOVABLE = {GLUNet, TokenMixer, TransposedWeights, GhostSlice, PartialConv, DepthwiseMultiplier, MaxOverTime, ClampByParameter, AttentionOverChannels, NormsAndSlopes}
 
 
 @pytest.mark.parametrize("cls", MODELS, ids=lambda c: c.__name__)
