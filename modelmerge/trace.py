@@ -22,6 +22,8 @@ n/H)`` (the head) and ``(group, n/H, 1)`` (the unit within the head).
   axis into ``(H, d)`` gives the group head structure, which attention keeps
   (``q @ k^T`` and ``scaled_dot_product_attention`` tie q's and k's units, the
   batch-of-heads axes tie the head order of q, k and v);
+  when the heads cannot move (q/k held fixed by rotary embeddings, one head
+  selected), each member keeps its head order and is cut into one group per head;
 * selecting, unbinding, splitting or slicing along a group's axis (packed qkv
   projections: ``nn.MultiheadAttention``, timm's fused ``qkv``, GPT-2's
   ``c_attn``; channel splits and slices) cuts the group into segments, each its
@@ -1116,16 +1118,24 @@ class _Tracer:
         ties = _Union()
         for root in chunks:
             ties.find(root)
+        pinned = set()  # classes whose heads are tied to fixed units: their head order must stay
         for a, b in s.head_ties:
             ra, rb = s.find(a), s.find(b)
             if ra == FIXED or rb == FIXED:
                 if ra != rb:
-                    s.fix_var(ra if rb == FIXED else rb, "attention heads tied to fixed units", "attention")
+                    r = ra if rb == FIXED else rb
+                    if r in chunks or r in s.pieces:
+                        pinned.add(r)
+                        ties.find(r)
+                    else:
+                        s.fix_var(r, "attention heads tied to fixed units", "attention")
                 continue
             ties.union(ra, rb)
         sets: dict[str, list[str]] = {}
         for members in ties.sets():
             live = [r for r in members if s.find(r) == r and r != FIXED]
+            if pinned & set(live):
+                members = members + [FIXED]  # counts as a fixed member below
             counts = {chunks[r] for r in live if r in chunks}
             for r in live:  # a plain group tied to heads of its size: chunks of one unit (a depthwise conv's input)
                 if r not in chunks and r not in factors and len(counts) == 1 and s.size[r] == next(iter(counts)):
@@ -1133,8 +1143,18 @@ class _Tracer:
             ok = all(r in chunks and r not in s.pieces and r not in s.alias and s._has_producer(r) for r in live) \
                 and len({chunks[r] for r in live}) <= 1 and len(live) == len(members)
             if not ok:
+                # the heads cannot move (a member is fixed, selected per head, ...): every member keeps its head
+                # order; a member whose units may still move within each head is cut into one group per head
                 for r in live:
-                    s.fix_var(r, "attention heads that cannot move together", r)
+                    if r in s.pieces:
+                        continue  # already cut: its heads stay in place
+                    rigid = any(s.find(v) == r for v in s.rigid)
+                    if r in chunks and not rigid and r not in s.alias and s._has_producer(r):
+                        n, h = s.size[r], chunks[r]
+                        s.pieces[r] = [s.new(f"{r}[{i}]", n // h, producer=True) for i in range(h)]
+                        s.fixes += 1  # the classes changed: check them again
+                    else:
+                        s.fix_var(r, "attention heads that cannot move together", r)
                 continue
             if live:
                 sets[live[0]] = live

@@ -297,7 +297,9 @@ def test_hugging_face_checkpoint_saved_without_its_tied_head_aligns_from_the_cli
 
 
 HF_MORE = {
-    # rotary embeddings and grouped-query attention: attention held fixed, MLPs and the stream still move
+    # rotary embeddings fix q/k and the head order; v/o units still move within each head
+    "llama": ("LlamaForCausalLM", "LlamaConfig", {"num_key_value_heads": 2}),
+    # grouped-query attention: attention held fixed, MLPs and the stream still move
     "llama-gqa": ("LlamaForCausalLM", "LlamaConfig", {"num_key_value_heads": 1}),
     "distilbert": ("DistilBertForSequenceClassification", "DistilBertConfig",
                    {"dim": 16, "n_layers": 2, "n_heads": 2, "hidden_dim": 32}),
@@ -317,6 +319,8 @@ def test_more_hugging_face_classes_keep_their_function(name):
     x = _inputs("tokens")
     result = trace_spec(model, (x,))
     assert result.permutable > 0
+    if name == "llama":  # one group per head for v and the output projection's input
+        assert sum("v_proj.out[" in g for g in result.spec.groups) == 4
     state = {k: v.clone() for k, v in model.state_dict().items()}
     before = _outputs(model, x)
     for seed in (1, 2):
