@@ -155,6 +155,8 @@ MODELS = (
     Entry("GPT2LMHeadModel", _gpt2, _tokens, ("lm_head",), "use_cache=False; lm_head tied to wte"),
     Entry("BertModel", _bert, _tokens, ("pooler",), "last_hidden_state is an output: ceiling 160/272 = 0.588"),
     Entry("ViTForImageClassification", _vit, _images, ("classifier",)),
+    Entry("LlamaForCausalLM", _hf_lm("LlamaForCausalLM", "LlamaConfig", num_key_value_heads=2), _tokens,
+          ("lm_head",), "rotary q/k: q/k and the head order held fixed, v/o permuted within each head"),
     Entry("LlamaForCausalLM (GQA)", _hf_lm("LlamaForCausalLM", "LlamaConfig", num_key_value_heads=1), _tokens,
           ("lm_head",), "rotary q/k and grouped-query attention: attention held fixed"),
     Entry("GPTNeoXForCausalLM", _hf_lm("GPTNeoXForCausalLM", "GPTNeoXConfig"), _tokens, ("embed_out",),
