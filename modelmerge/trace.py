@@ -155,9 +155,6 @@ class _State:
             x = self.parent[x]
         return x
 
-    def members(self, root: str) -> list[str]:
-        return [v for v in self.parent if v != FIXED and self.find(v) == root]
-
     def union(self, a: str, b: str, cause: str = "", place: str = "") -> str:
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
@@ -891,11 +888,11 @@ class _Tracer:
         f = lab[d]
         rest = lab[:d] + lab[d + 1:]
         if f[0] == "free":
-            return _unpack_all(rest)
-        if f[0] != "g" or _is_packed(f):
+            return rest
+        if f[0] != "g":
             raise _Unsupported("selecting along permuted units")
         subs = self._cut(f)
-        return _unpack_all(tuple(self._retarget(x, f, subs[idx % len(subs)]) for x in rest))
+        return tuple(self._retarget(x, f, subs[idx % len(subs)]) for x in rest)
 
     def op_unbind(self, node):
         lab = self.label(node.args[0])
@@ -904,11 +901,11 @@ class _Tracer:
         rest = lab[:d] + lab[d + 1:]
         n = self.shape(node.args[0])[d]
         if f[0] == "free":
-            return [_unpack_all(rest)] * n
-        if f[0] != "g" or _is_packed(f):
+            return [rest] * n
+        if f[0] != "g":
             raise _Unsupported("unbinding along permuted units")
         subs = self._cut(f)
-        return [_unpack_all(tuple(self._retarget(x, f, s) for x in rest)) for s in subs]
+        return [tuple(self._retarget(x, f, s) for x in rest) for s in subs]
 
     def _cut(self, f) -> list[str]:
         """Cut a group along its outermost factor ``f`` (count c, stride s, c*s = n) into c segments."""
@@ -1337,13 +1334,6 @@ def _pack(factors: tuple):
         return factors[0]
     return ("prod", factors)
 
-
-def _is_packed(f) -> bool:
-    return f[0] == "prod"
-
-
-def _unpack_all(label) -> tuple:
-    return tuple(label)
 
 
 def _segments(segs):

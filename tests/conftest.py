@@ -119,3 +119,21 @@ def check_equivariance(aligner, a, b, seed):
         if not torch.equal(k2[l], torch.argsort(g2[group])[k[l][g[group]]]):
             return False
     return True
+
+
+def assert_recovers_planted(state, spec, seed):
+    """Weight matching of ``state`` against itself permuted by a random (structured) permutation of
+    ``spec`` returns a valid permutation that undoes it exactly."""
+    from modelmerge.matching import weight_matching
+    from modelmerge.permutation import (
+        apply_permutation,
+        check_permutation,
+        invert_permutation,
+        random_permutation,
+    )
+
+    perm = random_permutation(spec, torch.Generator().manual_seed(seed))
+    found, _ = weight_matching(state, apply_permutation(state, spec, perm), spec)
+    check_permutation(spec, found)
+    expected = invert_permutation(perm)
+    assert all(torch.equal(found[g], expected[g]) for g in spec.groups)

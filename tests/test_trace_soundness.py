@@ -287,17 +287,11 @@ def test_every_permutation_the_spec_allows_keeps_the_outputs(cls):
 
 
 def test_depthwise_multiplier_blocks_are_recovered_by_weight_matching():
-    from modelmerge.matching import weight_matching
-    from modelmerge.permutation import check_permutation, invert_permutation
+    from conftest import assert_recovers_planted
 
     torch.manual_seed(0)
     model = DepthwiseMultiplier()
     spec = trace_spec(model, (torch.randn(2, 4, 5),)).spec
     (heads,) = spec.heads.values()
     assert heads.count == 4 and len(heads.groups) == 2 and len(heads.rigid) == 1
-    state = model.state_dict()
-    perm = random_permutation(spec, torch.Generator().manual_seed(3))
-    found, _ = weight_matching(state, apply_permutation(state, spec, perm), spec)
-    check_permutation(spec, found)
-    expected = invert_permutation(perm)
-    assert all(torch.equal(found[g], expected[g]) for g in spec.groups)
+    assert_recovers_planted(model.state_dict(), spec, 3)
