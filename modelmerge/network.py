@@ -122,7 +122,8 @@ class Network:
                                  for role, key in norm.params.items() if role in ("weight", "bias")])
 
     # ------------------------------------------------------------ running it
-    def forward(self, state: Mapping[str, torch.Tensor], x: torch.Tensor, grad: bool = False) -> torch.Tensor:
+    def forward(self, state: Mapping[str, torch.Tensor], x: torch.Tensor, grad: bool = False,
+                batch_stats: bool = False) -> torch.Tensor:
         """Outputs of the network with weights ``state`` on inputs ``x [B, *input_shape]``.
 
         Floating-point weights run in float32 (half-precision checkpoints too), as
@@ -132,6 +133,9 @@ class Network:
             state: a state dict of this architecture (any of A, B, a merge...).
             x: a batch of inputs.
             grad: keep the autograd graph (gradients reach ``state``).
+            batch_stats: BatchNorm layers normalise with ``x``'s statistics instead of the
+                running ones (as after a BatchNorm reset on ``x``); nothing else changes
+                mode (dropout stays off) and ``state`` is not modified.
 
         Raises:
             ModelMergeError: no forward is known, or the user's model failed.
@@ -139,16 +143,19 @@ class Network:
         if self.forward_kind is None:
             raise ModelMergeError("no forward is known for this network: pass --model pkg.module:Class")
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            return self._run(state, x)
+            return self._run(state, x, batch_stats)
 
-    def _run(self, state, x):
+    def _run(self, state, x, batch_stats: bool = False):
         if self.forward_kind == "model":
-            return self._run_module(state, x)
+            if not batch_stats:
+                return self._run_module(state, x)
+            return self._run_module_batch_stats(state, x)
         floats = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         if self.forward_kind == "record":
             from modelmerge.stacked import stacked_forward
 
-            return stacked_forward(self.record, {k: v[None] for k, v in floats.items()}, x[None])[0]
+            return stacked_forward(self.record, {k: v[None] for k, v in floats.items()}, x[None],
+                                   train=batch_stats)[0]
         from modelmerge.forward import chain_forward
 
         return chain_forward(self.forward_chain, floats, x)
@@ -188,6 +195,25 @@ class Network:
         except Exception as e:  # noqa: BLE001 - user code: any failure is the model's
             raise ModelMergeError(f"running --model failed ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+
+    def _run_module_batch_stats(self, state, x):
+        # only the BatchNorm layers switch to training mode, on copies of their running statistics
+        # (training mode updates them in place); the module is left as it was
+        bns = [(name, m) for name, m in self.module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        state = dict(state)
+        for name, _ in bns:
+            for buf in ("running_mean", "running_var", "num_batches_tracked"):
+                key = f"{name}.{buf}" if name else buf
+                if key in state:
+                    state[key] = state[key].detach().clone()
+        modes = [m.training for _, m in bns]
+        try:
+            for _, m in bns:
+                m.train()
+            return self._run_module(state, x)
+        finally:
+            for (_, m), mode in zip(bns, modes):
+                m.train(mode)
 
     def random_inputs(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """``[n, *input_shape]`` Gaussian inputs (independent of any model), for verification; random token

