@@ -136,3 +136,35 @@ def test_every_bundled_aligner_keeps_both_symmetries(name):
         a, b = VGGish(seed=5).double().state_dict(), VGGish(seed=6).double().state_dict()
     assert check_equivariance(model, a, b, 7)
     assert all(torch.equal(torch.argsort(p), q) for p, q in zip(aligner_answer(model, a, b), aligner_answer(model, b, a)))
+
+
+def test_fast_paths_compute_the_reference_values():
+    """The forward's faster forms (LayerNorm as matrix products, one-tap embedding, Sinkhorn over
+    layers in one batch) give what the plain forms give."""
+    import torch.nn.functional as F
+
+    from modelmerge.deepalign.model import _Mix, _sinkhorn_layers, _sym_sinkhorn
+
+    g = torch.Generator().manual_seed(0)
+    mix = _Mix(16).double()
+    with torch.no_grad():
+        mix.norm.weight.normal_(generator=g)
+        mix.norm.bias.normal_(generator=g)
+    old, upd = torch.randn(2, 5, 7, 16, generator=g).double(), 3 + torch.randn(2, 5, 7, 16, generator=g).double()
+    assert torch.allclose(mix(old, upd), old + F.relu(mix.norm(upd)), atol=1e-12)
+
+    logits = [torch.randn(2, n, n, generator=g).double() for n in (6, 4, 6, 6)]
+    for got, s in zip(_sinkhorn_layers(logits), logits):
+        assert torch.allclose(got, _sym_sinkhorn(s), atol=1e-12)
+
+    model = _aligner(v2=True)
+    a, _ = _pair([5, 7, 6, 3], seed=3)
+    from modelmerge.spec import infer_chain
+    from modelmerge.weightspace import stacked_weight_space
+
+    ws = stacked_weight_space(infer_chain(a), {k: v[None] for k, v in a.items()})
+    E, _ = model._embed(ws)
+    w = ws.weights[1] / ws.weights[1].pow(2).mean().sqrt()  # the middle layer, RMS-normalised
+    stats = torch.stack([w.mean(-1), w.pow(2).mean(-1).sqrt(), w.amax(-1), w.amin(-1)], -1)
+    ref = model.tap_stats(stats) + model.edge_role.weight[1] + model.edge_kind.weight[0]
+    assert torch.allclose(E[1], ref, atol=1e-12)
