@@ -62,4 +62,8 @@ def test_demo_shows_barrier_falling(tmp_path):
     assert "cut the loss barrier" in r.output
     factor = float(r.output.split("cut the loss barrier ")[1].split("x")[0])
     assert factor >= 10
+    # the refined row (bundled digits): a barrier far below the naive one
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in r.output.splitlines()
+            if line.count("│") > 3}
+    assert float(rows["auto --data digits"]) < float(rows["naive"]) / 10
     assert (tmp_path / "b_aligned.safetensors").is_file() and (tmp_path / "merged.safetensors").is_file()
