@@ -301,3 +301,40 @@ def test_relative_loss_selects_by_ratio_to_weight_matching(tiny_zoo, tmp_path):
     val = card["validation"]
     assert val["metric"] == "barrier_ratio" and card["settings"]["relative"] is True
     assert val["barrier_ratio"] == pytest.approx(val["barrier"] / val["weight_matching_barrier"])  # one zoo
+
+
+def test_refined_targets_are_training_pairs_no_worse_than_weight_matching(tiny_zoo):
+    """Distillation targets: pairs of training networks only, valid permutations, and a merge
+    loss (the selection loss) no worse than weight matching's, since the refinement keeps its start."""
+    from modelmerge.deepalign.distill import refined_targets
+    from modelmerge.deepalign.train import TrainSettings, _prepare
+    from modelmerge.matching import weight_matching
+    from modelmerge.methods.lmc import score
+    from modelmerge.network import resolve_network
+
+    part = _prepare([tiny_zoo], "digits", TrainSettings(val_fraction=0.25), rank=1)[0]
+    t = refined_targets(part.zoo, part.train_idx, part.dataset, pairs=3, seed=0)
+    assert t.pairs.shape == (3, 2) and all(int(i) in part.train_idx for i in t.pairs.flatten())
+    assert all((p.sort(dim=1).values == torch.arange(16)).all() for p in t.perms)  # permutations of 16 units
+    groups = [part.zoo.chain.group(l) for l in range(2)]
+    for n, (i, j) in enumerate(t.pairs.tolist()):
+        a, b = part.zoo.take(torch.tensor(i)), part.zoo.take(torch.tensor(j))
+        net = resolve_network(a, record=part.zoo.record)
+        data = net.shape_data(part.dataset)
+        wm = weight_matching(a, b, part.zoo.spec, seed=n)[0]
+        refined = {g: t.perms[l][n] for l, g in enumerate(groups)}
+        assert score(net, a, b, refined, data) <= score(net, a, b, wm, data) + 1e-6
+
+
+def test_distill_trains_with_the_targets_and_reuses_them_on_resume(tiny_zoo, tmp_path):
+    out = tmp_path / "dist"
+    args = ["train-aligner", "--zoo", str(tiny_zoo), "-o", str(out), "--data", "digits", *TINY, "--batch-size", "4",
+            "--distill", "1", "--distill-pairs", "2"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "distill" in r.output and (out / "distill.pt").is_file()
+    assert json.loads((out / "aligner.json").read_text())["settings"]["distill"] == 1.0
+    stamp = (out / "distill.pt").stat().st_mtime_ns
+    r = runner.invoke(app, [*args, "--resume", "--epochs", "2"])
+    assert r.exit_code == 0, r.output
+    assert (out / "distill.pt").stat().st_mtime_ns == stamp  # read back, not recomputed

@@ -72,6 +72,13 @@ def train_aligner_command(
         bool, typer.Option("--weighted-costs", help="Learn per-term weights and input-unit importance in the "
                            "unrolled iterations (works with --init).")
     ] = False,
+    distill: Annotated[
+        float, typer.Option("--distill", min=0.0, help="Weight of the cross-entropy against refined answers (the LMC "
+                            "refinement with the zoo's data, from the best of weight matching and --init) for "
+                            "--distill-pairs training pairs per zoo, computed before training (needs --data).")
+    ] = 0.0,
+    distill_pairs: Annotated[int, typer.Option("--distill-pairs", min=1, help="Refined pairs per zoo for --distill.")
+                             ] = 32,
     seed: Seed = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT/last.pt.")] = False,
     init: Annotated[
@@ -121,14 +128,15 @@ def train_aligner_command(
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                              val_fraction=val_fraction, val_pairs=val_pairs, seed=seed, l2=l2_w, planted=planted_w,
                              alpha_range=(alpha_min, alpha_max), schedule=schedule, val_every=val_every,
-                             max_minutes=max_minutes, relative=relative)
+                             max_minutes=max_minutes, relative=relative, distill=distill,
+                             distill_pairs=distill_pairs)
     config = AlignerConfig(channels=channels, layers=layers, probes=probes, unroll=unroll, feature_dim=feature_dim,
                            weighted_costs=weighted_costs, readout_hidden=readout_hidden, output_dims=output_dims)
     command = "modelmerge " + " ".join(sys.argv[1:])
     try:
         with progress_bar("training aligner") as bar:
             def on_step(info: dict) -> None:
-                text = " ".join(f"{k} {info[k]:.4f}" for k in ("lmc", "l2", "planted") if k in info)
+                text = " ".join(f"{k} {info[k]:.4f}" for k in ("lmc", "l2", "planted", "distill") if k in info)
                 if "barrier" in info:
                     text += f" | val barrier {info['barrier']:.4f}"
                 elif "validation" in info and "l2" in info:

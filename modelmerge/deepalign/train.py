@@ -54,6 +54,8 @@ class TrainSettings:
     """Optimisation settings of ``train-aligner`` (the paper used AdamW lr 5e-4; 2e-3 trained
     this small aligner faster in the same CPU time), weight decay 5e-4, clip 1.0.
 
+    ``distill``: weight of the cross-entropy against refined answers for ``distill_pairs``
+    training pairs per zoo (:mod:`modelmerge.deepalign.distill`; needs task data).
     ``schedule``: ``"constant"`` or ``"onecycle"`` (warm up to ``lr`` over the first 30 %
     of the steps, then cosine down to ``lr / 1e4``). ``val_every``: validate every so many
     steps (0: once per epoch). ``max_minutes``: stop after this much training time
@@ -78,6 +80,8 @@ class TrainSettings:
     val_every: int = 0
     max_minutes: float = 0.0
     relative: bool = False
+    distill: float = 0.0
+    distill_pairs: int = 32
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -250,6 +254,7 @@ class _Part:
     val_idx: list[int]
     dataset: object | None
     validator: Validator | None = None
+    targets: object | None = None  # distill.Targets: refined answers for some training pairs
 
 
 def _prepare(zoo_dirs, data, settings, rank) -> list[_Part]:
@@ -330,6 +335,18 @@ def train_aligner(
     if resume:
         run.resume()
     run.make_folder()
+    if settings.distill > 0 and lmc_w > 0:
+        import sys
+
+        from modelmerge.deepalign.distill import load_or_make
+
+        model.eval()
+        targets = load_or_make(Path(out_dir) / "distill.pt", parts, settings.distill_pairs, settings.seed,
+                               model if init is not None else None,
+                               lambda text: rank == 0 and print(text, file=sys.stderr, flush=True))
+        model.train()
+        for part, t in zip(parts, targets):
+            part.targets = t
     run.fit(on_step)
     return run.finish(resume)
 
@@ -496,7 +513,7 @@ class _Run:
     def _one_step(self, rng, gen) -> dict:
         part = self.parts[rng.choice(len(self.parts), p=self.weights)]
         losses = _train_step(self.trained, part.zoo, part.train_idx, self.settings, part.dataset, self.lmc_w, rng,
-                             gen)
+                             gen, part.targets)
         self.opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.clip)
@@ -520,8 +537,11 @@ class _Run:
         return card
 
 
-def _train_step(trained, zoo: Zoo, train_idx, settings, dataset, lmc_w, rng, gen) -> dict:
+def _train_step(trained, zoo: Zoo, train_idx, settings, dataset, lmc_w, rng, gen, refined=None) -> dict:
     """One optimisation step's losses (not yet backpropagated).
+
+    With distillation targets, half the regular pairs are drawn from the refined
+    pairs and their affinities also get the cross-entropy against the refined answers.
 
     Regular pairs (two different networks) and planted pairs (a network and an
     augmented, permuted copy) go through the aligner in *one* forward, as
@@ -532,6 +552,10 @@ def _train_step(trained, zoo: Zoo, train_idx, settings, dataset, lmc_w, rng, gen
     n = settings.batch_size
     regular = lmc_w > 0 or settings.l2 > 0
     pairs = np.array([rng.choice(train_idx, 2, replace=False) for _ in range(n)])
+    rows = None
+    if refined is not None and settings.distill > 0:
+        rows = torch.as_tensor(rng.choice(len(refined.pairs), n // 2))
+        pairs[: n // 2] = refined.pairs[rows].numpy()
     a, b = zoo.take(torch.as_tensor(pairs[:, 0])), zoo.take(torch.as_tensor(pairs[:, 1]))
     batch_a, batch_b = ([a], [b]) if regular else ([], [])
     if settings.planted > 0:
@@ -553,6 +577,9 @@ def _train_step(trained, zoo: Zoo, train_idx, settings, dataset, lmc_w, rng, gen
             alpha = lo + (hi - lo) * torch.rand(n, generator=gen)
             losses["lmc"] = lmc_loss(zoo.record, a, aligned, dataset.x_train[idx], dataset.y_train[idx], alpha)
             total = total + lmc_w * losses["lmc"] / (zoo.loss_scale if settings.relative else 1.0)
+        if rows is not None and len(rows):
+            losses["distill"] = planted_loss([s[: len(rows)] for s in reg], [t[rows] for t in refined.perms])
+            total = total + settings.distill * losses["distill"]
         if settings.l2 > 0:
             soft = {zoo.chain.group(l): sinkhorn(s, settings.sinkhorn_iters) for l, s in enumerate(reg)}
             losses["l2"] = l2_loss(a, soft_permute(b, zoo.spec, soft))
