@@ -185,6 +185,9 @@ def _sinkhorn_layers(logits: list[torch.Tensor]) -> list[torch.Tensor]:
     for i, s in enumerate(logits):
         by_shape.setdefault(tuple(s.shape[1:]), []).append(i)
     for idx in by_shape.values():
+        if len(idx) == 1:
+            out[idx[0]] = _sym_sinkhorn(logits[idx[0]])
+            continue
         both = _sym_sinkhorn(torch.cat([logits[i] for i in idx]))
         for i, part in zip(idx, both.split([logits[i].shape[0] for i in idx])):
             out[i] = part
@@ -239,6 +242,8 @@ class _Mix(nn.Module):
         # edge tensors (N, n, n, C) with C = 8-32 on CPU, where it was a fifth of the aligner's time
         c = update.shape[-1]
         flat = update.reshape(-1, c)
+        if flat.shape[0] < 4096:  # small tensors (nodes, conv kernels): one call beats four
+            return old + F.relu(self.norm(update), inplace=True)
         centring = torch.eye(c, dtype=flat.dtype).sub_(1.0 / c)
         centred = flat @ centring
         inv = torch.rsqrt(centred.square() @ torch.full((c, 1), 1.0 / c, dtype=flat.dtype) + self.norm.eps)
