@@ -150,8 +150,9 @@ def test_fast_paths_compute_the_reference_values():
     with torch.no_grad():
         mix.norm.weight.normal_(generator=g)
         mix.norm.bias.normal_(generator=g)
-    old, upd = torch.randn(2, 5, 7, 16, generator=g).double(), 3 + torch.randn(2, 5, 7, 16, generator=g).double()
-    assert torch.allclose(mix(old, upd), old + F.relu(mix.norm(upd)), atol=1e-12)
+    for shape in ((2, 5, 7, 16), (2, 48, 48, 16)):  # below and above the size where the matrix form is used
+        old, upd = torch.randn(shape, generator=g).double(), 3 + torch.randn(shape, generator=g).double()
+        assert torch.allclose(mix(old, upd), old + F.relu(mix.norm(upd)), atol=1e-12)
 
     logits = [torch.randn(2, n, n, generator=g).double() for n in (6, 4, 6, 6)]
     for got, s in zip(_sinkhorn_layers(logits), logits):
