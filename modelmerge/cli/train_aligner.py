@@ -101,6 +101,8 @@ def train_aligner_command(
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if alpha_min > alpha_max:
         raise ModelMergeError("--alpha-min must not exceed --alpha-max")
+    if distill > 0 and data is None:
+        raise ModelMergeError("--distill refines pairs with task data: pass --data (e.g. --data zoo)")
     if output.exists() and not output.is_dir():
         raise OutputError(f"-o {output} is a file; train-aligner writes a folder (aligner.safetensors, aligner.json)")
     if (output / ALIGNER_FILE).exists() and not (resume or force):
