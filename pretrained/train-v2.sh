@@ -9,6 +9,10 @@
 #   ARGS="--init ./out/mlp-stage1 --relative-loss --batch-size 16 --lr 5e-4" \
 #     bash pretrained/train-v2.sh mlp ./out 2 1 35 10
 #   bash pretrained/train-v2.sh cnn ./out 1 1 40 30
+# deepalign-mlp-v3 is v2 fine-tuned on the same zoos (best validation at step 700; this run was
+# stopped at step 300 and continued by adding --resume to ARGS):
+#   ARGS="--init deepalign-mlp-v2 --relative-loss --batch-size 32 --lr 5e-4 --val-pairs 104" \
+#     bash pretrained/train-v2.sh mlp ./out 1 1 65 20
 # usage: bash pretrained/train-v2.sh FAMILY OUT ZOO_JOBS TRAIN_THREADS MAX_MINUTES EPOCHS
 #   ZOO_JOBS      zoos trained at once (one thread each)
 #   TRAIN_THREADS torch threads for the aligner's training
