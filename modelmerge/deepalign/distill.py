@@ -38,8 +38,8 @@ class Targets:
         return {"pairs": self.pairs, "perms": self.perms}
 
 
-def refined_targets(zoo, train_idx: list[int], dataset, pairs: int, seed: int, start: DeepAlign | None = None,
-                    on_pair: Callable[[int, int], None] | None = None) -> Targets:
+def refined_targets(zoo, train_idx: list[int], dataset, pairs: int, seed: int,
+                    start: DeepAlign | None = None) -> Targets:
     """Refined answers for ``pairs`` random pairs of ``train_idx`` (the zoo's training networks).
 
     Each pair: weight matching's answer and ``start``'s (if given) are scored by the
@@ -53,7 +53,6 @@ def refined_targets(zoo, train_idx: list[int], dataset, pairs: int, seed: int, s
         pairs: number of pairs.
         seed: seeds the pair choice and the refinement.
         start: an aligner whose answer is a candidate start (e.g. the one being fine-tuned).
-        on_pair: progress, called with (pairs done, pairs).
 
     Returns:
         The targets.
@@ -82,8 +81,6 @@ def refined_targets(zoo, train_idx: list[int], dataset, pairs: int, seed: int, s
         perm, _ = refine_lmc(a, b, network, data, best, seed=seed + n)
         for l, g in enumerate(groups):
             out[l].append(perm[g])
-        if on_pair is not None:
-            on_pair(n + 1, pairs)
     return Targets(torch.as_tensor(chosen, dtype=torch.long), [torch.stack(p) for p in out])
 
 
