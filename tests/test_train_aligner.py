@@ -338,6 +338,10 @@ def test_distill_trains_with_the_targets_and_reuses_them_on_resume(tiny_zoo, tmp
     r = runner.invoke(app, [*args, "--resume", "--epochs", "2"])
     assert r.exit_code == 0, r.output
     assert (out / "distill.pt").stat().st_mtime_ns == stamp  # read back, not recomputed
+    (out / "distill.pt").write_bytes(b"truncated")  # a damaged cache is recomputed, not a traceback
+    r = runner.invoke(app, [*args, "--force"])
+    assert r.exit_code == 0, r.output
+    assert "unreadable" in r.stderr and (out / "distill.pt").stat().st_size > 100
     r = runner.invoke(app, ["train-aligner", "--zoo", str(tiny_zoo), "-o", str(tmp_path / "nodata"), *TINY,
                             "--distill", "1"])
     assert r.exit_code == 1 and "--data" in r.stderr and len(r.stderr.strip().splitlines()) == 1

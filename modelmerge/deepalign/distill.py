@@ -96,8 +96,12 @@ def load_or_make(path, parts, pairs: int, seed: int, start: DeepAlign | None, lo
     key = {"zoos": [str(p.zoo.folder) for p in parts], "pairs": pairs, "seed": seed}
     path = Path(path)
     if path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved.get("key") == key:
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - a cache: an unreadable one is recomputed and replaced
+            saved = {}
+            log(f"distill: {path} is unreadable; computing the targets again")
+        if isinstance(saved, dict) and saved.get("key") == key:
             return [None if t is None else Targets(t["pairs"], t["perms"]) for t in saved["targets"]]
     t0 = time.perf_counter()
     targets: list[Targets | None] = []
