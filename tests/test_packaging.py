@@ -66,3 +66,14 @@ def test_aligners_command_lists_names_and_hold_out_ratios(monkeypatch):
     assert lines["bare"].rstrip(" │|").endswith("-")
     r = CliRunner().invoke(app, ["aligners", "--json"])
     assert [c["name"] for c in json.loads(r.stdout)] == list(cards)
+
+
+def test_aligners_table_writes_depth_runs_as_ranges():
+    from typer.testing import CliRunner
+
+    from modelmerge.cli.aligners import _depths
+    from modelmerge.cli.app import app
+
+    assert _depths((2, 3, 4, 5, 6)) == "2-6" and _depths((3, 4)) == "3,4" and _depths((2, 4, 5)) == "2,4,5"
+    r = CliRunner().invoke(app, ["aligners"])
+    assert r.exit_code == 0 and "deepalign-mlp-v3" in r.output and "2-6" in r.output

@@ -25,10 +25,10 @@ def aligners_command(
     table = Table()
     table.add_column("name", no_wrap=True)
     for col in ("family", "depths", "default"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=True)
     table.add_column("hold-out barrier / WM's", no_wrap=True)
     for w in weights:
-        table.add_row(w.name, w.family, ",".join(map(str, w.depths)), "yes" if w.default else "", _score(w.card))
+        table.add_row(w.name, w.family, _depths(w.depths), "yes" if w.default else "", _score(w.card))
     con = console()
     con.print(table if weights else "no aligners are bundled with this installation")
 
@@ -42,3 +42,11 @@ def _score(card: dict) -> str:
     if val.get("barrier") is not None and val.get("weight_matching_barrier"):
         return f"{val['barrier'] / val['weight_matching_barrier']:.2f}x (validation)"
     return "-"
+
+
+def _depths(depths) -> str:
+    """``2-6`` for a run of consecutive depths, else ``3,5``: short enough not to be cut."""
+    d = sorted(depths)
+    if len(d) > 2 and d == list(range(d[0], d[-1] + 1)):
+        return f"{d[0]}-{d[-1]}"
+    return ",".join(map(str, d))
