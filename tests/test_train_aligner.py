@@ -77,6 +77,46 @@ def test_init_starts_from_an_existing_aligner(trained, tiny_zoo, tmp_path):
     assert card["init"] == json.loads((trained / "aligner.json").read_text())["name"]
 
 
+def test_add_layers_grows_init_close_to_its_answers(trained, tiny_zoo, tmp_path):
+    from types import SimpleNamespace
+
+    from conftest import check_equivariance, mlp
+    from modelmerge.deepalign.train import _make_model
+    from modelmerge.spec import infer_chain
+    from modelmerge.weightspace import to_weight_space
+
+    start, card = load_aligner(trained)
+    a, b = mlp([30, 20, 12, 4], seed=3).state_dict(), mlp([30, 20, 12, 4], seed=4).state_dict()
+    chain = infer_chain(a)
+    part = SimpleNamespace(zoo=SimpleNamespace(chain=chain))
+    grown, name = _make_model([part], None, trained, seed=0, add_layers=2)
+    assert grown.config.layers == start.config.layers + 2 and name == f"{card['name']} + 2 encoder layers"
+    assert grown.num_parameters() > start.num_parameters()
+    wa, wb = to_weight_space(chain, a), to_weight_space(chain, b)
+    old, new = start(wa, wb), grown(wa, wb)
+    # the new layers start near the identity: the scores move by well under a percent of their range...
+    for s, t in zip(old, new):
+        assert (s - t).abs().max() < 0.01 * s.abs().max()
+        assert not torch.equal(s, t)
+    # ...yet every weight of them is trained from the first step
+    sum(t.pow(2).sum() for t in new).backward()
+    for layer in grown.layers[start.config.layers:]:
+        for p in layer.parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0
+    assert check_equivariance(grown.double(), {k: v.double() for k, v in a.items()},
+                              {k: v.double() for k, v in b.items()}, 0)
+
+    out = tmp_path / "grown"
+    args = ["train-aligner", "--zoo", str(tiny_zoo), "-o", str(out), "--data", "digits", *TINY, "--add-layers", "1"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 1 and "--init" in r.stderr and not out.exists()
+    r = runner.invoke(app, [*args, "--init", str(trained)])
+    assert r.exit_code == 0, r.output
+    card2 = json.loads((out / "aligner.json").read_text())
+    assert card2["config"]["layers"] == start.config.layers + 1 and card2["init"].endswith("+ 1 encoder layer")
+    assert load_aligner(out)[0].config.layers == start.config.layers + 1
+
+
 def test_without_data_trains_on_l2_and_says_so(tiny_zoo, tmp_path):
     r = runner.invoke(app, ["train-aligner", "--zoo", str(tiny_zoo), "-o", str(tmp_path / "al"), *TINY])
     assert r.exit_code == 0, r.output

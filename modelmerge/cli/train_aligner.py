@@ -85,6 +85,10 @@ def train_aligner_command(
         str | None, typer.Option("--init", help="Start from an aligner's weights and shape (bundled name or "
                                  "trained folder/file), e.g. to fine-tune a bundled one.")
     ] = None,
+    add_layers: Annotated[
+        int, typer.Option("--add-layers", min=0, help="With --init: append this many encoder layers, starting close "
+                          "to the identity, to give a trained aligner more capacity.")
+    ] = 0,
     force: Annotated[bool, typer.Option("--force", help="Train into a folder that already holds an aligner.")] = False,
     threads: Threads = None,
 ) -> None:
@@ -146,7 +150,8 @@ def train_aligner_command(
                 bar(info["step"], info["total"], text)
 
             card = train_aligner(zoo, output, settings=settings, config=config, data=data,
-                                 resume=resume, init=init, on_step=on_step if rank == 0 else None, command=command)
+                                 resume=resume, init=init, add_layers=add_layers,
+                                 on_step=on_step if rank == 0 else None, command=command)
     except KeyboardInterrupt:
         if rank == 0:
             sys.stderr.write(f"modelmerge: interrupted; the last checkpoint is in {output} (resume with --resume)\n")

@@ -299,6 +299,7 @@ def train_aligner(
     data: str | None = None,
     resume: bool = False,
     init: str | Path | None = None,
+    add_layers: int = 0,
     on_step: Callable[[dict], None] | None = None,
     command: str = "",
 ) -> dict:
@@ -315,6 +316,9 @@ def train_aligner(
         resume: continue from ``out_dir/last.pt``.
         init: start from this aligner's weights and shape (a bundled name or a
             trained folder/file), e.g. to fine-tune a bundled aligner on new zoos.
+        add_layers: with ``init``, append this many encoder layers that start close to
+            the identity (the grown aligner first answers almost as ``init`` does), to
+            add capacity without training from scratch.
         on_step: progress callback receiving a dict (step, total, losses, validation).
         command: the command line, recorded in the card.
 
@@ -322,15 +326,18 @@ def train_aligner(
         The card written to ``aligner.json``.
 
     Raises:
-        ModelMergeError: bad zoo, no loss left to train with, or nothing to resume.
+        ModelMergeError: bad zoo, no loss left to train with, nothing to resume, or
+            ``add_layers`` without ``init``.
     """
+    if add_layers and init is None:
+        raise ModelMergeError("--add-layers grows the --init aligner; pass --init NAME (or train a deeper one with --layers)")
     rank, world = _dist_info()
     dirs = [zoo_dirs] if isinstance(zoo_dirs, (str, Path)) else list(zoo_dirs)
     parts = _prepare(dirs, data, settings, rank)
     lmc_w = settings.lmc if data is not None else 0.0
     if lmc_w == 0 and settings.l2 == 0 and settings.planted == 0:
         raise ModelMergeError("no loss to train with: pass --data for the LMC loss, or set --l2/--planted weights")
-    model, init_name = _make_model(parts, config, init, settings.seed)
+    model, init_name = _make_model(parts, config, init, settings.seed, add_layers)
     run = _Run(model, parts, settings, Path(out_dir), data, lmc_w, command, init_name, rank, world)
     if resume:
         run.resume()
@@ -351,8 +358,10 @@ def train_aligner(
     return run.finish(resume)
 
 
-def _make_model(parts: list[_Part], config: AlignerConfig | None, init, seed: int) -> tuple[DeepAlign, str | None]:
-    """A fresh aligner shaped for the zoos (family, depths), or ``init``'s weights and shape."""
+def _make_model(parts: list[_Part], config: AlignerConfig | None, init, seed: int, add_layers: int = 0
+                ) -> tuple[DeepAlign, str | None]:
+    """A fresh aligner shaped for the zoos (family, depths), or ``init``'s weights and shape
+    (plus ``add_layers`` near-identity encoder layers)."""
     family = parts[0].zoo.chain.family
     start = start_card = None
     if init is not None:
@@ -364,7 +373,8 @@ def _make_model(parts: list[_Part], config: AlignerConfig | None, init, seed: in
                                   f"{family.upper()}s")
         # keep the starting aligner's shape; only switch on weighted costs if asked to
         wants = bool(config is not None and config.weighted_costs)
-        config = AlignerConfig(**{**start.config.to_dict(), "weighted_costs": start.config.weighted_costs or wants})
+        config = AlignerConfig(**{**start.config.to_dict(), "weighted_costs": start.config.weighted_costs or wants,
+                                  "layers": start.config.layers + add_layers})
     base = config or AlignerConfig()
     depths = tuple(sorted({len(p.zoo.chain.layers) for p in parts}))
     config = AlignerConfig(**{**base.to_dict(), "family": family, "depths": depths,
@@ -373,10 +383,22 @@ def _make_model(parts: list[_Part], config: AlignerConfig | None, init, seed: in
     model = DeepAlign(config)
     if start is not None:
         missing, unexpected = model.load_state_dict(start.state_dict(), strict=False)
-        new_parts = ("term_weights", "input_importance")
+        new_parts = ("term_weights", "input_importance",
+                     *(f"layers.{i}." for i in range(start.config.layers, config.layers)))
         if unexpected or any(not k.startswith(new_parts) for k in missing):
             raise ModelMergeError(f"--init {init} does not fit the aligner being trained")
-    return model, start_card.get("name") if start_card is not None else None
+        with torch.no_grad():
+            for layer in model.layers[start.config.layers:]:
+                # a residual layer whose update is scaled by 0.01: close to the identity, so training starts
+                # from init's answers, yet every weight of the layer gets a gradient (a zero scale would stall
+                # them, and a zero update would sit on ReLU's kink)
+                for mix in (layer.mix_e, layer.mix_v):
+                    mix.norm.weight.fill_(0.01)
+                    mix.norm.bias.zero_()
+    name = start_card.get("name") if start_card is not None else None
+    if name is not None and add_layers:
+        name = f"{name} + {add_layers} encoder layer{'s' if add_layers > 1 else ''}"
+    return model, name
 
 
 class _Run:
