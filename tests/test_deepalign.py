@@ -154,6 +154,21 @@ def test_fast_paths_compute_the_reference_values():
         old, upd = torch.randn(shape, generator=g).double(), 3 + torch.randn(shape, generator=g).double()
         assert torch.allclose(mix(old, upd), old + F.relu(mix.norm(upd)), atol=1e-12)
 
+    # inference on large edge tensors folds the LayerNorm's centring into lin_e and runs in place
+    from modelmerge.deepalign.model import EquivariantLayer
+
+    layer = EquivariantLayer(16).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(generator=g)
+    for shape in ((2, 5, 7, 16), (2, 48, 48, 16)):
+        e = torch.randn(shape, generator=g).double()
+        row, col = torch.randn(2, shape[1], 16, generator=g).double(), torch.randn(2, shape[2], 16, generator=g).double()
+        ref = e + F.relu(layer.mix_e.norm(layer.lin["e"](e) + row[:, :, None] + col[:, None]))
+        with torch.no_grad():
+            assert torch.allclose(layer._edge_update(e.clone(), row, col), ref, atol=1e-10)
+        assert torch.allclose(layer._edge_update(e, row, col), ref, atol=1e-10)  # the autograd form
+
     logits = [torch.randn(2, n, n, generator=g).double() for n in (6, 4, 6, 6)]
     for got, s in zip(_sinkhorn_layers(logits), logits):
         assert torch.allclose(got, _sym_sinkhorn(s), atol=1e-12)
