@@ -63,9 +63,12 @@ def test_resume_continues_the_step_count(trained, tmp_path, tiny_zoo):
     args[args.index("--epochs") + 1] = "2"
     r = runner.invoke(app, args)
     assert r.exit_code == 1 and "--resume" in r.stderr  # refuses to overwrite silently
+    saved_seconds = torch.load(out / "last.pt", weights_only=True)["seconds"]
     r = runner.invoke(app, [*args, "--resume"])
     assert r.exit_code == 0, r.output
-    assert json.loads((out / "aligner.json").read_text())["history"][-1]["step"] == 2 * steps
+    card = json.loads((out / "aligner.json").read_text())
+    assert card["history"][-1]["step"] == 2 * steps
+    assert card["seconds"] > saved_seconds > 0  # the whole run's time, not only the resumed part
 
 
 def test_init_starts_from_an_existing_aligner(trained, tiny_zoo, tmp_path):

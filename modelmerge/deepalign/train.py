@@ -237,12 +237,14 @@ def save_aligner(model: DeepAlign, folder: Path, card: Mapping) -> None:
     write_json_atomic(folder / CARD_FILE, card)
 
 
-def _save_last(model: DeepAlign, opt, sched, step: int, epoch: int, best: float, folder: Path) -> None:
+def _save_last(model: DeepAlign, opt, sched, step: int, epoch: int, best: float, folder: Path, seconds: float
+               ) -> None:
     from modelmerge.checkpoint import atomic_path
 
     with atomic_path(folder / LAST_FILE) as tmp:
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": epoch,
-                    "best": best, "scheduler": sched.state_dict() if sched is not None else None}, tmp)
+                    "best": best, "scheduler": sched.state_dict() if sched is not None else None,
+                    "seconds": seconds}, tmp)
 
 
 @dataclass
@@ -439,6 +441,8 @@ class _Run:
         if self.sched is not None and saved.get("scheduler") is not None:
             self.sched.load_state_dict(saved["scheduler"])
         self.step, self.best = saved["step"], saved["best"]
+        # the card's seconds count the whole run: the time up to the saved step, then this part
+        self.t_start -= saved.get("seconds", 0.0)
 
     def make_folder(self) -> None:
         if self.rank != 0:
@@ -485,7 +489,8 @@ class _Run:
         if val[self.metric] < self.best:
             self.best = val[self.metric]
             save_aligner(self.model, self.out, self.write_card({**val, "step": self.step}))
-        _save_last(self.model, self.opt, self.sched, self.step, epoch, self.best, self.out)
+        _save_last(self.model, self.opt, self.sched, self.step, epoch, self.best, self.out,
+                   time.perf_counter() - self.t_start)
         return val
 
     def fit(self, on_step: Callable[[dict], None] | None) -> None:
@@ -519,7 +524,7 @@ class _Run:
         except KeyboardInterrupt:
             if rank == 0:
                 _save_last(self.model, self.opt, self.sched, self.step, self.step // self.steps_per_epoch,
-                           self.best, self.out)
+                           self.best, self.out, time.perf_counter() - self.t_start)
                 if not (self.out / ALIGNER_FILE).exists():
                     save_aligner(self.model, self.out, self.write_card({"interrupted": True}))
             raise
