@@ -13,6 +13,10 @@
 # stopped at step 300 and continued by adding --resume to ARGS):
 #   ARGS="--init deepalign-mlp-v2 --relative-loss --batch-size 32 --lr 5e-4 --val-pairs 104" \
 #     bash pretrained/train-v2.sh mlp ./out 1 1 65 20
+# deepalign-mlp-v4 is v3 grown by one encoder layer and fine-tuned (stopped by the 70-minute limit at
+# step 836, then continued from the step-800 last.pt by adding --resume to ARGS; best at step 800):
+#   ARGS="--init deepalign-mlp-v3 --add-layers 1 --relative-loss --batch-size 24 --lr 5e-4 --val-pairs 104" \
+#     bash pretrained/train-v2.sh mlp ./out 1 1 70 14
 # usage: bash pretrained/train-v2.sh FAMILY OUT ZOO_JOBS TRAIN_THREADS MAX_MINUTES EPOCHS
 #   ZOO_JOBS      zoos trained at once (one thread each)
 #   TRAIN_THREADS torch threads for the aligner's training
@@ -67,4 +71,4 @@ python3 -m modelmerge train-aligner $zoos --data zoo -o "$OUT/$FAMILY" --force $
   --lr 1e-3 --schedule onecycle --epochs "$EPOCHS" --batch-size 8 --val-every 100 --val-pairs 26 \
   --alpha-min 0.25 --alpha-max 0.75 --max-minutes "$MINUTES" --threads "$THREADS" ${ARGS:-} >>"$log" 2>&1
 echo "all done in $(( $(date +%s) - t0 )) s" >>"$log"
-rm -f "$OUT/$FAMILY/last.pt"
+# OUT/FAMILY/last.pt stays: a run stopped by MAX_MINUTES continues with --resume added to ARGS

@@ -66,7 +66,7 @@ def test_auto_uses_the_bundled_aligner_in_its_family(pair, tmp_path):
     a, b = pair  # a 3-layer MLP: the bundled MLP aligner covers depths 2 to 6
     r = run("align", a, b, "-o", tmp_path / "o.safetensors", "--json")
     report = json.loads(r.stdout)
-    assert report["method"] == "deep-align" and report["aligner"] == "deepalign-mlp-v3"
+    assert report["method"] == "deep-align" and report["aligner"] == "deepalign-mlp-v4"
     assert "learned" in report["seconds"] and report["verified"]["forward"] == "chain"
 
 

@@ -76,4 +76,4 @@ def test_aligners_table_writes_depth_runs_as_ranges():
 
     assert _depths((2, 3, 4, 5, 6)) == "2-6" and _depths((3, 4)) == "3,4" and _depths((2, 4, 5)) == "2,4,5"
     r = CliRunner().invoke(app, ["aligners"])
-    assert r.exit_code == 0 and "deepalign-mlp-v3" in r.output and "2-6" in r.output
+    assert r.exit_code == 0 and "deepalign-mlp-v4" in r.output and "2-6" in r.output
