@@ -118,6 +118,9 @@ def test_add_layers_grows_init_close_to_its_answers(trained, tiny_zoo, tmp_path)
     card2 = json.loads((out / "aligner.json").read_text())
     assert card2["config"]["layers"] == start.config.layers + 1 and card2["init"].endswith("+ 1 encoder layer")
     assert load_aligner(out)[0].config.layers == start.config.layers + 1
+    # resuming it without the option that grew it: a one-line error, not a traceback
+    r = runner.invoke(app, [*args[:-2], "--init", str(trained), "--resume"])
+    assert r.exit_code == 1 and "another shape" in r.stderr and "--add-layers" in r.stderr
 
 
 def test_without_data_trains_on_l2_and_says_so(tiny_zoo, tmp_path):

@@ -436,7 +436,11 @@ class _Run:
         if not last.is_file():
             raise ModelMergeError(f"nothing to resume: {last} does not exist; drop --resume to start afresh")
         saved = torch.load(last, map_location="cpu", weights_only=True)
-        self.model.load_state_dict(saved["model"])
+        try:
+            self.model.load_state_dict(saved["model"])
+        except RuntimeError:
+            raise ModelMergeError(f"{last} holds an aligner of another shape; resume with the shape options of the "
+                                  "run that wrote it (--init, --add-layers, --layers, --channels, ...)") from None
         self.opt.load_state_dict(saved["optimizer"])
         if self.sched is not None and saved.get("scheduler") is not None:
             self.sched.load_state_dict(saved["scheduler"])
