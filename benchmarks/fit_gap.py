@@ -64,7 +64,9 @@ def main() -> None:
             else:  # no barrier to remove (e.g. the teacher task): no ratio
                 cells.append(f"- (weight matching's barrier {statistics.mean(wm):.1e})")
         print(f"| {Path(folder).name} | {cells[0]} | {cells[1]} |", flush=True)
-    print(f"| mean over zoos with a ratio | {statistics.mean(sides['train']):.3f} | {statistics.mean(sides['val']):.3f} |")
+    if sides["train"] and sides["val"]:
+        print(f"| mean over zoos with a ratio | {statistics.mean(sides['train']):.3f} | "
+              f"{statistics.mean(sides['val']):.3f} |")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@
 #   ARGS="--init deepalign-mlp-v2 --relative-loss --batch-size 32 --lr 5e-4 --val-pairs 104" \
 #     bash pretrained/train-v2.sh mlp ./out 1 1 65 20
 # deepalign-mlp-v4 is v3 grown by one encoder layer and fine-tuned (stopped by the 70-minute limit at
-# step 836, then continued from the step-800 last.pt by adding --resume to ARGS; best at step 800):
+# step 836, then continued to step 882 by adding --resume to ARGS, from a copy of last.pt taken at
+# step 800, since this script then deleted last.pt at its end; best at step 800):
 #   ARGS="--init deepalign-mlp-v3 --add-layers 1 --relative-loss --batch-size 24 --lr 5e-4 --val-pairs 104" \
 #     bash pretrained/train-v2.sh mlp ./out 1 1 70 14
 # usage: bash pretrained/train-v2.sh FAMILY OUT ZOO_JOBS TRAIN_THREADS MAX_MINUTES EPOCHS

@@ -331,6 +331,8 @@ def train_aligner(
         ModelMergeError: bad zoo, no loss left to train with, nothing to resume, or
             ``add_layers`` without ``init``.
     """
+    if add_layers < 0:
+        raise ModelMergeError(f"--add-layers must be 0 or more, got {add_layers}")
     if add_layers and init is None:
         raise ModelMergeError("--add-layers grows the --init aligner; pass --init NAME (or train a deeper one with --layers)")
     rank, world = _dist_info()
