@@ -229,6 +229,16 @@ def _cross_costs(a: WeightSpace, b: WeightSpace, soft: list[torch.Tensor], weigh
     return out
 
 
+#: rows (entries of an edge or node tensor) from which the matrix-product forms below pay off;
+#: below it (nodes, conv kernels) the plain calls are faster
+_MATRIX_FORM_ROWS = 4096
+
+
+def _centring(c: int, dtype: torch.dtype) -> torch.Tensor:
+    """``I - 1/c``: right-multiplying by it subtracts the mean over the last axis (size ``c``)."""
+    return torch.eye(c, dtype=dtype).sub_(1.0 / c)
+
+
 class _Mix(nn.Module):
     """Per-entry LayerNorm + ReLU after an update, with a residual connection."""
 
@@ -242,10 +252,9 @@ class _Mix(nn.Module):
         # edge tensors (N, n, n, C) with C = 8-32 on CPU, where it was a fifth of the aligner's time
         c = update.shape[-1]
         flat = update.reshape(-1, c)
-        if flat.shape[0] < 4096:  # small tensors (nodes, conv kernels): one call beats four
+        if flat.shape[0] < _MATRIX_FORM_ROWS:  # one call beats four here
             return old + F.relu(self.norm(update), inplace=True)
-        centring = torch.eye(c, dtype=flat.dtype).sub_(1.0 / c)
-        centred = flat @ centring
+        centred = flat @ _centring(c, flat.dtype)
         inv = torch.rsqrt(centred.square() @ torch.full((c, 1), 1.0 / c, dtype=flat.dtype) + self.norm.eps)
         out = torch.addcmul(self.norm.bias, centred * inv, self.norm.weight)
         return old + F.relu(out, inplace=True).view(update.shape)
@@ -270,14 +279,14 @@ class EquivariantLayer(nn.Module):
         (``row [N, n_out, C]``, ``col [N, n_in, C]``)."""
         lin, norm = self.lin["e"], self.mix_e.norm
         c = e.shape[-1]
-        if torch.is_grad_enabled() or e.numel() < 4096 * c:
+        if torch.is_grad_enabled() or e.numel() < _MATRIX_FORM_ROWS * c:
             upd = lin(e).add_(row[:, :, None, :]).add_(col[:, None, :, :])
             return self.mix_e(e, upd)
         # inference on a large tensor: the LayerNorm's centring is linear, so it is folded into
         # lin_e's matrix and the row/column terms, and the rest runs in place: the same values
         # to float rounding with 8 operations over the whole tensor instead of 10 (autograd
         # would need the intermediates, so training keeps the form above)
-        centring = torch.eye(c, dtype=e.dtype).sub_(1.0 / c)
+        centring = _centring(c, e.dtype)
         x = (e.reshape(-1, c) @ (lin.weight.t() @ centring)).view(e.shape)
         x.add_(((row + lin.bias) @ centring)[:, :, None, :]).add_((col @ centring)[:, None, :, :])
         inv = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(c).add_(norm.eps).rsqrt_()
