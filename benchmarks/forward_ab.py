@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import align_quality as aq  # noqa: E402
 
 from modelmerge.data import load_dataset  # noqa: E402
-from modelmerge.deepalign.pretrained import load_aligner  # noqa: E402
+from modelmerge.deepalign.pretrained import default_aligner, load_aligner  # noqa: E402
 from modelmerge.matching import weight_matching  # noqa: E402
 from modelmerge.network import resolve_network  # noqa: E402
 from modelmerge.zoo.train import TrainConfig, train_models  # noqa: E402
@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--rev", required=True)
     ap.add_argument("--families", default="digits-mlp,digits-cnn")
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--aligner", help="bundled name or folder (default: the family's default aligner)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     old = old_module(args.rev)
@@ -65,7 +66,7 @@ def main() -> None:
         a, b = models[0].state, models[1].state
         net = resolve_network(a, record=record)
         wa, wb = net.weight_space(a), net.weight_space(b)
-        new, card = load_aligner(f"deepalign-{record['family']}-v2")
+        new, card = load_aligner(args.aligner or default_aligner(net.family, net.depth).name)
         ref = old.DeepAlign(old.AlignerConfig.from_dict(card["config"]))
         ref.load_state_dict(new.state_dict())
         ref.eval()

@@ -170,8 +170,21 @@ def test_fast_paths_compute_the_reference_values():
         assert torch.allclose(layer._edge_update(e, row, col), ref, atol=1e-10)  # the autograd form
 
     logits = [torch.randn(2, n, n, generator=g).double() for n in (6, 4, 6, 6)]
-    for got, s in zip(_sinkhorn_layers(logits), logits):
+    for got, s in zip(_sinkhorn_layers(logits), logits):  # by width (autograd on)
         assert torch.allclose(got, _sym_sinkhorn(s), atol=1e-12)
+    # at inference, padded to the widest: large logits too (rows whose best entry dwarfs the rest)
+    logits = [torch.randn(2, n, n, generator=g).double() * scale for n, scale in ((6, 1), (4, 30), (9, 3), (6, 1))]
+    with torch.no_grad():
+        for got, s in zip(_sinkhorn_layers(logits), logits):
+            assert got.shape == s.shape and torch.isfinite(got).all()
+            assert torch.allclose(got, _sym_sinkhorn(s), atol=1e-12)
+
+    from modelmerge.deepalign.model import _adaptive_mean
+
+    for spatial, size in (((8, 8), (2, 2)), ((8, 8), (3, 5)), ((7, 9), (2, 4)), ((12,), (5,)), ((6,), (6,))):
+        x = torch.randn(3, 4, *spatial, generator=g).double()
+        pool = F.adaptive_avg_pool2d if len(size) == 2 else F.adaptive_avg_pool1d
+        assert torch.allclose(_adaptive_mean(x, size), pool(x, size), atol=1e-12)
 
     model = _aligner(v2=True)
     a, _ = _pair([5, 7, 6, 3], seed=3)
