@@ -80,10 +80,11 @@ def test_init_starts_from_an_existing_aligner(trained, tiny_zoo, tmp_path):
     assert card["init"] == json.loads((trained / "aligner.json").read_text())["name"]
 
 
-def test_add_layers_grows_init_close_to_its_answers(trained, tiny_zoo, tmp_path):
+def test_add_layers_grows_init_close_to_its_answers(trained):
     from types import SimpleNamespace
 
     from conftest import check_equivariance, mlp
+
     from modelmerge.deepalign.train import _make_model
     from modelmerge.spec import infer_chain
     from modelmerge.weightspace import to_weight_space
@@ -109,18 +110,56 @@ def test_add_layers_grows_init_close_to_its_answers(trained, tiny_zoo, tmp_path)
     assert check_equivariance(grown.double(), {k: v.double() for k, v in a.items()},
                               {k: v.double() for k, v in b.items()}, 0)
 
+
+@pytest.mark.parametrize("init", ["trained", "deepalign-mlp-v1", "deepalign-mlp-v4", "deepalign-cnn-v2"])
+def test_widen_keeps_the_answers_then_breaks_the_copies(init, trained):
+    from conftest import VGGish, check_equivariance, mlp
+
+    from modelmerge.deepalign.model import widen
+    from modelmerge.spec import infer_chain
+    from modelmerge.weightspace import to_weight_space
+
+    model = load_aligner(trained if init == "trained" else init)[0].double()
+    if model.config.family == "cnn":
+        a, b = VGGish(seed=5).state_dict(), VGGish(seed=6).state_dict()
+    else:
+        a, b = mlp([30, 20, 12, 4], seed=5).state_dict(), mlp([30, 20, 12, 4], seed=6).state_dict()
+    a, b = ({k: v.double() for k, v in s.items()} for s in (a, b))
+    chain = infer_chain(a)
+    wa, wb = to_weight_space(chain, a), to_weight_space(chain, b)
+    old = model(wa, wb)
+    exact = widen(model, 3, noise=0.0)
+    assert exact.config.channels == 3 * model.config.channels
+    assert exact.config.readout_hidden == 3 * model.config.readout_hidden
+    for s, t in zip(old, exact(wa, wb)):  # duplication computes the same function, LayerNorms included
+        torch.testing.assert_close(t, s, rtol=1e-9, atol=1e-9)
+    noisy = widen(model, 2, seed=1)
+    new = noisy(wa, wb)
+    for s, t in zip(old, new):  # the noise that separates the copies moves the answers only slightly
+        assert 0 < (s - t).abs().max() < 0.05 * s.abs().max()
+    c = model.config.channels
+    w = noisy.layers[0].lin["e"].weight
+    assert not torch.equal(w[:c, :c], w[c:, c:])  # the copies differ, so their gradients will
+    assert check_equivariance(noisy, a, b, 0)
+
+
+@pytest.mark.parametrize(("option", "value", "key", "factor", "named"),
+                         [("--add-layers", "1", "layers", None, "+ 1 encoder layer"),
+                          ("--widen", "2", "channels", 2, ", widened 2x")])
+def test_growing_options_from_the_command_line(option, value, key, factor, named, trained, tiny_zoo, tmp_path):
     out = tmp_path / "grown"
-    args = ["train-aligner", "--zoo", str(tiny_zoo), "-o", str(out), "--data", "digits", *TINY, "--add-layers", "1"]
+    args = ["train-aligner", "--zoo", str(tiny_zoo), "-o", str(out), "--data", "digits", *TINY, option, value]
     r = runner.invoke(app, args)
-    assert r.exit_code == 1 and "--init" in r.stderr and not out.exists()
+    assert r.exit_code == 1 and "--init" in r.stderr and not out.exists()  # it grows an --init aligner
     r = runner.invoke(app, [*args, "--init", str(trained)])
     assert r.exit_code == 0, r.output
-    card2 = json.loads((out / "aligner.json").read_text())
-    assert card2["config"]["layers"] == start.config.layers + 1 and card2["init"].endswith("+ 1 encoder layer")
-    assert load_aligner(out)[0].config.layers == start.config.layers + 1
+    card, start = (json.loads((f / "aligner.json").read_text()) for f in (out, trained))
+    expected = start["config"][key] * factor if factor else start["config"][key] + int(value)
+    assert card["config"][key] == expected and getattr(load_aligner(out)[0].config, key) == expected
+    assert card["init"] == start["name"] + (" " if named.startswith("+") else "") + named
     # resuming it without the option that grew it: a one-line error, not a traceback
     r = runner.invoke(app, [*args[:-2], "--init", str(trained), "--resume"])
-    assert r.exit_code == 1 and "another shape" in r.stderr and "--add-layers" in r.stderr
+    assert r.exit_code == 1 and "another shape" in r.stderr and option in r.stderr
 
 
 def test_without_data_trains_on_l2_and_says_so(tiny_zoo, tmp_path):

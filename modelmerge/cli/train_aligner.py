@@ -89,6 +89,10 @@ def train_aligner_command(
         int, typer.Option("--add-layers", min=0, help="With --init: append this many encoder layers, starting close "
                           "to the identity, to give a trained aligner more capacity.")
     ] = 0,
+    widen: Annotated[
+        int, typer.Option("--widen", min=1, help="With --init: multiply its encoder channels and readout width by "
+                          "this (copies of each channel, then 1% noise: starts from init's answers).")
+    ] = 1,
     force: Annotated[bool, typer.Option("--force", help="Train into a folder that already holds an aligner.")] = False,
     threads: Threads = None,
 ) -> None:
@@ -97,9 +101,7 @@ def train_aligner_command(
 
     from modelmerge.deepalign.model import AlignerConfig
     from modelmerge.deepalign.train import ALIGNER_FILE, TrainSettings, train_aligner
-    from modelmerge.errors import ModelMergeError, OutputError
-
-    from modelmerge.errors import check_seed
+    from modelmerge.errors import ModelMergeError, OutputError, check_seed
 
     check_seed(seed)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -150,7 +152,7 @@ def train_aligner_command(
                 bar(info["step"], info["total"], text)
 
             card = train_aligner(zoo, output, settings=settings, config=config, data=data,
-                                 resume=resume, init=init, add_layers=add_layers,
+                                 resume=resume, init=init, add_layers=add_layers, widen_by=widen,
                                  on_step=on_step if rank == 0 else None, command=command)
     except KeyboardInterrupt:
         if rank == 0:

@@ -628,3 +628,67 @@ class DeepAlign(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def widen(model: DeepAlign, factor: int, noise: float = 0.01, seed: int = 0) -> DeepAlign:
+    """A copy of ``model`` with ``factor`` times the encoder channels and readout width, computing
+    the same answers before ``noise``: the Net2Net widening by duplication.
+
+    Every channel (and readout unit) is copied ``factor`` times and the weights that read them are
+    divided by ``factor``, so each layer's output is its old output, copied. The LayerNorms stay
+    exact too: a vector copied ``factor`` times has the mean and variance of the original. Then
+    ``noise`` times each copied matrix's standard deviation is added to it, so that the copies get
+    different gradients (exact copies would stay copies under any optimiser).
+
+    Args:
+        model: the aligner to widen.
+        factor: 1 or more (1 returns a copy).
+        noise: relative noise on the copied weight matrices (0: the answers are unchanged).
+        seed: seeds the noise.
+
+    Returns:
+        The wider aligner; ``config.channels`` and ``config.readout_hidden`` are multiplied by ``factor``.
+
+    Raises:
+        ModelMergeError: ``factor`` below 1.
+    """
+    if factor < 1:
+        raise ModelMergeError(f"--widen must be 1 or more, got {factor}")
+    cfg = model.config
+    c, h = cfg.channels, cfg.readout_hidden
+    new_cfg = AlignerConfig(**{**cfg.to_dict(), "channels": c * factor, "readout_hidden": h * factor})
+    wide = DeepAlign(new_cfg).to(next(model.parameters()).dtype)
+
+    def tile(t: torch.Tensor, dim: int, split: bool) -> torch.Tensor:
+        return torch.cat([t] * factor, dim) / (factor if split else 1)
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, t in model.state_dict().items():
+        name = key.split(".")
+        if name[0] in ("edge_role", "edge_kind", "node_role"):
+            t = tile(t, 1, False)  # (roles, C)
+        elif name[0] in ("tap_stats", "tap_conv", "bias_in"):
+            t = tile(t, 0, False)  # (C, ...) outputs
+        elif name[0] == "layers":
+            t = tile(t, 0, False)
+            if t.ndim == 2:  # lin weights (C, C) also read the copied channels
+                t = tile(t, 1, True)
+        elif name[0] in ("probe", "input_importance") and name[1] == "weight":
+            t = tile(t, 1, True)
+        elif name[0] == "readout" and h:
+            i = int(name[1])  # Linear layers 0, 2, 4: the first reads [V, E_in, E_out, rest], the last writes features
+            if name[2] == "weight" and i == 0:
+                blocks = list(t[:, :3 * c].split(c, 1)) + [t[:, 3 * c:]]
+                t = torch.cat([tile(x, 1, True) for x in blocks[:3]] + blocks[3:], 1)
+            elif name[2] == "weight":
+                t = tile(t, 1, True)
+            if i < 4:
+                t = tile(t, 0, False)
+        elif name[0] == "readout" and name[1] == "0" and name[2] == "weight":  # the v1 readout
+            t = torch.cat([tile(x, 1, True) for x in t.split(c, 1)], 1)
+        if factor > 1 and noise > 0 and t.ndim == 2 and t.shape != model.state_dict()[key].shape:
+            t = t + noise * t.std() * torch.randn(t.shape, generator=g, dtype=t.dtype)
+        state[key] = t
+    wide.load_state_dict(state)
+    return wide

@@ -33,7 +33,7 @@ from modelmerge.deepalign.losses import (
     soft_permute,
     straight_through,
 )
-from modelmerge.deepalign.model import AlignerConfig, DeepAlign, hungarian, perm_matrix
+from modelmerge.deepalign.model import AlignerConfig, DeepAlign, hungarian, perm_matrix, widen
 from modelmerge.errors import ModelMergeError
 from modelmerge.matching import weight_matching
 from modelmerge.spec import Chain, PermutationSpec, infer_chain
@@ -302,6 +302,7 @@ def train_aligner(
     resume: bool = False,
     init: str | Path | None = None,
     add_layers: int = 0,
+    widen_by: int = 1,
     on_step: Callable[[dict], None] | None = None,
     command: str = "",
 ) -> dict:
@@ -321,6 +322,8 @@ def train_aligner(
         add_layers: with ``init``, append this many encoder layers that start close to
             the identity (the grown aligner first answers almost as ``init`` does), to
             add capacity without training from scratch.
+        widen_by: with ``init``, multiply its encoder channels and readout width by this
+            (:func:`~modelmerge.deepalign.model.widen`: copies, then 1 % noise), after ``add_layers``.
         on_step: progress callback receiving a dict (step, total, losses, validation).
         command: the command line, recorded in the card.
 
@@ -329,19 +332,23 @@ def train_aligner(
 
     Raises:
         ModelMergeError: bad zoo, no loss left to train with, nothing to resume, or
-            ``add_layers`` without ``init``.
+            ``add_layers`` or ``widen_by`` without ``init``.
     """
     if add_layers < 0:
         raise ModelMergeError(f"--add-layers must be 0 or more, got {add_layers}")
     if add_layers and init is None:
         raise ModelMergeError("--add-layers grows the --init aligner; pass --init NAME (or train a deeper one with --layers)")
+    if widen_by < 1:
+        raise ModelMergeError(f"--widen must be 1 or more, got {widen_by}")
+    if widen_by > 1 and init is None:
+        raise ModelMergeError("--widen grows the --init aligner; pass --init NAME (or train a wider one with --channels)")
     rank, world = _dist_info()
     dirs = [zoo_dirs] if isinstance(zoo_dirs, (str, Path)) else list(zoo_dirs)
     parts = _prepare(dirs, data, settings, rank)
     lmc_w = settings.lmc if data is not None else 0.0
     if lmc_w == 0 and settings.l2 == 0 and settings.planted == 0:
         raise ModelMergeError("no loss to train with: pass --data for the LMC loss, or set --l2/--planted weights")
-    model, init_name = _make_model(parts, config, init, settings.seed, add_layers)
+    model, init_name = _make_model(parts, config, init, settings.seed, add_layers, widen_by)
     run = _Run(model, parts, settings, Path(out_dir), data, lmc_w, command, init_name, rank, world)
     if resume:
         run.resume()
@@ -362,10 +369,10 @@ def train_aligner(
     return run.finish(resume)
 
 
-def _make_model(parts: list[_Part], config: AlignerConfig | None, init, seed: int, add_layers: int = 0
-                ) -> tuple[DeepAlign, str | None]:
+def _make_model(parts: list[_Part], config: AlignerConfig | None, init, seed: int, add_layers: int = 0,
+                widen_by: int = 1) -> tuple[DeepAlign, str | None]:
     """A fresh aligner shaped for the zoos (family, depths), or ``init``'s weights and shape
-    (plus ``add_layers`` near-identity encoder layers)."""
+    (plus ``add_layers`` near-identity encoder layers, then ``widen_by`` times the width)."""
     family = parts[0].zoo.chain.family
     start = start_card = None
     if init is not None:
@@ -399,9 +406,13 @@ def _make_model(parts: list[_Part], config: AlignerConfig | None, init, seed: in
                 for mix in (layer.mix_e, layer.mix_v):
                     mix.norm.weight.fill_(0.01)
                     mix.norm.bias.zero_()
+    if widen_by > 1:
+        model = widen(model, widen_by, seed=seed)
     name = start_card.get("name") if start_card is not None else None
     if name is not None and add_layers:
         name = f"{name} + {add_layers} encoder layer{'s' if add_layers > 1 else ''}"
+    if name is not None and widen_by > 1:
+        name = f"{name}, widened {widen_by}x"
     return model, name
 
 
@@ -442,7 +453,7 @@ class _Run:
             self.model.load_state_dict(saved["model"])
         except RuntimeError:
             raise ModelMergeError(f"{last} holds an aligner of another shape; resume with the shape options of the "
-                                  "run that wrote it (--init, --add-layers, --layers, --channels, ...)") from None
+                                  "run that wrote it (--init, --add-layers, --widen, --layers, --channels, ...)") from None
         self.opt.load_state_dict(saved["optimizer"])
         if self.sched is not None and saved.get("scheduler") is not None:
             self.sched.load_state_dict(saved["scheduler"])
