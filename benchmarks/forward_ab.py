@@ -66,7 +66,10 @@ def main() -> None:
         a, b = models[0].state, models[1].state
         net = resolve_network(a, record=record)
         wa, wb = net.weight_space(a), net.weight_space(b)
-        new, card = load_aligner(args.aligner or default_aligner(net.family, net.depth).name)
+        name = args.aligner or getattr(default_aligner(net.family, net.depth), "name", None)
+        if name is None:
+            raise SystemExit(f"{fam}: no bundled aligner covers it; pass --aligner")
+        new, card = load_aligner(name)
         ref = old.DeepAlign(old.AlignerConfig.from_dict(card["config"]))
         ref.load_state_dict(new.state_dict())
         ref.eval()

@@ -178,10 +178,16 @@ def test_fast_paths_compute_the_reference_values():
         for got, s in zip(_sinkhorn_layers(logits), logits):
             assert got.shape == s.shape and torch.isfinite(got).all()
             assert torch.allclose(got, _sym_sinkhorn(s), atol=1e-12)
+        # float32, and a layer wider than the padding threshold among small ones (batches by width)
+        for widths in ((16, 32, 64), (16, 130, 16)):
+            logits = [torch.randn(3, n, n, generator=g) * 10 for n in widths]
+            for got, s in zip(_sinkhorn_layers(logits), logits):
+                assert torch.isfinite(got).all() and torch.allclose(got, _sym_sinkhorn(s), atol=1e-5)
 
     from modelmerge.deepalign.model import _adaptive_mean
 
-    for spatial, size in (((8, 8), (2, 2)), ((8, 8), (3, 5)), ((7, 9), (2, 4)), ((12,), (5,)), ((6,), (6,))):
+    for spatial, size in (((8, 8), (2, 2)), ((8, 8), (3, 5)), ((7, 9), (2, 4)), ((3, 2), (5, 4)), ((12,), (5,)),
+                          ((6,), (6,)), ((4,), (7,))):  # overlapping windows when the output is larger
         x = torch.randn(3, 4, *spatial, generator=g).double()
         pool = F.adaptive_avg_pool2d if len(size) == 2 else F.adaptive_avg_pool1d
         assert torch.allclose(_adaptive_mean(x, size), pool(x, size), atol=1e-12)
@@ -197,3 +203,19 @@ def test_fast_paths_compute_the_reference_values():
     stats = torch.stack([w.mean(-1), w.pow(2).mean(-1).sqrt(), w.amax(-1), w.amin(-1)], -1)
     ref = model.tap_stats(stats) + model.edge_role.weight[1] + model.edge_kind.weight[0]
     assert torch.allclose(E[1], ref, atol=1e-12)
+
+
+def test_probe_responses_of_a_dead_unit_have_finite_gradients():
+    """A pruned unit (zero weights and bias) has constant responses; standardising them must not
+    put NaN into the gradients (a square root at zero would)."""
+    model = _aligner(v2=True)
+    a, b = _pair([12, 10, 8, 3], seed=4)
+    a["0.weight"][3] = 0.0
+    a["0.bias"][3] = 0.0
+    from modelmerge.spec import infer_chain
+    from modelmerge.weightspace import to_weight_space
+
+    chain = infer_chain(a)
+    sum(s.sum() for s in model(to_weight_space(chain, a), to_weight_space(chain, b))).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -141,6 +142,17 @@ def test_widen_keeps_the_answers_then_breaks_the_copies(init, trained):
     w = noisy.layers[0].lin["e"].weight
     assert not torch.equal(w[:c, :c], w[c:, c:])  # the copies differ, so their gradients will
     assert check_equivariance(noisy, a, b, 0)
+    assert noisy.config == replace(model.config, channels=2 * c, readout_hidden=2 * model.config.readout_hidden)
+
+
+def test_widen_refuses_what_it_cannot_copy():
+    from modelmerge.deepalign.model import AlignerConfig, DeepAlign, widen
+    from modelmerge.errors import ModelMergeError
+
+    with pytest.raises(ModelMergeError, match="odd"):
+        widen(DeepAlign(AlignerConfig(channels=4, readout_hidden=5)), 2)
+    with pytest.raises(ModelMergeError, match="1 or more"):
+        widen(DeepAlign(AlignerConfig(channels=4)), 0)
 
 
 @pytest.mark.parametrize(("option", "value", "key", "factor", "named"),

@@ -41,7 +41,7 @@ answer k into g k g'^T; swapping A and B transposes it.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -162,8 +162,8 @@ def _scaling_sinkhorn(logits: torch.Tensor, iters: int, mask: torch.Tensor | Non
     shifted = logits - logits.amax(2, keepdim=True)
     k = torch.exp(shifted.clamp_min(-30.0))
     if mask is not None:
-        # padded rows and columns get scalings of 1e30 (their sums are 0), but every product of
-        # one with k is an exact 0, so the real block's sums and scalings are the unpadded ones
+        # padded rows and columns get scalings of 1e30 (their sums are 0, clamped to 1e-30), but
+        # every product of one with k is an exact 0, so the real block's sums and scalings are the unpadded ones
         k = k * mask
     kt = k.transpose(1, 2)
     # scalings as row vectors (N, 1, n): row-vector x matrix products measured ~3.5x faster
@@ -184,15 +184,18 @@ def _sym_sinkhorn(logits: torch.Tensor, iters: int = 10, mask: torch.Tensor | No
     return 0.5 * (both[:n] + both[n:].transpose(1, 2))
 
 
-#: at inference, layers up to this width share one padded Sinkhorn batch whatever their widths:
-#: below it the iterations are bound by the number of operations, not by their size
+#: at inference, when no hidden layer is wider than this, layers of different widths share one
+#: padded Sinkhorn batch: below it the iterations are bound by the number of operations, not by
+#: their size (one wider layer sends all back to batches by width)
 _PAD_WIDTH = 128
 
 
 def _padded_sinkhorn(logits: list[torch.Tensor]) -> list[torch.Tensor]:
-    """:func:`_sym_sinkhorn` of layers of several widths, zero-padded to the widest in one batch."""
+    """:func:`_sym_sinkhorn` of layers of several widths in one batch, padded to the widest (the padding's
+    logits are the dtype's lowest value and its kernel entries are masked to exact zeros)."""
     rows, cols = max(s.shape[1] for s in logits), max(s.shape[2] for s in logits)
-    batch = torch.cat([F.pad(s, (0, cols - s.shape[2], 0, rows - s.shape[1]), value=-1e30) for s in logits])
+    low = torch.finfo(logits[0].dtype).min
+    batch = torch.cat([F.pad(s, (0, cols - s.shape[2], 0, rows - s.shape[1]), value=low) for s in logits])
     mask = torch.cat([F.pad(torch.ones_like(s), (0, cols - s.shape[2], 0, rows - s.shape[1])) for s in logits])
     both = _sym_sinkhorn(batch, mask=mask)
     return [part[:, :s.shape[1], :s.shape[2]] for part, s in zip(both.split([s.shape[0] for s in logits]), logits)]
@@ -201,9 +204,11 @@ def _padded_sinkhorn(logits: list[torch.Tensor]) -> list[torch.Tensor]:
 def _sinkhorn_layers(logits: list[torch.Tensor]) -> list[torch.Tensor]:
     """:func:`_sym_sinkhorn` of every layer, layers of one width in one batch (same values,
     a third of the small operations for a 3-hidden-layer MLP of one width); at inference,
-    layers of different widths up to ``_PAD_WIDTH`` too, padded."""
+    layers of different widths too, padded, when none is wider than ``_PAD_WIDTH``."""
     shapes = {tuple(s.shape[1:]) for s in logits}
-    if len(shapes) > 1 and not torch.is_grad_enabled() and max(max(sh) for sh in shapes) <= _PAD_WIDTH:
+    # (float16 is left out: its padded scalings would overflow to inf, and inf * 0 is NaN)
+    if (len(shapes) > 1 and not torch.is_grad_enabled() and max(max(sh) for sh in shapes) <= _PAD_WIDTH
+            and logits[0].dtype in (torch.float32, torch.float64)):
         return _padded_sinkhorn(logits)
     out: list[torch.Tensor | None] = [None] * len(logits)
     by_shape: dict[tuple, list[int]] = {}
@@ -650,21 +655,25 @@ def widen(model: DeepAlign, factor: int, noise: float = 0.01, seed: int = 0) -> 
         The wider aligner; ``config.channels`` and ``config.readout_hidden`` are multiplied by ``factor``.
 
     Raises:
-        ModelMergeError: ``factor`` below 1.
+        ModelMergeError: ``factor`` below 1, or an odd readout width (its second layer, of half
+            that width, could not be copied exactly).
     """
     if factor < 1:
-        raise ModelMergeError(f"--widen must be 1 or more, got {factor}")
+        raise ModelMergeError(f"the widening factor must be 1 or more, got {factor}")
     cfg = model.config
     c, h = cfg.channels, cfg.readout_hidden
-    new_cfg = AlignerConfig(**{**cfg.to_dict(), "channels": c * factor, "readout_hidden": h * factor})
-    wide = DeepAlign(new_cfg).to(next(model.parameters()).dtype)
+    if h % 2 and factor > 1:
+        raise ModelMergeError(f"cannot widen an aligner whose readout width is odd ({h}): its second readout "
+                              "layer (half as wide) has no exact copy; train a wider one instead")
+    param = next(model.parameters())
+    wide = DeepAlign(replace(cfg, channels=c * factor, readout_hidden=h * factor)).to(param.device, param.dtype)
 
     def tile(t: torch.Tensor, dim: int, split: bool) -> torch.Tensor:
         return torch.cat([t] * factor, dim) / (factor if split else 1)
 
     g = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, t in model.state_dict().items():
+    old, state = model.state_dict(), {}
+    for key, t in old.items():
         name = key.split(".")
         if name[0] in ("edge_role", "edge_kind", "node_role"):
             t = tile(t, 1, False)  # (roles, C)
@@ -687,8 +696,8 @@ def widen(model: DeepAlign, factor: int, noise: float = 0.01, seed: int = 0) -> 
                 t = tile(t, 0, False)
         elif name[0] == "readout" and name[1] == "0" and name[2] == "weight":  # the v1 readout
             t = torch.cat([tile(x, 1, True) for x in t.split(c, 1)], 1)
-        if factor > 1 and noise > 0 and t.ndim == 2 and t.shape != model.state_dict()[key].shape:
-            t = t + noise * t.std() * torch.randn(t.shape, generator=g, dtype=t.dtype)
+        if factor > 1 and noise > 0 and t.ndim == 2 and t.shape != old[key].shape:
+            t = t + noise * t.std() * torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)
         state[key] = t
     wide.load_state_dict(state)
     return wide

@@ -338,8 +338,6 @@ def train_aligner(
         raise ModelMergeError(f"--add-layers must be 0 or more, got {add_layers}")
     if add_layers and init is None:
         raise ModelMergeError("--add-layers grows the --init aligner; pass --init NAME (or train a deeper one with --layers)")
-    if widen_by < 1:
-        raise ModelMergeError(f"--widen must be 1 or more, got {widen_by}")
     if widen_by > 1 and init is None:
         raise ModelMergeError("--widen grows the --init aligner; pass --init NAME (or train a wider one with --channels)")
     rank, world = _dist_info()
