@@ -8,7 +8,9 @@ of <A's slice i, B's slice j (other axes already permuted)>``.
 Stopping rule: a group changes only if its assignment gains more than 1e-12
 relative to the group's current score (the gain measured in float64), so the
 objective never drops; a sweep in which no group changes ends the search, as
-does ``max_iter`` sweeps.
+does ``max_iter`` sweeps. A group acting on two axes of one tensor (a square
+weight inside a residual stream) is a quadratic problem, not a linear one: its
+answer is adopted only if the exact objective of the tensors it touches rises.
 
 Structured specs. A parameter with a segmented axis (a concatenation, e.g. a
 packed attention projection) is split into per-segment views with plain axes
@@ -330,6 +332,15 @@ def weight_matching(
     units: list = groups if not spec.heads else _step_units(spec)
     touched = {} if not spec.heads else _head_params(spec, a)
     visits, sweeps, converged = 0, 0, not units
+    # a group on two axes of one tensor (a square weight inside a residual stream): its cost holds
+    # the other axis where it was, but adopting the answer moves both, so the change is checked on
+    # the exact objective of the tensors it touches, which keeps the objective from ever dropping
+    coupled = {g: sorted({m.param for m in members[g]}) for g in groups
+               if any(h == g for m in members[g] for _, h in m.others)}
+
+    def touched_objective(g: str) -> float:
+        return sum(_dot(a[p], b[p], spec.axes[p], perm) for p in coupled[g])
+
     while units and sweeps < max_iter:
         sweeps += 1
         improved = False
@@ -352,9 +363,13 @@ def weight_matching(
             if seen.get(g) != key:  # else its cost matrix, hence its answer, is unchanged
                 seen[g] = key
                 cost, updates = _cost(g, n, members[g], a, b, perm, version, cache, cacheable, work)
+                old, base = perm[g], touched_objective(g) if g in coupled else 0.0
                 if _improve(g, n, cost, updates, members[g], a, b, perm, norms, work):
-                    version[g] += 1
-                    improved = True
+                    if g in coupled and touched_objective(g) - base <= 1e-12 * max(1.0, abs(base)):
+                        perm[g] = old  # the exact objective did not rise: keep the old answer
+                    else:
+                        version[g] += 1
+                        improved = True
             visits += 1
             if on_progress is not None:
                 on_progress(visits, len(units) * min(sweeps + 1, max_iter))
