@@ -327,13 +327,24 @@ def check_output_path(
 ) -> Path:
     """Check, before any work, that ``output`` can be written safely.
 
+    Args:
+        output: the file to write.
+        inputs: every path the command reads (checkpoints, data files, spec files, aligner
+            folders or files; None and names that are not paths are ignored); a folder
+            counts as the files in it.
+        force: allow replacing an existing file that is not an input.
+        suffix: the extension ``output`` must have.
+
     Raises:
         OutputError: ``output`` is an input, exists without ``force``, is a folder,
             or its folder does not exist or is not writable.
     """
     out = Path(output).expanduser()
     for inp in inputs:
-        if inp is not None and _same_file(out, Path(inp)):
+        if inp is None:
+            continue
+        where = Path(inp).expanduser()
+        if _same_file(out, where) or (where.is_dir() and _same_file(out.parent, where) and out.exists()):
             raise OutputError(
                 f"output {out} is also an input; write to a new file (inputs are never overwritten)"
             )

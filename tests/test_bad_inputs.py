@@ -155,6 +155,15 @@ CASES = {
     "report exists": lambda c: (c.align("--report", c.write("r.json", "{}")), "--force"),
     "report not json": lambda c: (c.align("--report", c.dir / "r.txt"), "must end in .json"),
     "interpolate over an input": lambda c: (["interpolate", c.a, c.b, "-o", c.a, "--force"], "also an input"),
+    # --force never replaces what the command reads besides the checkpoints: data, spec, aligner card
+    "--force over the --data file": lambda c: (
+        ["align", c.a, c.b, "-o", c.write("d.safetensors", b"x"), "--data", c.dir / "d.safetensors", "--force"],
+        "also an input"),
+    "--force over the --spec file": lambda c: (
+        c.align("--spec", c.write("s.json", "{}"), "--report", c.dir / "s.json", "--force"), "also an input"),
+    "--force over the aligner's card": lambda c: (
+        c.align("--aligner", c.write("al/aligner.json", "{}").parent, "--report", c.dir / "al" / "aligner.json",
+                "--force"), "also an input"),
     "spec -o existing": lambda c: (["spec", c.a, "-o", c.write("s.json", "{}")], "--force"),
     "demo over a user's file": lambda c: (["demo", "--output-dir", c.write("d/merged.safetensors", b"mine").parent],
                                           "--force"),

@@ -95,7 +95,8 @@ def align_command(
     from modelmerge.checkpoint import load_checkpoint
     from modelmerge.data import load_dataset
 
-    _check_options(a, b, output, merged, report, alpha, method, refine, data, reset_bn, repair, seed, force)
+    _check_options([a, b, data, spec, aligner], output, merged, report, alpha, method, refine, data, reset_bn, repair,
+                   seed, force)
     set_threads(threads)
     ck_a, ck_b = load_checkpoint(a, revision), load_checkpoint(b, revision)
     network = resolve(ck_a.state, spec, ck_a.arch, model, model_kwargs, input_shape, assume_chain)
@@ -128,9 +129,9 @@ def align_command(
         warn(message)
 
 
-def _check_options(a, b, output, merged, report, alpha, method, refine, data, reset_bn, repair, seed, force
+def _check_options(inputs, output, merged, report, alpha, method, refine, data, reset_bn, repair, seed, force
                    ) -> None:
-    """Refuse bad option combinations and unsafe outputs before any work is done."""
+    """Refuse bad option combinations and unsafe outputs (over any file read: ``inputs``) before any work."""
     import math
 
     from modelmerge.align import METHODS, REFINES
@@ -151,11 +152,11 @@ def _check_options(a, b, output, merged, report, alpha, method, refine, data, re
     outputs = [output] + [p for p in (merged, report) if p is not None]
     if len({Path(p).expanduser().resolve() for p in outputs}) < len(outputs):
         raise OutputError("-o, --merged and --report must be different files")
-    check_output_path(output, [a, b], force)
+    check_output_path(output, inputs, force)
     if merged is not None:
-        check_output_path(merged, [a, b], force)
+        check_output_path(merged, inputs, force)
     if report is not None:
-        check_output_path(report, [a, b], force, suffix=".json")
+        check_output_path(report, inputs, force, suffix=".json")
 
 
 def _write(result, ck_a, ck_b, output, merged, alpha, reset_x, repair_x, force) -> list[str]:

@@ -68,7 +68,7 @@ def evaluate_command(
     if split not in ("test", "train"):
         raise ModelMergeError(f"--split must be test or train, got {split!r}")
     if plot is not None:
-        check_output_path(plot, [a, b], force, suffix=".png")
+        check_output_path(plot, [a, b, dataset], force, suffix=".png")
         _require_matplotlib()
     set_threads(threads)
     ck_a, ck_b = load_checkpoint(a, revision), load_checkpoint(b, revision)

@@ -59,7 +59,7 @@ def interpolate_command(
                                      or input_shape is not None):
         raise ModelMergeError("--dataset, --model, --model-kwargs and --input-shape are used by --reset-bn and "
                               "--repair only; drop them or add one of those")
-    check_output_path(output, [a, b], force)
+    check_output_path(output, [a, b, dataset], force)
     ck_a, ck_b = load_checkpoint(a, revision), load_checkpoint(b, revision)
     check_same_architecture(ck_a.state, ck_b.state)
     if reset_bn or repair:

@@ -104,9 +104,10 @@ def merge_command(
         raise ModelMergeError(f"--aligner is read by --method auto and deep-align, not {method}")
     if report is not None and Path(report).expanduser().resolve() == Path(output).expanduser().resolve():
         raise OutputError("-o and --report must be different files")
-    check_output_path(output, models, force)
+    read = [*models, data, spec, aligner]
+    check_output_path(output, read, force)
     if report is not None:
-        check_output_path(report, models, force, suffix=".json")
+        check_output_path(report, read, force, suffix=".json")
     set_threads(threads)
     cks = [load_checkpoint(m, revision) for m in models]
     network = resolve(cks[0].state, spec, cks[0].arch, model, model_kwargs, input_shape, assume_chain)
