@@ -276,7 +276,7 @@ def check_kinds(state: Mapping[str, torch.Tensor], source: str) -> None:
 def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
     """Raise CheckpointError naming the first tensor with NaN or infinite values."""
     for name, t in state.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all()):
             raise CheckpointError(
                 f"{source}: tensor {name!r} contains NaN or infinite values; "
                 "use a checkpoint from before training diverged"

@@ -66,7 +66,8 @@ def mix(a: torch.Tensor, b: torch.Tensor, alpha: float | torch.Tensor) -> torch.
     give the ends bit-for-bit. ``alpha`` may be a tensor broadcasting against
     ``a`` (one α per stacked pair).
     """
-    work = torch.promote_types(a.dtype, torch.float32)  # half precision mixes in fp32
+    # half precision and float8 mix in float32 (float8 has no type promotion at all)
+    work = torch.float64 if a.dtype == torch.float64 else torch.float32
     if isinstance(alpha, torch.Tensor):
         return (1.0 - alpha) * a.to(work) + alpha * b.to(work)
     # one new tensor, not three: a VGG classifier weight is 400 MB, and each temporary would count

@@ -156,3 +156,27 @@ def test_output_rules(tmp_path, save_sd, state):
         check_output_path(tmp_path / "no" / "o.safetensors", [])
     with pytest.raises(OutputError, match="must end in .safetensors"):
         check_output_path(tmp_path / "o.pt", [])
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_checkpoints_align_and_merge_in_their_dtype(dtype, tmp_path, save_sd):
+    """float8 has no isfinite of its own and no type promotion: both used to crash with a traceback."""
+    from typer.testing import CliRunner
+
+    from modelmerge.cli.app import app
+    from modelmerge.merge import mix
+
+    a, b = ({k: v.to(dtype) for k, v in mlp(seed=s).state_dict().items()} for s in (0, 1))
+    pa, pb = save_sd(a, "a.safetensors"), save_sd(b, "b.safetensors")
+    nan = dict(b, **{"0.bias": torch.full_like(b["0.bias"].float(), float("nan")).to(dtype)})
+    with pytest.raises(CheckpointError, match="NaN"):
+        load_checkpoint(save_sd(nan, "nan.safetensors"))
+    out, merged = tmp_path / "o.safetensors", tmp_path / "m.safetensors"
+    r = CliRunner().invoke(app, ["align", str(pa), str(pb), "-o", str(out), "--merged", str(merged), "--assume-chain"])
+    assert r.exit_code == 0, r.output
+    aligned, mixed = load_checkpoint(out).state, load_checkpoint(merged).state
+    assert all(t.dtype == dtype for t in (*aligned.values(), *mixed.values()))
+    # the permutation moves whole units: B's bias values, reordered, exactly
+    assert torch.equal(aligned["0.bias"].float().sort().values, b["0.bias"].float().sort().values)
+    expected = mix(a["0.weight"], aligned["0.weight"], 0.5).to(dtype)
+    assert torch.equal(mixed["0.weight"].float(), expected.float())
