@@ -205,14 +205,33 @@ def _unwrap_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
 
 
 def _read_torch(path: Path, source: str) -> dict[str, torch.Tensor]:
+    import warnings
+
+    resave = "re-save it as `torch.save(model.state_dict(), ...)` or as safetensors"
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError as e:
+        raise CheckpointError(f"{source}: cannot read it ({e.strerror})") from None
+    if not head:
+        raise CheckpointError(f"{source}: is empty (0 bytes); re-download or re-save it")
+    if head[:2] != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive (or, before 1.6, a pickle)
+        raise CheckpointError(f"{source}: is not a PyTorch checkpoint (neither a zip archive nor a pickle); "
+                              "pass a .pt/.pth/.bin file written by torch.save, or a .safetensors file")
+    try:
+        with warnings.catch_warnings():  # torch's warnings (TorchScript, pickle protocol) are restated below
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as e:
         msg = str(e)
         if "Unsupported global" in msg or "GLOBAL" in msg:  # a class or function to import: code
             raise CheckpointError(
-                f"{source}: contains pickled Python objects, which modelmerge never unpickles; "
-                "re-save it as `torch.save(model.state_dict(), ...)` or as safetensors"
+                f"{source}: contains pickled Python objects, which modelmerge never unpickles; {resave}"
+            ) from None
+        if "Weights only load failed" in msg:  # e.g. pickle.dump or an old protocol: not a weights-only pickle
+            raise CheckpointError(
+                f"{source}: holds a pickle that weights-only loading cannot read (written by pickle.dump or "
+                f"with another pickle protocol), and modelmerge never unpickles anything else; {resave}"
             ) from None
         raise CheckpointError(
             f"{source}: cannot read as a PyTorch checkpoint, the file is truncated or corrupt "
@@ -221,6 +240,10 @@ def _read_torch(path: Path, source: str) -> dict[str, torch.Tensor]:
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001 - a corrupt pickle raises anything (IndexError, KeyError, ...)
+        if "TorchScript" in str(e):
+            raise CheckpointError(
+                f"{source}: is a TorchScript archive (torch.jit.save), whose code modelmerge never runs; {resave}"
+            ) from None
         raise CheckpointError(
             f"{source}: cannot read as a PyTorch checkpoint, the file is truncated or corrupt "
             f"({one_line(e)}); re-download or re-save it"

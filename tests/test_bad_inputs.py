@@ -82,6 +82,23 @@ class Case:
         return ["align", a or self.a, b or self.b, "-o", self.out, *extra]
 
 
+def _jit(path):
+    import warnings
+
+    with warnings.catch_warnings():  # TorchScript is deprecated in recent torch; users still have such files
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(mlp(WIDTHS)), str(path))
+    return path
+
+
+def _pickled(path):
+    import pickle
+
+    with open(path, "wb") as f:
+        pickle.dump(mlp(WIDTHS).state_dict(), f, protocol=4)
+    return path
+
+
 def _state(**changes):
     state = mlp(WIDTHS, seed=2).state_dict()
     state.update(changes)
@@ -104,7 +121,10 @@ CASES = {
     "truncated pt": lambda c: (c.align(b=c.write("t.pt", c.torch_save(mlp(WIDTHS).state_dict(), "full.pt")
                                                  .read_bytes()[:300])), "corrupt"),
     "garbage safetensors": lambda c: (c.align(b=c.write("g.safetensors", os.urandom(4096))), "corrupt"),
-    "garbage pt": lambda c: (c.align(b=c.write("g.pt", os.urandom(4096))), "corrupt"),
+    "garbage pt": lambda c: (c.align(b=c.write("g.pt", os.urandom(4096))), "not a PyTorch checkpoint"),
+    "empty pt": lambda c: (c.align(b=c.write("e.pt", b"")), "is empty"),
+    "TorchScript archive": lambda c: (c.align(b=_jit(c.dir / "j.pt")), "is a TorchScript archive"),
+    "pickle.dump of tensors": lambda c: (c.align(b=_pickled(c.dir / "p.pt")), "weights-only loading cannot read"),
     "empty file": lambda c: (c.align(b=c.write("e.safetensors", b"")), "corrupt"),
     "pickle with code": lambda c: (c.align(b=c.torch_save({"w": torch.ones(2), "f": os.system}, "code.pt")),
                                    "never unpickles"),
