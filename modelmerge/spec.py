@@ -530,26 +530,52 @@ def _candidate_orders(modules: list[str]) -> Iterable[list[str]]:
             yield [m for t in perm for m in natural if m.split(".")[0] == t]
 
 
+def _check_unique_order(found: list[str], rest: list[list[str]], kinds, modules, state) -> None:
+    """Raise SpecError if another order of the top-level blocks links as well: neither the names
+    nor the file (safetensors sorts its names) say which one the model runs, and a wrong one
+    gives a permuted model that computes something else."""
+    tops = list(dict.fromkeys(m.split(".")[0] for m in found))
+    for order in rest:
+        other = list(dict.fromkeys(m.split(".")[0] for m in order))
+        if other != tops and _link(order, kinds, modules, state)[0] is not None:
+            raise SpecError(
+                f"cannot tell the order of the layers: {' -> '.join(tops)} and {' -> '.join(other)} both fit "
+                "their shapes, and neither the names nor the file say which the model runs (safetensors files "
+                "keep no module order); pass --model pkg.module:Class, a --spec file, or a .pt state dict "
+                "saved by torch.save(model.state_dict())"
+            )
+
+
 def infer_chain(state: Mapping[str, torch.Tensor]) -> Chain:
     """Infer a Linear/Conv chain (with BatchNorm/LayerNorm after layers) from a state dict.
 
     Layer order is taken from the file's order, the modules' natural name order
     (``fc2`` < ``fc10``; ``0`` < ``2``), or an order of top-level blocks, the first
-    in which every layer's inputs match the previous layer's outputs.
+    in which every layer's inputs match the previous layer's outputs (and then the
+    only one: two orders of the blocks that both fit are refused).
 
     Raises:
-        SpecError: the state dict is not such a chain; the message points to ``--spec``.
+        SpecError: the state dict is not such a chain, or its order is ambiguous; the
+            message points to ``--spec``/``--model``.
     """
     modules = _modules(state)
     kinds = {m: _classify(m, p, state) for m, p in modules.items()}
     reasons: list[str] = []
     seen: set[tuple[str, ...]] = set()
-    for order in _candidate_orders(list(modules)):
+    orders = list(_candidate_orders(list(modules)))
+    for i, order in enumerate(orders):
         if tuple(order) in seen:
             continue
         seen.add(tuple(order))
         chain, why = _link(order, kinds, modules, state)
         if chain is not None:
+            # an order that neither numbered names nor a module-ordered file gave (one found by trying
+            # the top-level blocks in every order, or a sorted file's, as every safetensors file is)
+            # must be the only one that fits
+            tops = list(dict.fromkeys(m.split(".")[0] for m in order))
+            numbered = all(any(ch.isdigit() for ch in t) for t in tops)
+            if not numbered and (i >= 2 or list(modules) == sorted(modules)):
+                _check_unique_order(order, orders[2:], kinds, modules, state)
             return chain
         reasons.append(why)
     # the order that linked the most layers says best why the rest does not fit (the file's order

@@ -125,3 +125,30 @@ def test_layernorm_mlp_spec_and_conv_without_bias():
     spec = infer_spec(m.state_dict())
     assert spec.axes["0.weight"] == ("0.out", None, None, None)
     assert spec.axes["2.weight"] == (None, "0.out", None, None)
+
+
+def _named(names_shapes):
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, (n_out, n_in) in names_shapes:
+        state[f"{name}.weight"] = torch.randn(n_out, n_in, generator=g)
+        state[f"{name}.bias"] = torch.randn(n_out, generator=g)
+    return state
+
+
+def test_a_layer_order_that_names_and_file_do_not_give_is_refused_when_ambiguous():
+    """safetensors files sort their names: with interchangeable square layers and unnumbered names,
+    no order can be trusted, and a wrong one computes something else (found by a black-box sweep)."""
+    module_order = [("stem", (16, 10)), ("pre", (16, 16)), ("post", (16, 16)), ("head", (3, 16))]
+    with pytest.raises(SpecError, match="cannot tell the order"):
+        infer_chain(dict(sorted(_named(module_order).items())))  # as read back from safetensors
+    all_square = [("z_in", (8, 8)), ("m_hidden", (8, 8)), ("a_out", (8, 8))]
+    with pytest.raises(SpecError, match="cannot tell the order"):
+        infer_chain(dict(sorted(_named(all_square).items())))
+    # a file in module order (torch.save) is trusted, and so are numbered names, sorted or not
+    assert [layer.module for layer in infer_chain(_named(all_square)).layers] == ["z_in", "m_hidden", "a_out"]
+    numbered = [("0", (16, 10)), ("2", (16, 16)), ("4", (16, 16)), ("6", (3, 16))]
+    assert [layer.module for layer in infer_chain(dict(sorted(_named(numbered).items()))).layers] == ["0", "2", "4", "6"]
+    # distinct shapes fix the order even from a sorted file
+    distinct = [("stem", (16, 10)), ("body", (12, 16)), ("head", (3, 12))]
+    assert [layer.module for layer in infer_chain(dict(sorted(_named(distinct).items()))).layers] == ["stem", "body", "head"]
