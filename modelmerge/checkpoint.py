@@ -376,6 +376,8 @@ def check_output_path(
     if out.exists() and not force:
         raise OutputError(f"output {out} already exists; pass --force to overwrite it")
     parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise OutputError(f"cannot write {out}: {parent} is a file, not a folder; choose another path")
     if not parent.is_dir():
         raise OutputError(f"cannot write {out}: folder {parent} does not exist; create it first")
     try:  # a real probe: os.access says yes to root even on read-only mounts
@@ -387,7 +389,8 @@ def check_output_path(
             f"cannot write {out}: folder {parent} is not writable ({e.strerror}); choose another folder"
         ) from None
     if out.suffix.lower() != suffix:
-        what = "modelmerge writes checkpoints as safetensors only" if suffix == ".safetensors" else "a JSON file"
+        what = {".safetensors": "modelmerge writes checkpoints as safetensors only", ".json": "a JSON file",
+                ".png": "a PNG image"}.get(suffix, f"a {suffix} file")
         raise OutputError(f"output {out} must end in {suffix} ({what})")
     return out
 

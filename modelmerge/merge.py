@@ -23,13 +23,13 @@ def check_same_architecture(
             parts.append(f"only in {names[1]}: {preview(only_b)}")
         raise MismatchError(
             f"{names[0]} and {names[1]} have different parameters ({'; '.join(parts)}); "
-            "pass two checkpoints of the same architecture"
+            "pass checkpoints of one architecture"
         )
     bad = [f"{k} {list(a[k].shape)} vs {list(b[k].shape)}" for k in a if a[k].shape != b[k].shape]
     if bad:
         raise MismatchError(
             f"{names[0]} and {names[1]} differ in shape at {preview(bad, 3)}; "
-            "pass two checkpoints of the same architecture and widths"
+            "pass checkpoints of one architecture and one set of widths"
         )
 
 

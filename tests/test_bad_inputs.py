@@ -171,6 +171,8 @@ CASES = {
                                         "does not exist"),
     "output is a folder": lambda c: (["align", c.a, c.b, "-o", c.dir] , "is a folder"),
     "output not safetensors": lambda c: (["align", c.a, c.b, "-o", c.dir / "o.pt"], "must end in .safetensors"),
+    "output folder is a file": lambda c: (["align", c.a, c.b, "-o", c.write("f", "x") / "o.safetensors"],
+                                          "is a file, not a folder"),
     "-o equals --merged": lambda c: (c.align("--merged", c.out), "must be different files"),
     "report exists": lambda c: (c.align("--report", c.write("r.json", "{}")), "--force"),
     "report not json": lambda c: (c.align("--report", c.dir / "r.txt"), "must end in .json"),
