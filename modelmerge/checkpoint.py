@@ -47,12 +47,15 @@ class Checkpoint:
         metadata: the file's string metadata (safetensors header), possibly empty.
         path: the local file read (for hub ids, the cached file).
         source: what the user passed (a path or a hub id).
+        notes: choices made in reading it that the user should hear of (which of several
+            state dicts in a container was used, entries that were not tensors).
     """
 
     state: dict[str, torch.Tensor]
     metadata: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
     source: str = ""
+    notes: tuple[str, ...] = ()
 
     @cached_property
     def sha256(self) -> str:
@@ -185,17 +188,29 @@ def _read_safetensors(path: Path, source: str) -> tuple[dict[str, torch.Tensor],
     return state, metadata
 
 
-def _unwrap_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
+def _is_state_dict(obj: object) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _unwrap_state_dict(obj: object, source: str, notes: list[str]) -> dict[str, torch.Tensor]:
+    """The state dict in ``obj`` (itself, or under a standard key of a training checkpoint);
+    choices the user should hear of are appended to ``notes``."""
     if isinstance(obj, Mapping):
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if _is_state_dict(obj):
             return {str(k): v for k, v in obj.items()}
         for key in _WRAPPER_KEYS:
             inner = obj.get(key)
             if isinstance(inner, Mapping) and inner:
-                return _unwrap_state_dict(inner, source)
+                others = [str(k) for k, v in obj.items() if k != key and _is_state_dict(v)]
+                if others:  # e.g. "state_dict" beside "state_dict_ema": say which one is merged
+                    notes.append(f"{source} holds several state dicts ({', '.join([str(key), *others])}); using "
+                                 f"{key!r}; to use another, save it alone (torch.save(ckpt[NAME], ...))")
+                return _unwrap_state_dict(inner, source, notes)
         tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         if tensors and len(tensors) >= len(obj) - 1:
             # e.g. a state dict carrying an "_metadata"-like extra entry
+            dropped = [str(k) for k in obj if str(k) not in tensors]
+            notes.append(f"{source}: ignored its entry {dropped[0]!r}, which is not a tensor")
             return tensors
     kind = type(obj).__name__
     raise CheckpointError(
@@ -204,7 +219,7 @@ def _unwrap_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
     )
 
 
-def _read_torch(path: Path, source: str) -> dict[str, torch.Tensor]:
+def _read_torch(path: Path, source: str, notes: list[str]) -> dict[str, torch.Tensor]:
     import warnings
 
     resave = "re-save it as `torch.save(model.state_dict(), ...)` or as safetensors"
@@ -248,7 +263,7 @@ def _read_torch(path: Path, source: str) -> dict[str, torch.Tensor]:
             f"{source}: cannot read as a PyTorch checkpoint, the file is truncated or corrupt "
             f"({one_line(e)}); re-download or re-save it"
         ) from None
-    return _unwrap_state_dict(obj, source)
+    return _unwrap_state_dict(obj, source, notes)
 
 
 def _sniff_format(path: Path) -> str:
@@ -324,15 +339,16 @@ def load_checkpoint(source: str | os.PathLike, revision: str | None = None) -> C
     source = str(source)
     path = resolve_source(source, revision)
     fmt = _sniff_format(path)
+    notes: list[str] = []
     if fmt == "safetensors":
         state, metadata = _read_safetensors(path, source)
     else:
-        state, metadata = _read_torch(path, source), {}
+        state, metadata = _read_torch(path, source, notes), {}
     if not state:
         raise CheckpointError(f"{source}: holds no tensors; pass a model checkpoint")
     check_kinds(state, source)
     check_finite(state, source)
-    return Checkpoint(state=state, metadata=metadata, path=path, source=source)
+    return Checkpoint(state=state, metadata=metadata, path=path, source=source, notes=tuple(notes))
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -180,3 +180,23 @@ def test_float8_checkpoints_align_and_merge_in_their_dtype(dtype, tmp_path, save
     assert torch.equal(aligned["0.bias"].float().sort().values, b["0.bias"].float().sort().values)
     expected = mix(a["0.weight"], aligned["0.weight"], 0.5).to(dtype)
     assert torch.equal(mixed["0.weight"].float(), expected.float())
+
+
+def test_a_container_of_several_state_dicts_says_which_one_it_used(tmp_path):
+    """timm-style {"state_dict", "state_dict_ema"} or {"model", "ema"}: the standard key is used, and said so."""
+    from typer.testing import CliRunner
+
+    from modelmerge.cli.app import app
+
+    raw, ema = mlp(seed=0).state_dict(), mlp(seed=1).state_dict()
+    path = tmp_path / "c.pt"
+    torch.save({"state_dict": raw, "state_dict_ema": ema, "epoch": 3}, path)
+    ck = load_checkpoint(path)
+    assert all(torch.equal(ck.state[k], raw[k]) for k in raw)
+    (note,) = ck.notes
+    assert "several state dicts" in note and "'state_dict'" in note and "state_dict_ema" in note
+    flat = tmp_path / "f.pt"
+    torch.save({**raw, "_version": 2}, flat)
+    assert load_checkpoint(flat).notes == (f"{flat}: ignored its entry '_version', which is not a tensor",)
+    r = CliRunner().invoke(app, ["inspect", str(path), "--assume-chain"])
+    assert r.exit_code == 0 and "warning:" in r.stderr and "several state dicts" in r.stderr

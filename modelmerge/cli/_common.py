@@ -173,6 +173,17 @@ AssumeChain = Annotated[
 ]
 
 
+def load(source, revision: str | None = None):
+    """:func:`~modelmerge.checkpoint.load_checkpoint` for commands: the choices it made in reading
+    the file (which of several state dicts, entries that are not tensors) printed as warnings."""
+    from modelmerge.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(source, revision)
+    for note in ck.notes:
+        warn(note)
+    return ck
+
+
 def warn(message: str) -> None:
     """One warning line on stderr (after the work: an error stays the only line when there is one)."""
     sys.stderr.write("modelmerge: warning: " + " ".join(str(message).split()) + "\n")

@@ -21,6 +21,7 @@ from modelmerge.cli._common import (
     Threads,
     console,
     handle_errors,
+    load,
     print_json,
     progress_bar,
     resolve,
@@ -92,13 +93,12 @@ def align_command(
     """Align B to A: find per-layer permutations of B's hidden units and write permuted B."""
     t0 = time.perf_counter()
     from modelmerge.align import align, uses_data
-    from modelmerge.checkpoint import load_checkpoint
     from modelmerge.data import load_dataset
 
     _check_options([a, b, data, spec, aligner], output, merged, report, alpha, method, refine, data, reset_bn, repair,
                    seed, force)
     set_threads(threads)
-    ck_a, ck_b = load_checkpoint(a, revision), load_checkpoint(b, revision)
+    ck_a, ck_b = load(a, revision), load(b, revision)
     network = resolve(ck_a.state, spec, ck_a.arch, model, model_kwargs, input_shape, assume_chain)
     task = load_dataset(data) if reset_bn or repair else None  # align() loads it itself when it reads it
     dataset = network.bn_inputs(task) if reset_bn else None  # checked before any work

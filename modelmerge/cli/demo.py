@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from modelmerge.cli._common import Force, Threads, console, handle_errors, save, set_threads
+from modelmerge.cli._common import Force, Threads, console, handle_errors, load, save, set_threads
 
 
 @handle_errors
@@ -26,7 +26,7 @@ def demo_command(
     from rich.table import Table
 
     from modelmerge.align import align
-    from modelmerge.checkpoint import check_output_path, load_checkpoint, provenance
+    from modelmerge.checkpoint import check_output_path, provenance
     from modelmerge.errors import OutputError
     from modelmerge.evaluate import interpolation_curve
     from modelmerge.examples import example_paths, example_test_data
@@ -46,7 +46,7 @@ def demo_command(
     targets = [output_dir / "b_aligned.safetensors", output_dir / "merged.safetensors"]
     for path in targets:  # the user's files in --output-dir are not replaced without --force
         check_output_path(path, [pa, pb], force)
-    a, b = load_checkpoint(pa), load_checkpoint(pb)
+    a, b = load(pa), load(pb)
     con.print(f"[bold]modelmerge demo[/]: two digits MLPs {a.arch['widths']} trained from different seeds")
     network = resolve_network(a.state, record=a.arch)
     t0 = time.perf_counter()

@@ -18,6 +18,7 @@ from modelmerge.cli._common import (
     Threads,
     console,
     handle_errors,
+    load,
     print_json,
     resolve,
     set_threads,
@@ -59,7 +60,7 @@ def evaluate_command(
     force: Force = False,
 ) -> None:
     """Loss/accuracy of (1-alpha)*A + alpha*B over alpha, with the loss barrier and its AUC."""
-    from modelmerge.checkpoint import check_output_path, load_checkpoint
+    from modelmerge.checkpoint import check_output_path
     from modelmerge.data import load_dataset
     from modelmerge.errors import ModelMergeError
     from modelmerge.evaluate import interpolation_curve
@@ -71,7 +72,7 @@ def evaluate_command(
         check_output_path(plot, [a, b, dataset], force, suffix=".png")
         _require_matplotlib()
     set_threads(threads)
-    ck_a, ck_b = load_checkpoint(a, revision), load_checkpoint(b, revision)
+    ck_a, ck_b = load(a, revision), load(b, revision)
     check_same_architecture(ck_a.state, ck_b.state)
     network = resolve(ck_a.state, None, ck_a.arch, model, model_kwargs, input_shape, assume_chain,
                       spec_needed=repair)  # only REPAIR reads the groups

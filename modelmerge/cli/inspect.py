@@ -15,6 +15,7 @@ from modelmerge.cli._common import (
     SpecFile,
     console,
     handle_errors,
+    load,
     print_json,
     resolve,
     warn,
@@ -35,9 +36,7 @@ def inspect_command(
     revision: Revision = None,
 ) -> None:
     """Show the permutation groups, their sizes, the parameters each touches, and what is fixed."""
-    from modelmerge.checkpoint import load_checkpoint
-
-    ck = load_checkpoint(checkpoint, revision)
+    ck = load(checkpoint, revision)
     network = resolve(ck.state, spec, ck.arch, model, model_kwargs, input_shape, assume_chain)
     s = network.spec
     if json_out:

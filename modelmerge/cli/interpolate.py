@@ -15,6 +15,7 @@ from modelmerge.cli._common import (
     Revision,
     console,
     handle_errors,
+    load,
     resolve,
     save,
 )
@@ -46,7 +47,6 @@ def interpolate_command(
     """Write (1-alpha)*A + alpha*B per tensor (integer buffers are copied from A)."""
     from modelmerge.checkpoint import (
         check_output_path,
-        load_checkpoint,
         provenance,
     )
     from modelmerge.errors import ModelMergeError, preview
@@ -60,7 +60,7 @@ def interpolate_command(
         raise ModelMergeError("--dataset, --model, --model-kwargs and --input-shape are used by --reset-bn and "
                               "--repair only; drop them or add one of those")
     check_output_path(output, [a, b, dataset], force)
-    ck_a, ck_b = load_checkpoint(a, revision), load_checkpoint(b, revision)
+    ck_a, ck_b = load(a, revision), load(b, revision)
     check_same_architecture(ck_a.state, ck_b.state)
     if reset_bn or repair:
         from modelmerge.data import load_dataset

@@ -21,6 +21,7 @@ from modelmerge.cli._common import (
     Threads,
     console,
     handle_errors,
+    load,
     print_json,
     progress_bar,
     resolve,
@@ -84,7 +85,7 @@ def merge_command(
     import torch
 
     from modelmerge.align import METHODS
-    from modelmerge.checkpoint import check_output_path, load_checkpoint, provenance
+    from modelmerge.checkpoint import check_output_path, provenance
     from modelmerge.errors import ModelMergeError, OutputError, check_seed
     from modelmerge.soup import check_weights, merge_many
 
@@ -109,7 +110,7 @@ def merge_command(
     if report is not None:
         check_output_path(report, read, force, suffix=".json")
     set_threads(threads)
-    cks = [load_checkpoint(m, revision) for m in models]
+    cks = [load(m, revision) for m in models]
     network = resolve(cks[0].state, spec, cks[0].arch, model, model_kwargs, input_shape, assume_chain)
     dataset = task = bn_x = repair_x = None
     if data is not None:

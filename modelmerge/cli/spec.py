@@ -16,6 +16,7 @@ from modelmerge.cli._common import (
     Revision,
     console,
     handle_errors,
+    load,
     resolve,
     warn,
     write_json,
@@ -42,10 +43,10 @@ def spec_command(
     force: Force = False,
 ) -> None:
     """Trace (--model) or infer the permutation spec and write it as JSON (docs/spec-format.md)."""
-    from modelmerge.checkpoint import check_output_path, load_checkpoint
+    from modelmerge.checkpoint import check_output_path
 
     check_output_path(output, [checkpoint], force, suffix=".json")
-    ck = load_checkpoint(checkpoint, revision)
+    ck = load(checkpoint, revision)
     network = resolve(ck.state, None, ck.arch, model, model_kwargs, input_shape, assume_chain)
     write_json(output, network.spec.to_dict(), [checkpoint], force)
     con = console()
