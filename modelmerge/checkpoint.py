@@ -370,7 +370,7 @@ def check_output_path(
         output: the file to write.
         inputs: every path the command reads (checkpoints, data files, spec files, aligner
             folders or files; None and names that are not paths are ignored); a folder
-            counts as the files in it.
+            counts as the files directly in it.
         force: allow replacing an existing file that is not an input.
         suffix: the extension ``output`` must have.
 

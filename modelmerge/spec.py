@@ -530,11 +530,10 @@ def _candidate_orders(modules: list[str]) -> Iterable[list[str]]:
             yield [m for t in perm for m in natural if m.split(".")[0] == t]
 
 
-def _check_unique_order(found: list[str], rest: list[list[str]], kinds, modules, state) -> None:
+def _check_unique_order(tops: list[str], rest: list[list[str]], kinds, modules, state) -> None:
     """Raise SpecError if another order of the top-level blocks links as well: neither the names
     nor the file (safetensors sorts its names) say which one the model runs, and a wrong one
-    gives a permuted model that computes something else."""
-    tops = list(dict.fromkeys(m.split(".")[0] for m in found))
+    gives a permuted model that computes something else. ``tops``: the found order's top-level blocks."""
     for order in rest:
         other = list(dict.fromkeys(m.split(".")[0] for m in order))
         if other != tops and _link(order, kinds, modules, state)[0] is not None:
@@ -575,7 +574,7 @@ def infer_chain(state: Mapping[str, torch.Tensor]) -> Chain:
             tops = list(dict.fromkeys(m.split(".")[0] for m in order))
             numbered = all(any(ch.isdigit() for ch in t) for t in tops)
             if not numbered and (i >= 2 or list(modules) == sorted(modules)):
-                _check_unique_order(order, orders[2:], kinds, modules, state)
+                _check_unique_order(tops, orders[2:], kinds, modules, state)
             return chain
         reasons.append(why)
     # the order that linked the most layers says best why the rest does not fit (the file's order
