@@ -49,6 +49,8 @@ class Checkpoint:
         source: what the user passed (a path or a hub id).
         notes: choices made in reading it that the user should hear of (which of several
             state dicts in a container was used, entries that were not tensors).
+        ordered: the names are in the model's module order (a ``torch.save``d ``state_dict()``
+            keeps it; a safetensors file sorts them), so chain inference may trust that order.
     """
 
     state: dict[str, torch.Tensor]
@@ -56,6 +58,7 @@ class Checkpoint:
     path: Path | None = None
     source: str = ""
     notes: tuple[str, ...] = ()
+    ordered: bool = False
 
     @cached_property
     def sha256(self) -> str:
@@ -348,7 +351,8 @@ def load_checkpoint(source: str | os.PathLike, revision: str | None = None) -> C
         raise CheckpointError(f"{source}: holds no tensors; pass a model checkpoint")
     check_kinds(state, source)
     check_finite(state, source)
-    return Checkpoint(state=state, metadata=metadata, path=path, source=source, notes=tuple(notes))
+    return Checkpoint(state=state, metadata=metadata, path=path, source=source, notes=tuple(notes),
+                      ordered=fmt != "safetensors")
 
 
 def _same_file(a: Path, b: Path) -> bool:

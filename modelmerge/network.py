@@ -352,9 +352,9 @@ def output_tensors(out) -> list[torch.Tensor]:
     return []
 
 
-def _try_chain(state: Mapping[str, torch.Tensor]) -> Chain | None:
+def _try_chain(state: Mapping[str, torch.Tensor], ordered: bool) -> Chain | None:
     try:
-        return infer_chain(state)
+        return infer_chain(state, ordered)
     except SpecError:
         return None
 
@@ -368,6 +368,7 @@ def resolve_network(
     input_shape: tuple[int, ...] | None = None,
     assume_chain: bool = False,
     trace: bool = True,
+    ordered: bool = False,
 ) -> Network:
     """Decide, once, what runs the checkpoint ``state``: spec, forward, input shape, chain.
 
@@ -388,6 +389,8 @@ def resolve_network(
         trace: trace ``module``'s spec; False gives a network that only runs (spec source
             ``"untraced"``: no group, every axis fixed), for commands that never permute, where
             tracing would only cost time and memory.
+        ordered: ``state``'s names are in module order (:attr:`Checkpoint.ordered
+            <modelmerge.checkpoint.Checkpoint.ordered>`), for chain inference.
 
     Returns:
         The :class:`Network`.
@@ -398,7 +401,7 @@ def resolve_network(
         ArchError: the record does not fit the state dict.
         ModelMergeError: no input shape works for ``module``.
     """
-    inferred = chain = _try_chain(state)
+    inferred = chain = _try_chain(state, ordered)
     warnings: tuple[str, ...] = ()
     if spec is not None:
         spec.check(state)
@@ -417,7 +420,7 @@ def resolve_network(
         chosen.check(state)
     else:
         if chain is None:
-            infer_chain(state)  # raises the inference error, which says why
+            infer_chain(state, ordered)  # raises the inference error, which says why
         chosen, source = chain.spec(state), "inferred"
     if chain is not None and chain.spec(state) != chosen:
         chain = None  # the learned aligners and the generic forward describe the chain's spec only
@@ -490,12 +493,15 @@ def token_vocab(module: nn.Module) -> int | None:
     return first.num_embeddings if isinstance(first, nn.Embedding) else None
 
 
-def _runs(module: nn.Module, x: torch.Tensor):
-    """``module(x)`` without gradients, or None when it fails."""
+def _runs(module: nn.Module, x: torch.Tensor, errors: list[str] | None = None):
+    """``module(x)`` without gradients, or None when it fails (the error appended to ``errors``)."""
     try:
         with torch.no_grad():
             return module.eval()(x)
-    except Exception:  # noqa: BLE001 - any failure means "not this input"
+    except Exception as e:  # noqa: BLE001 - any failure means "not this input"
+        if errors is not None:
+            text = " ".join(str(e).split())
+            errors.append(f"{type(e).__name__}: {text[:200] + '...' if len(text) > 200 else text}")
         return None
 
 
@@ -516,7 +522,8 @@ def find_input_shape(module: nn.Module, given: tuple[int, ...] | None = None) ->
     is an embedding (inputs are then token ids; see :func:`token_vocab`).
 
     Raises:
-        ModelMergeError: no candidate works; pass --input-shape.
+        ModelMergeError: no candidate works; pass --input-shape (the model's own error is in
+            the message: with ``given``, the error on that shape, else the first candidate's).
     """
     candidates = [tuple(given)] if given else []
     first = next((m for m in module.modules()
@@ -530,10 +537,17 @@ def find_input_shape(module: nn.Module, given: tuple[int, ...] | None = None) ->
             dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(first)]
             candidates += [(first.in_channels, *([s] * dims)) for s in (8, 16, 28, 32, 40, 64, 224)]
     dtypes = (torch.long, torch.float32) if token_vocab(module) is not None else (torch.float32,)
+    errors: list[str] = []
     for shape in candidates:
         for dtype in dtypes:  # token ids first when an embedding comes first, else (or then) floats
-            out = _runs(module, torch.zeros(2, *shape, dtype=dtype))
+            out = _runs(module, torch.zeros(2, *shape, dtype=dtype), errors)
             if out is not None:
                 n_out = out.shape[1] if isinstance(out, torch.Tensor) and out.ndim == 2 else None
                 return tuple(shape), n_out
-    raise ModelMergeError("cannot find an input shape the model accepts; pass --input-shape, e.g. 1,28,28")
+    if given:  # the user's shape: the model's own error says what is wrong
+        raise ModelMergeError(
+            f"the model's forward fails on inputs of shape [batch, {', '.join(map(str, given))}] ({errors[-1]}); "
+            "check --input-shape (one example, without the batch) and --model-kwargs"
+        )
+    tried = f" (on {list(candidates[0])}: {errors[0]})" if errors else ""
+    raise ModelMergeError(f"cannot find an input shape the model accepts{tried}; pass --input-shape, e.g. 1,28,28")

@@ -478,6 +478,16 @@ def _link(order: list[str], kinds: Mapping[str, str], modules, state) -> tuple[C
             if not layers:
                 return None, f"{len(layers)}:normalisation module {m!r} comes before any layer"
             channels = state[layers[-1].weight].shape[0]
+            if layers[-1].kind == "conv" and "weight" in params and "running_mean" not in params:
+                # a scale without running statistics after a conv is most often a GroupNorm, whose
+                # channels must stay within their groups; the state dict holds no group count
+                # (InstanceNorm and statistics-free BatchNorm look the same), so do not guess; ranked
+                # above every shape mismatch (len(order)), since no order makes it readable
+                return None, (
+                    f"{len(order)}:{m!r} after conv {layers[-1].module!r} scales channels but keeps no running "
+                    "statistics: a GroupNorm (its channels cannot move between groups) or an InstanceNorm, "
+                    "which a state dict cannot tell apart"
+                )
             for role, key in params.items():
                 t = state[key]
                 if role == "num_batches_tracked" or t.numel() == 1:
@@ -530,28 +540,47 @@ def _candidate_orders(modules: list[str]) -> Iterable[list[str]]:
             yield [m for t in perm for m in natural if m.split(".")[0] == t]
 
 
+def _keeps_numbering(tops: list[str]) -> bool:
+    """Whether names that differ only in their numbers (``fc1``, ``fc2``; ``block2``, ``block10``)
+    come in their numbers' order: the order such names promise, whoever sorted the file."""
+    last: dict[str, tuple] = {}
+    for t in tops:
+        stem, key = re.sub(r"\d+", "#", t), _natural_key(t)
+        if "#" in stem and stem in last and last[stem] > key:
+            return False
+        last[stem] = key
+    return True
+
+
 def _check_unique_order(tops: list[str], rest: list[list[str]], kinds, modules, state) -> None:
     """Raise SpecError if another order of the top-level blocks links as well: neither the names
     nor the file (safetensors sorts its names) say which one the model runs, and a wrong one
-    gives a permuted model that computes something else. ``tops``: the found order's top-level blocks."""
+    gives a permuted model that computes something else. ``tops``: the found order's top-level blocks.
+    Orders that put numbered names out of their numbers' order (``fc3`` before ``fc2``) are not
+    counted as rivals."""
     for order in rest:
         other = list(dict.fromkeys(m.split(".")[0] for m in order))
-        if other != tops and _link(order, kinds, modules, state)[0] is not None:
+        if other != tops and _keeps_numbering(other) and _link(order, kinds, modules, state)[0] is not None:
             raise SpecError(
                 f"cannot tell the order of the layers: {' -> '.join(tops)} and {' -> '.join(other)} both fit "
-                "their shapes, and neither the names nor the file say which the model runs (safetensors files "
-                "keep no module order); pass --model pkg.module:Class, a --spec file, or a .pt state dict "
+                "their shapes, and neither the names nor the file say which the model runs (a safetensors file "
+                "keeps no module order); pass --model pkg.module:Class, a --spec file, or a .pt state dict "
                 "saved by torch.save(model.state_dict())"
             )
 
 
-def infer_chain(state: Mapping[str, torch.Tensor]) -> Chain:
+def infer_chain(state: Mapping[str, torch.Tensor], ordered: bool = False) -> Chain:
     """Infer a Linear/Conv chain (with BatchNorm/LayerNorm after layers) from a state dict.
 
     Layer order is taken from the file's order, the modules' natural name order
     (``fc2`` < ``fc10``; ``0`` < ``2``), or an order of top-level blocks, the first
     in which every layer's inputs match the previous layer's outputs (and then the
     only one: two orders of the blocks that both fit are refused).
+
+    Args:
+        state: the state dict.
+        ordered: its names are in module order (a ``torch.save``d ``state_dict()``), so an
+            order that happens to be alphabetical is not taken for a sorted file's.
 
     Raises:
         SpecError: the state dict is not such a chain, or its order is ambiguous; the
@@ -573,7 +602,7 @@ def infer_chain(state: Mapping[str, torch.Tensor]) -> Chain:
             # must be the only one that fits
             tops = list(dict.fromkeys(m.split(".")[0] for m in order))
             numbered = all(any(ch.isdigit() for ch in t) for t in tops)
-            if not numbered and (i >= 2 or list(modules) == sorted(modules)):
+            if not numbered and (i >= 2 or (not ordered and list(modules) == sorted(modules))):
                 _check_unique_order(tops, orders[2:], kinds, modules, state)
             return chain
         reasons.append(why)
@@ -583,10 +612,10 @@ def infer_chain(state: Mapping[str, torch.Tensor]) -> Chain:
     raise SpecError(f"cannot infer a spec: the layers do not form a chain ({best.split(':', 1)[1]}); {_SPEC_HINT}")
 
 
-def infer_spec(state: Mapping[str, torch.Tensor]) -> PermutationSpec:
+def infer_spec(state: Mapping[str, torch.Tensor], ordered: bool = False) -> PermutationSpec:
     """Infer the permutation spec of a chain-shaped state dict (see :func:`infer_chain`).
 
     Raises:
         SpecError: inference is impossible; pass a spec file instead.
     """
-    return infer_chain(state).spec(state)
+    return infer_chain(state, ordered).spec(state)

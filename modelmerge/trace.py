@@ -1162,6 +1162,7 @@ class _Tracer:
         s = self.s
         groups: dict[str, int] = {}
         axes: dict[str, tuple] = {}
+        visiting: set[str] = set()
 
         def resolve(var: str, length: int):
             root = s.find(var)
@@ -1172,7 +1173,16 @@ class _Tracer:
                 k = length // s.size[root]
                 return _segments([(g, n * k) for g, n in segs])
             if root in s.alias:
-                return self._resolve_label(s.alias[root], length, resolve)
+                if root in visiting:
+                    # units defined through themselves (weights reused transposed, twice over, as in a
+                    # tied autoencoder): no order to read them in, so they stay in place
+                    s.fix_var(root, "units that reused weights define through themselves", root)
+                    return None
+                visiting.add(root)
+                try:
+                    return self._resolve_label(s.alias[root], length, resolve)
+                finally:
+                    visiting.discard(root)
             if not s._has_producer(root):
                 return None
             groups[root] = s.size[root]

@@ -41,7 +41,8 @@ class Verification:
             return "NOT verified: the spec covers every parameter, but no forward is known to compare outputs"
         if self.assumed:
             return (f"outputs equal under an ASSUMED plain-chain forward (max |diff| {self.max_abs_diff:.2e}); "
-                    "not a check of the real model, whose skip connections a state dict cannot show")
+                    "not a check of the real model: a state dict shows neither skip connections nor how it "
+                    "flattens conv maps")
         return f"verified: outputs equal via the {self.forward} forward (max |diff| {self.max_abs_diff:.2e})"
 
 

@@ -204,3 +204,23 @@ def test_console_script_main_exit_code(tmp_path):
     r = subprocess.run([sys.executable, "-m", "modelmerge", "inspect", str(tmp_path / "x.safetensors")],
                        capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "no such file" in r.stderr
+
+
+def test_a_pt_file_keeps_its_module_order_and_a_safetensors_file_does_not(tmp_path):
+    """Square layers with unnumbered names in alphabetical module order: a .pt file (torch.save
+    of a state_dict) is read in its order; the same names from a safetensors file (which sorts
+    them) could be in any order and are refused (the .pt was refused too before)."""
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, (n_out, n_in) in [("a_in", (16, 10)), ("b_mid", (16, 16)), ("c_mid", (16, 16)), ("d_out", (3, 16))]:
+        state[f"{name}.weight"] = torch.randn(n_out, n_in, generator=g)
+        state[f"{name}.bias"] = torch.randn(n_out, generator=g)
+    torch.save(state, tmp_path / "m.pt")
+    res = runner.invoke(app, ["inspect", str(tmp_path / "m.pt")])
+    assert res.exit_code == 0, res.output
+    assert "a_in.out" in res.output and "c_mid.out" in res.output
+    from safetensors.torch import save_file
+
+    save_file(state, tmp_path / "m.safetensors")
+    res = runner.invoke(app, ["inspect", str(tmp_path / "m.safetensors")])
+    assert res.exit_code == 1 and "cannot tell the order" in res.output

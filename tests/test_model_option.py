@@ -266,3 +266,28 @@ def test_reset_bn_leaves_the_resolved_module_alone(resnets):
     assert not torch.allclose(reset["bn.running_mean"], merged["bn.running_mean"])
     for k, v in module.state_dict().items():
         assert torch.equal(v, sa[k]), k
+
+
+class _FailingForward(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(10, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        raise ValueError("boom in forward")
+
+
+@pytest.mark.parametrize("shape", [None, "10"])
+def test_the_models_own_error_is_in_the_message(tmp_path, save_sd, monkeypatch, shape):
+    """Given --input-shape, the message said "cannot find an input shape ...; pass --input-shape"
+    and hid the model's exception (found by a black-box sweep)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "failing_models", type(sys)("failing_models"))
+    sys.modules["failing_models"].Failing = _FailingForward
+    a = save_sd(_FailingForward().state_dict(), "f.safetensors")
+    r = run("inspect", a, "--model", "failing_models:Failing", *(["--input-shape", shape] if shape else []))
+    assert r.exit_code == 1 and "ValueError: boom in forward" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    if shape:
+        assert "fails on inputs of shape [batch, 10]" in r.stderr

@@ -117,3 +117,34 @@ def test_untraceable_model_is_one_line_from_the_cli(tmp_path):
     r = CliRunner().invoke(app, ["inspect", str(ck), "--model", "archs:Untraceable"])
     lines = [line for line in r.output.splitlines() if line.strip()]
     assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("modelmerge: error: cannot trace"), r.output
+
+
+class TiedAutoencoder(torch.nn.Module):
+    """A decoder that reuses both encoder weights transposed: the hidden units are defined
+    through themselves (the tracer recursed without end on it: found by a black-box sweep)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc1, self.enc2 = torch.nn.Linear(10, 32), torch.nn.Linear(32, 16)
+        self.dec_b2, self.dec_b1 = torch.nn.Parameter(torch.randn(32)), torch.nn.Parameter(torch.randn(10))
+
+    def forward(self, x):
+        z = torch.tanh(self.enc2(torch.relu(self.enc1(x))))
+        h = torch.relu(torch.nn.functional.linear(z, self.enc2.weight.t(), self.dec_b2))
+        return torch.nn.functional.linear(h, self.enc1.weight.t(), self.dec_b1)
+
+
+def test_units_defined_through_reused_weights_are_held_fixed_and_the_rest_still_moves():
+    torch.manual_seed(0)
+    model = TiedAutoencoder().eval()
+    result = trace_spec(model, input_shape=(10,))
+    spec, state = result.spec, {k: v.clone() for k, v in model.state_dict().items()}
+    assert spec.axes["enc1.weight"] == (None, None)  # reused transposed twice over: in place
+    assert any("define through themselves" in w for w in result.warnings)
+    assert spec.groups, "the code units (enc2's outputs) may still move"
+    perm = random_permutation(spec, torch.Generator().manual_seed(1))
+    x = torch.randn(5, 10)
+    with torch.no_grad():
+        y = model(x)
+        model.load_state_dict(apply_permutation(state, spec, perm))
+        torch.testing.assert_close(model(x), y, rtol=1e-4, atol=1e-5)

@@ -189,10 +189,11 @@ def warn(message: str) -> None:
     sys.stderr.write("modelmerge: warning: " + " ".join(str(message).split()) + "\n")
 
 
-def resolve(state, spec_file: Path | None = None, record=None, model: str | None = None,
+def resolve(ck, spec_file: Path | None = None, model: str | None = None,
             model_kwargs: str | None = None, input_shape: str | None = None, assume_chain: bool = False,
             spec_needed: bool = True):
-    """The :class:`~modelmerge.network.Network` for a checkpoint and the options every command shares.
+    """The :class:`~modelmerge.network.Network` for a checkpoint (a loaded
+    :class:`~modelmerge.checkpoint.Checkpoint`, A's) and the options every command shares.
 
     ``--spec`` is read, ``--model`` imported and built with A's weights, then
     :func:`~modelmerge.network.resolve_network` decides the rest. ``spec_needed=False``
@@ -205,11 +206,12 @@ def resolve(state, spec_file: Path | None = None, record=None, model: str | None
     from modelmerge.network import resolve_network
     from modelmerge.spec import PermutationSpec
 
+    state, record = ck.state, ck.arch
     given = PermutationSpec.load(spec_file) if spec_file is not None else None
     if model is None:
         if model_kwargs is not None or input_shape is not None:
             raise ModelMergeError("--model-kwargs and --input-shape need --model")
-        return resolve_network(state, spec=given, record=record, assume_chain=assume_chain)
+        return resolve_network(state, spec=given, record=record, assume_chain=assume_chain, ordered=ck.ordered)
     from modelmerge.cli._model import build_model, parse_shape
 
     shape = parse_shape(input_shape)

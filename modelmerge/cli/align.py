@@ -99,7 +99,7 @@ def align_command(
                    seed, force)
     set_threads(threads)
     ck_a, ck_b = load(a, revision), load(b, revision)
-    network = resolve(ck_a.state, spec, ck_a.arch, model, model_kwargs, input_shape, assume_chain)
+    network = resolve(ck_a, spec, model, model_kwargs, input_shape, assume_chain)
     task = load_dataset(data) if reset_bn or repair else None  # align() loads it itself when it reads it
     dataset = network.bn_inputs(task) if reset_bn else None  # checked before any work
     repair_x = None

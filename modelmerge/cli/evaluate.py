@@ -74,7 +74,7 @@ def evaluate_command(
     set_threads(threads)
     ck_a, ck_b = load(a, revision), load(b, revision)
     check_same_architecture(ck_a.state, ck_b.state)
-    network = resolve(ck_a.state, None, ck_a.arch, model, model_kwargs, input_shape, assume_chain,
+    network = resolve(ck_a, None, model, model_kwargs, input_shape, assume_chain,
                       spec_needed=repair)  # only REPAIR reads the groups
     task = load_dataset(dataset)
     if repair:

@@ -37,7 +37,7 @@ def inspect_command(
 ) -> None:
     """Show the permutation groups, their sizes, the parameters each touches, and what is fixed."""
     ck = load(checkpoint, revision)
-    network = resolve(ck.state, spec, ck.arch, model, model_kwargs, input_shape, assume_chain)
+    network = resolve(ck, spec, model, model_kwargs, input_shape, assume_chain)
     s = network.spec
     if json_out:
         print_json(s.to_dict())

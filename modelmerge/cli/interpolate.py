@@ -66,7 +66,7 @@ def interpolate_command(
         from modelmerge.data import load_dataset
         from modelmerge.repair import Repair, merge_pair, repair_inputs
 
-        network = resolve(ck_a.state, None, ck_a.arch, model, model_kwargs, input_shape, spec_needed=repair)
+        network = resolve(ck_a, None, model, model_kwargs, input_shape, spec_needed=repair)
         data = load_dataset(dataset)
         reset_x = network.bn_inputs(data) if reset_bn else None
         fixer = Repair(network, [ck_a.state, ck_b.state], repair_inputs(network, network.shape_data(data).x_train)

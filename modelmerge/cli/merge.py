@@ -111,7 +111,7 @@ def merge_command(
         check_output_path(report, read, force, suffix=".json")
     set_threads(threads)
     cks = [load(m, revision) for m in models]
-    network = resolve(cks[0].state, spec, cks[0].arch, model, model_kwargs, input_shape, assume_chain)
+    network = resolve(cks[0], spec, model, model_kwargs, input_shape, assume_chain)
     dataset = task = bn_x = repair_x = None
     if data is not None:
         from modelmerge.data import load_dataset

@@ -47,7 +47,7 @@ def spec_command(
 
     check_output_path(output, [checkpoint], force, suffix=".json")
     ck = load(checkpoint, revision)
-    network = resolve(ck.state, None, ck.arch, model, model_kwargs, input_shape, assume_chain)
+    network = resolve(ck, None, model, model_kwargs, input_shape, assume_chain)
     write_json(output, network.spec.to_dict(), [checkpoint], force)
     con = console()
     units = sum(network.spec.groups.values())
