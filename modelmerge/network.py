@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from modelmerge.data import Dataset
-from modelmerge.errors import ModelMergeError, SpecError
+from modelmerge.errors import ModelMergeError, SpecError, one_line
 from modelmerge.spec import Chain, PermutationSpec, infer_chain
 
 #: spatial side of the random inputs that verify a bare conv chain (its real input size is not in the weights)
@@ -417,6 +417,10 @@ def resolve_network(
             low = (f"only {traced.permutable} of {traced.units} hidden units ({traced.fraction:.0%}) can be permuted: "
                    "alignment can do little for this model (see the notes above, or pass --spec)")
             warnings += (low,)
+        elif not traced.units and not traced.spec.groups:
+            warnings += ("the traced forward reads no Linear/Conv weight directly (recurrent layers, weights "
+                         "computed from other parameters such as weight_norm): nothing can be permuted; pass --spec "
+                         "to say which axes move",)
         chosen.check(state)
     else:
         if chain is None:
@@ -500,8 +504,7 @@ def _runs(module: nn.Module, x: torch.Tensor, errors: list[str] | None = None):
             return module.eval()(x)
     except Exception as e:  # noqa: BLE001 - any failure means "not this input"
         if errors is not None:
-            text = " ".join(str(e).split())
-            errors.append(f"{type(e).__name__}: {text[:200] + '...' if len(text) > 200 else text}")
+            errors.append(f"{type(e).__name__}: {one_line(e, 200)}")
         return None
 
 

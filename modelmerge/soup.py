@@ -181,7 +181,7 @@ def _merge_many_wm(states, spec, w, max_iter, seed, on_progress):
             if on_progress is not None:
                 on_progress(done, total)
         if not changed:
-            if on_progress is not None:
-                on_progress(total, total)
+            if on_progress is not None:  # converged: the visits made are the total (not max_iter's)
+                on_progress(done, done)
             return perms, sweep, True
     return perms, max_iter, False

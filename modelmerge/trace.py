@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from modelmerge.errors import SpecError, one_line
+from modelmerge.errors import SpecError, one_line, preview
 from modelmerge.spec import HeadSet, PermutationSpec
 
 FIXED = "<fixed>"
@@ -397,6 +397,7 @@ class _Tracer:
         self.param_axes: dict[str, list[str]] = {}  # state-dict key -> one variable per axis
         self.layer_outputs: list[tuple[str, int]] = []  # (key, axis) of every weight layer's output units
         self.weight_vars: dict[str, str] = {}  # axis variable of a 2-D parameter -> its key
+        self.unread: list[str] = []  # parameters the traced (eval-mode) forward never reads
         sig = ep.graph_signature
         self.inputs = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
         self.state = model.state_dict(keep_vars=True)
@@ -446,6 +447,8 @@ class _Tracer:
         for node in self.ep.graph.nodes:
             if node.op == "placeholder":
                 key = self.inputs.get(node.name)
+                if key is not None and not node.users and node.meta["val"].is_floating_point():
+                    self.unread.append(key)
                 shape = self.shape(node)
                 if key is not None and key in self.state and shape is not None and node.meta["val"].is_floating_point():
                     vars_ = [self.s.new(f"{key}#{i}", n) for i, n in enumerate(shape)]
@@ -1225,7 +1228,16 @@ class _Tracer:
                                                          tuple(names[g] for g in hs.rigid)) for hs in heads.values()}
         spec = PermutationSpec(groups=groups, axes=axes, heads=heads)
         units, permutable = self._coverage(spec)
-        return TraceResult(spec, _summary(s.why), units, permutable)
+        warnings = _summary(s.why)
+        if self.unread:
+            # nothing ties them to the units they read (an auxiliary head, a training-only branch),
+            # so they stay as they are while those units may move: say so rather than pass silently
+            warnings.append(
+                f"{len(self.unread)} parameter(s) the traced eval-mode forward never reads ({preview(self.unread, 3)}) "
+                "keep their order: any other path through them (an auxiliary head, training mode) is not "
+                "preserved; write a --spec to permute them too"
+            )
+        return TraceResult(spec, warnings, units, permutable)
 
     def _names(self, roots) -> dict[str, str]:
         """Readable group names: the first layer producing each group (``blocks.0.fc1.out``, ``attn.qkv.out[2]``)."""

@@ -34,9 +34,12 @@ def test_copies_of_one_permuted_model_give_back_its_function():
                     for s in (1, 2, 3)]
     x = torch.randn(32, 64)
     assert not torch.allclose(average(copies, [0.25] * 4)["0.weight"], a["0.weight"])  # naive averaging breaks it
-    result = merge_many(copies, net, seed=0)
+    calls = []
+    result = merge_many(copies, net, seed=0, on_progress=lambda done, total: calls.append((done, total)))
     assert result.converged
     torch.testing.assert_close(_outputs(result.soup, x), _outputs(a, x), rtol=1e-5, atol=1e-5)
+    # the progress ends at the visits made, not at max_iter's estimate (it read "60/60" after 9)
+    assert calls[-1] == (calls[-2][0],) * 2 and calls[-1][0] <= result.sweeps * len(copies) < calls[0][1]
 
 
 def test_weights_pick_shares_and_a_model_at_weight_one_is_returned():

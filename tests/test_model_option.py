@@ -291,3 +291,27 @@ def test_the_models_own_error_is_in_the_message(tmp_path, save_sd, monkeypatch, 
     assert len(r.stderr.strip().splitlines()) == 1
     if shape:
         assert "fails on inputs of shape [batch, 10]" in r.stderr
+
+
+def test_a_data_parallel_prefix_is_named_in_the_error(tmp_path, save_sd, monkeypatch):
+    """Names saved from a DistributedDataParallel wrapper ('module.conv1.weight') got a generic
+    missing/unexpected keys error ending 'check --model-kwargs' (found by a black-box sweep)."""
+    monkeypatch.chdir(TESTS)
+    a = save_sd({f"module.{k}": v for k, v in ResNetish().state_dict().items()}, "ddp.safetensors")
+    r = run("inspect", a, "--model", "archs:ResNetish")
+    assert r.exit_code == 1 and "start with 'module.'" in r.stderr and "model.module.state_dict()" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_model_whose_weights_are_computed_says_nothing_can_move():
+    """weight_norm computes each weight from two parameters: the tracer sees no weight layer, and
+    the run moved nothing while saying '0 hidden units' and no why (found by a black-box sweep)."""
+    from modelmerge.network import resolve_network
+
+    wn = torch.nn.utils.parametrizations.weight_norm
+    model = torch.nn.Sequential(wn(torch.nn.Linear(10, 16)), torch.nn.ReLU(), wn(torch.nn.Linear(16, 3)))
+    network = resolve_network(model.state_dict(), module=model, input_shape=(10,))
+    assert not network.spec.groups
+    assert any("reads no Linear/Conv weight directly" in w for w in network.warnings)
+    plain = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    assert not resolve_network(plain.state_dict(), module=plain, input_shape=(10,)).warnings

@@ -148,3 +148,23 @@ def test_units_defined_through_reused_weights_are_held_fixed_and_the_rest_still_
         y = model(x)
         model.load_state_dict(apply_permutation(state, spec, perm))
         torch.testing.assert_close(model(x), y, rtol=1e-4, atol=1e-5)
+
+
+class WithAuxHead(torch.nn.Module):
+    """An auxiliary head that reads the hidden units but that forward() never calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.out, self.aux = torch.nn.Linear(10, 32), torch.nn.Linear(32, 4), torch.nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc1(x)))
+
+
+def test_parameters_the_forward_never_reads_are_named_in_a_warning():
+    """They keep their order while the units they read move, so the head's path breaks; this
+    passed without a word (found by a black-box sweep). Models that read every parameter get no such line."""
+    result = trace_spec(WithAuxHead(), input_shape=(10,))
+    assert result.spec.axes["aux.weight"] == (None, None) and result.spec.axes["fc1.weight"][0] is not None
+    assert any("never reads (aux.weight, aux.bias)" in w for w in result.warnings)
+    assert not any("never reads" in w for w in trace_spec(ResNetish()).warnings)

@@ -78,6 +78,14 @@ def build_model(target: str, kwargs_json: str | None, state):
     try:
         return load_strict(model, state, target)
     except ModelMergeError as e:
+        names = list(model.state_dict())
+        if state and all(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in names):
+            # saved from a (Distributed)DataParallel wrapper: the names carry its attribute
+            raise ModelMergeError(
+                f"the checkpoint's names start with 'module.' (saved from a DataParallel/DistributedDataParallel "
+                f"wrapper) but {target}'s do not; re-save model.module.state_dict(), or the state dict with "
+                "the prefix removed"
+            ) from None
         raise ModelMergeError(f"{e}; check --model-kwargs") from None
 
 
