@@ -155,16 +155,49 @@ def test_zoo_command_writes_index_resumes_and_refuses_other_settings(tmp_path):
     assert len(json.loads((out / "zoo.json").read_text())["models"]) == 4
     r = runner.invoke(app, ["zoo", "--widths", "64,9,10", "-n", "1", "-o", str(out), "--epochs", "1"])
     assert r.exit_code == 1 and "other settings" in r.stderr
+    # a listed model cut short since is trained again, with a warning (a rerun reported the zoo
+    # complete over it before; found by a black-box sweep)
+    (out / "model_00001.safetensors").write_bytes((out / "model_00001.safetensors").read_bytes()[:100])
+    r = runner.invoke(app, args[:4] + ["4"] + args[5:])
+    assert r.exit_code == 0 and "training it again (seed 1)" in r.stderr, r.output
+    assert load_checkpoint(out / "model_00001.safetensors").arch["widths"] == [64, 8, 10]
+    r = runner.invoke(app, args)  # fewer than the zoo holds: said, not silently
+    assert r.exit_code == 0 and "holds 4 models, more than -n 3" in r.stderr
+
+
+def test_an_interrupted_zoo_says_how_many_models_it_wrote(tmp_path, monkeypatch):
+    import modelmerge.zoo.store as store
+
+    real, calls = store.train_models, []
+
+    def stop_at_the_second_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "train_models", stop_at_the_second_chunk)
+    out = tmp_path / "zoo"
+    r = runner.invoke(app, ["zoo", "--widths", "64,8,10", "-n", "4", "--chunk", "2", "--epochs", "1", "-o", str(out)])
+    assert r.exit_code == 130 and "interrupted; 2 of 4 models are in" in r.stderr and "rerun" in r.stderr
+    calls.clear()
+    monkeypatch.setattr(store, "train_models", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    r = runner.invoke(app, ["zoo", "--widths", "64,8,10", "-n", "4", "-o", str(tmp_path / "new")])
+    assert r.exit_code == 130 and "0 of 4" in r.stderr and not (tmp_path / "new").exists()  # no empty folder
 
 
 @pytest.mark.parametrize(
     "args, match",
     [(["--widths", "64,x,10"], "comma-separated"), (["--widths", "32,8,10"], "expects"),
-     (["--arch", "rnn"], "unknown --arch"), (["--dataset", "nope"], "unknown dataset")],
+     (["--arch", "rnn"], "unknown --arch"), (["--dataset", "nope"], "unknown dataset"),
+     (["--widths", "64,8,10", "--channels", "4", "--no-pool"], "--channels, --no-pool describe CNNs"),
+     (["--arch", "cnn", "--widths", "64,8,10"], "--widths describes MLPs"),
+     (["--seed", "4294967295", "-n", "2"], "use a --seed of at most 4294967294")],
 )
 def test_zoo_command_bad_options(tmp_path, args, match):
     r = runner.invoke(app, ["zoo", "-n", "1", "-o", str(tmp_path / "z"), "--epochs", "1", *args])
     assert r.exit_code == 1 and match in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "z").exists()  # a failed first run leaves no empty folder
 
 
 def test_load_zoo_errors(tmp_path):

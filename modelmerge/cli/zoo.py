@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from modelmerge.cli._common import Seed, Threads, console, handle_errors, progress_bar, set_threads
+from modelmerge.cli._common import Seed, Threads, console, fail, handle_errors, progress_bar, set_threads, warn
 
 EXAMPLES = """
 Examples:
@@ -39,8 +39,12 @@ def zoo_command(
     widths: Annotated[
         str | None, typer.Option("--widths", help="MLP widths including input and output, e.g. 64,128,128,128,10.")
     ] = None,
-    channels: Annotated[str, typer.Option("--channels", help="CNN conv channels, e.g. 16,32.")] = "16,32",
-    hidden: Annotated[str, typer.Option("--hidden", help="CNN hidden linear widths before the head.")] = "",
+    channels: Annotated[
+        str | None, typer.Option("--channels", help="CNN conv channels, e.g. 16,32 (default 16,32).")
+    ] = None,
+    hidden: Annotated[
+        str | None, typer.Option("--hidden", help="CNN hidden linear widths before the head (default none).")
+    ] = None,
     batchnorm: Annotated[bool, typer.Option("--batchnorm", help="CNN: BatchNorm after each conv.")] = False,
     pool: Annotated[bool, typer.Option("--pool/--no-pool", help="CNN: 2x max pooling after each conv.")] = True,
     activation: Annotated[str, typer.Option("--activation", help="relu | gelu | tanh | silu | leaky_relu")] = "relu",
@@ -61,7 +65,16 @@ def zoo_command(
     from modelmerge.zoo.train import TrainConfig
 
     check_seed(seed)
-    check_seed(seed + n - 1)  # every model's seed must be valid
+    if seed + n - 1 >= 2**32:  # every model's seed must be valid
+        raise ModelMergeError(f"--seed {seed} with -n {n} needs seeds up to {seed + n - 1}, past {2**32 - 1}; "
+                              f"use a --seed of at most {2**32 - n}")
+    if arch == "mlp":
+        cnn_only = [o for o, given in (("--channels", channels is not None), ("--hidden", hidden is not None),
+                                       ("--batchnorm", batchnorm), ("--no-pool", not pool)) if given]
+        if cnn_only:
+            raise ModelMergeError(f"{', '.join(cnn_only)} describe CNNs; add --arch cnn, or drop them for an MLP")
+    elif arch == "cnn" and widths is not None:
+        raise ModelMergeError("--widths describes MLPs; a CNN takes --channels and --hidden (or use --arch mlp)")
     set_threads(threads, default=None)
     data = load_dataset(dataset)
     if arch == "mlp":
@@ -71,16 +84,31 @@ def zoo_command(
             w = [flat, 128, 128, 128, data.num_classes]
         record = {"family": "mlp", "widths": w, "activation": activation}
     elif arch == "cnn":
-        record = {"family": "cnn", "input_shape": list(data.input_shape), "channels": _int_list(channels, "channels"),
-                  "hidden": _int_list(hidden, "hidden"), "batchnorm": batchnorm, "pool": pool, "kernel": 3,
+        record = {"family": "cnn", "input_shape": list(data.input_shape),
+                  "channels": _int_list(channels or "16,32", "channels"),
+                  "hidden": _int_list(hidden or "", "hidden"), "batchnorm": batchnorm, "pool": pool, "kernel": 3,
                   "num_classes": data.num_classes, "activation": activation}
     else:
         raise ModelMergeError(f"unknown --arch {arch!r}; choose mlp or cnn")
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr)
-    with progress_bar(f"training {n} models") as bar:
-        index = make_zoo(record, dataset, n, output, seed=seed, config=config, chunk=chunk,
-                         on_step=lambda step, total, loss: bar(step, total, f"loss {loss:.3f}"))
+    notes: list[str] = []
+    try:
+        with progress_bar(f"training {n} models") as bar:
+            index = make_zoo(record, dataset, n, output, seed=seed, config=config, chunk=chunk, notes=notes,
+                             on_step=lambda step, total, loss: bar(step, total, f"loss {loss:.3f}"))
+    except KeyboardInterrupt:
+        # every finished chunk is on disk and listed in zoo.json: say how far it got
+        from modelmerge.zoo.store import INDEX, read_index
+
+        have = len(read_index(output)["models"]) if (output / INDEX).is_file() else 0
+        fail(f"interrupted; {have} of {n} models are in {output}"
+             + (" (rerun the same command to train the rest)" if have else ", nothing was written"), code=130)
+    for note in notes:
+        warn(note)
     models = index["models"]
+    if len(models) > n:
+        warn(f"{output} holds {len(models)} models, more than -n {n}: it had them before (a rerun adds "
+             "models, never removes them)")
     acc = [m["test_acc"] for m in models]
     console().print(f"zoo {output}: {len(models)} models, test accuracy {min(acc):.3f}..{max(acc):.3f} "
                     f"(mean {sum(acc) / len(acc):.3f}); index {output}/zoo.json")

@@ -67,6 +67,7 @@ def make_zoo(
     config: TrainConfig = TrainConfig(),
     chunk: int = 50,
     on_step: Callable[[int, int, float], None] | None = None,
+    notes: list[str] | None = None,
 ) -> dict:
     """Train ``n`` models (seeds ``seed .. seed+n-1``) and write them to ``folder``.
 
@@ -82,6 +83,7 @@ def make_zoo(
         config: training settings.
         chunk: models trained together (memory grows with it).
         on_step: progress callback (steps done, total steps, mean loss).
+        notes: if given, gets a line for each listed model that was unreadable and is trained again.
 
     Returns:
         The written index.
@@ -91,15 +93,28 @@ def make_zoo(
     """
     record = validate_record(record)
     out = Path(folder)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"cannot create zoo folder {out}: it is a file; pass the path of a (new) folder")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"cannot create zoo folder {out}: {e.strerror}") from None
+    try:
+        return _fill_zoo(record, dataset, n, out, seed, config, chunk, on_step, notes)
+    except BaseException:
+        if created and not any(out.iterdir()):  # failed before writing anything: leave no empty folder
+            out.rmdir()
+        raise
+
+
+def _fill_zoo(record, dataset, n, out: Path, seed, config, chunk, on_step, notes) -> dict:
     settings = {
         "format": ZOO_FORMAT, "arch": record, "dataset": dataset, "seed": seed,
         "train": asdict(config),
     }
     index = {**settings, "models": []}
+    broken: set[str] = set()  # listed files that no longer read: trained again
     if (out / INDEX).exists():
         old = read_index(out)
         if {k: old.get(k) for k in settings} != settings:
@@ -107,10 +122,21 @@ def make_zoo(
                 f"{out} holds a zoo made with other settings (architecture, dataset, seed or training); "
                 "use another folder"
             )
-        index["models"] = [m for m in old["models"] if (out / m["file"]).is_file()]
+        for m in old["models"]:
+            if not (out / m["file"]).is_file():
+                continue
+            try:  # a listed file cut short or overwritten since is trained again, not trusted
+                load_checkpoint(out / m["file"])
+            except CheckpointError as e:
+                broken.add(m["file"])
+                if notes is not None:
+                    notes.append(f"{str(e).split(';')[0]}; training it again (seed {m['seed']})")
+                continue
+            index["models"].append(m)
     done = {m["seed"] for m in index["models"]}
     todo = [s for s in range(seed, seed + n) if s not in done]
-    strangers = [model_file(s - seed) for s in todo if (out / model_file(s - seed)).exists()]
+    strangers = [model_file(s - seed) for s in todo
+                 if (out / model_file(s - seed)).exists() and model_file(s - seed) not in broken]
     if strangers:  # a rerun resumes what zoo.json lists; anything else is somebody's file
         raise OutputError(f"{out} already holds {strangers[0]}, which its zoo.json does not list; move it away or "
                           "use another folder (zoo never overwrites files it did not write)")
@@ -153,5 +179,7 @@ def load_zoo(folder: str | Path) -> tuple[dict, list]:
         try:
             checkpoints.append(load_checkpoint(Path(folder) / m["file"]))
         except CheckpointError as e:
-            raise ModelMergeError(f"zoo {folder}: {e}") from None
+            # the zoo command wrote it, so the fix is to run that again (it retrains unreadable models)
+            raise ModelMergeError(f"zoo {folder}: {str(e).split(';')[0]}; rerun the `modelmerge zoo` command that "
+                                  "made the zoo (it trains unreadable models again)") from None
     return index, checkpoints
