@@ -50,12 +50,17 @@ def interpolate(
 
     Raises:
         MismatchError: keys or shapes differ.
-        ModelMergeError: alpha is not finite.
+        ModelMergeError: alpha is not finite, or beyond ±:data:`ALPHA_LIMIT`.
     """
-    if not float("-inf") < float(alpha) < float("inf"):
-        raise ModelMergeError(f"alpha must be a finite number, got {alpha}")
+    if not -ALPHA_LIMIT <= float(alpha) <= ALPHA_LIMIT:  # NaN fails this too
+        raise ModelMergeError(f"alpha must be a finite number from -{ALPHA_LIMIT:g} to {ALPHA_LIMIT:g} (0 = A, 1 = B; values "
+                              f"outside [0, 1] extrapolate), got {alpha}")
     check_same_architecture(a, b)
     return {k: mix(ta, b[k], alpha).to(ta.dtype) if ta.is_floating_point() else ta.clone() for k, ta in a.items()}
+
+
+#: the largest |alpha| accepted: far past any useful extrapolation, and float32 overflows past ~3e38
+ALPHA_LIMIT = 1000.0
 
 
 def mix(a: torch.Tensor, b: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:

@@ -205,6 +205,9 @@ CASES = {
     "alpha nan with merged": lambda c: (c.align("--merged", c.dir / "m.safetensors", "--alpha", "nan"),
                                         "finite"),
     "alpha inf interpolate": lambda c: (["interpolate", c.a, c.b, "-o", c.out, "--alpha", "inf"], "finite"),
+    # a traceback (float32 overflow) before (found by a black-box sweep)
+    "alpha beyond float32": lambda c: (["interpolate", c.a, c.b, "-o", c.out, "--alpha", "1e40"], "-1000 to 1000"),
+    "alpha without merged": lambda c: (c.align("--alpha", "0.3"), "add --merged"),
     "negative seed": lambda c: (c.align("--seed", "-1"), "--seed"),
     "seed beyond 2^32": lambda c: (c.align("--seed", str(2**32)), "--seed"),
     "zoo seeds beyond 2^32": lambda c: (["zoo", "--seed", str(2**32 - 1), "-n", "3", "-o", c.dir / "z"], "--seed"),

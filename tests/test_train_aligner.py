@@ -70,6 +70,32 @@ def test_resume_continues_the_step_count(trained, tmp_path, tiny_zoo):
     card = json.loads((out / "aligner.json").read_text())
     assert card["history"][-1]["step"] == 2 * steps
     assert card["seconds"] > saved_seconds > 0  # the whole run's time, not only the resumed part
+    # nothing left to train, or other data than the saved best was measured on: one-line errors
+    # (the first trained nothing and said 'wrote', the second mixed the runs; found by a black-box sweep)
+    r = runner.invoke(app, [*args, "--resume"])
+    assert r.exit_code == 1 and "already trained" in r.stderr and "--epochs" in r.stderr
+    args[args.index("--epochs") + 1] = "3"
+    r = runner.invoke(app, [*args[:args.index("--data")], "--data", "zoo", *args[args.index("--data") + 2:], "--resume"])
+    assert r.exit_code == 1 and "other --data" in r.stderr, r.output
+
+
+def test_refusals_that_protect_inputs_and_options_that_would_not_apply(trained, tiny_zoo, tmp_path, monkeypatch):
+    base = ["train-aligner", "--zoo", str(tiny_zoo), "--data", "digits", *TINY]
+    r = runner.invoke(app, [*base, "-o", str(tiny_zoo), "--force"])
+    assert r.exit_code == 1 and "is a --zoo folder" in r.stderr and not (tiny_zoo / "aligner.json").exists()
+    r = runner.invoke(app, [*base, "-o", str(tmp_path / "a"), "--init", str(trained), "--channels", "5"])
+    assert r.exit_code == 1 and "--channels 5 (it has 4)" in r.stderr
+    # an error is the only line: the no-data note waits for training to start
+    r = runner.invoke(app, ["train-aligner", "--zoo", str(tiny_zoo), "-o", str(tmp_path / "b"), *TINY, "--resume"])
+    assert r.exit_code == 1 and "nothing to resume" in r.stderr and "note" not in r.output
+    import modelmerge.deepalign.train as train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_prepare", interrupted)
+    r = runner.invoke(app, [*base, "-o", str(tmp_path / "c")])
+    assert r.exit_code == 130 and "nothing to resume" in r.stderr and "last checkpoint" not in r.stderr
 
 
 def test_init_starts_from_an_existing_aligner(trained, tiny_zoo, tmp_path):

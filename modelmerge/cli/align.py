@@ -132,10 +132,9 @@ def align_command(
 def _check_options(inputs, output, merged, report, alpha, method, refine, data, reset_bn, repair, seed, force
                    ) -> None:
     """Refuse bad option combinations and unsafe outputs (over any file read: ``inputs``) before any work."""
-    import math
-
     from modelmerge.align import METHODS, REFINES
     from modelmerge.checkpoint import check_output_path
+    from modelmerge.merge import ALPHA_LIMIT
     from modelmerge.errors import ModelMergeError, OutputError, check_seed
 
     check_seed(seed)
@@ -147,8 +146,10 @@ def _check_options(inputs, output, merged, report, alpha, method, refine, data, 
         raise ModelMergeError("--reset-bn needs --merged (the model to reset) and --data (the data to reset on)")
     if repair and (merged is None or data is None):
         raise ModelMergeError("--repair needs --merged (the model to repair) and --data (the data to measure on)")
-    if merged is not None and not math.isfinite(alpha):
-        raise ModelMergeError(f"--alpha must be a finite number, got {alpha}")
+    if merged is None and alpha != 0.5:
+        raise ModelMergeError("--alpha sets the mix of the --merged model; add --merged FILE (or drop --alpha)")
+    if merged is not None and not -ALPHA_LIMIT <= alpha <= ALPHA_LIMIT:  # NaN fails this too
+        raise ModelMergeError(f"--alpha must be a finite number from -{ALPHA_LIMIT:g} to {ALPHA_LIMIT:g}, got {alpha}")
     outputs = [output] + [p for p in (merged, report) if p is not None]
     if len({Path(p).expanduser().resolve() for p in outputs}) < len(outputs):
         raise OutputError("-o, --merged and --report must be different files")

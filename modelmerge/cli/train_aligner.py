@@ -22,8 +22,15 @@ Examples:
 """
 
 
+#: train-aligner options that set the aligner's shape, as AlignerConfig fields (--init fixes them)
+SHAPE_OPTIONS = {"channels": "--channels", "layers": "--layers", "probes": "--probes", "unroll": "--unroll",
+                 "feature_dim": "--feature-dim", "readout_hidden": "--readout-hidden", "output_dims": "--output-dims",
+                 "weighted_costs": "--weighted-costs"}
+
+
 @handle_errors
 def train_aligner_command(
+    ctx: typer.Context,
     zoo: Annotated[
         list[Path], typer.Option("--zoo", help="Zoo folder made by `modelmerge zoo` (repeat for several zoos "
                                  "of one family: widths, depths and datasets may differ).")
@@ -37,8 +44,10 @@ def train_aligner_command(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Network pairs per step.")] = 8,
     lr: Annotated[float, typer.Option("--lr", min=0.0)] = 2e-3,
     weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0)] = 5e-4,
-    val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.0, max=0.9)] = 0.1,
-    val_pairs: Annotated[int, typer.Option("--val-pairs", min=1, help="Held-out pairs for validation.")] = 16,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.0, max=0.9, help="Share of each zoo's "
+                            "networks held out for validation (at least 2 networks).")] = 0.1,
+    val_pairs: Annotated[int, typer.Option("--val-pairs", min=1, help="Held-out pairs for validation, drawn from "
+                         "the held-out networks (with repeats when they form fewer).")] = 16,
     l2: Annotated[float, typer.Option("--l2", min=0.0, help="Weight of the L2 auxiliary loss.")] = 0.0,
     planted: Annotated[float, typer.Option("--planted", min=0.0, help="Weight of the planted-permutation loss.")] = 0.0,
     alpha_min: Annotated[float, typer.Option("--alpha-min", min=0.0, max=1.0)] = 0.0,
@@ -113,6 +122,9 @@ def train_aligner_command(
         raise OutputError(f"-o {output} is a file; train-aligner writes a folder (aligner.safetensors, aligner.json)")
     if (output / ALIGNER_FILE).exists() and not (resume or force):
         raise OutputError(f"{output} already holds an aligner; pass --resume to continue it or --force to retrain")
+    for folder in zoo:
+        if folder.expanduser().resolve() == output.expanduser().resolve():
+            raise OutputError(f"-o {output} is a --zoo folder (an input); write the aligner to another folder")
     from modelmerge.deepalign.train import check_zoo
 
     for folder in zoo:  # validate the zoos (and --init) before any advice is printed
@@ -120,7 +132,15 @@ def train_aligner_command(
     if init is not None:
         from modelmerge.deepalign.pretrained import load_aligner
 
-        load_aligner(init)
+        start = load_aligner(init)[0].config
+        # by name: typer may bring its own copy of click, whose ParameterSource is another class
+        given = {f: ctx.params[f] for f in SHAPE_OPTIONS
+                 if getattr(ctx.get_parameter_source(f), "name", None) == "COMMANDLINE"}
+        differ = [f"{SHAPE_OPTIONS[f]} {v} (it has {getattr(start, f)})" for f, v in given.items()
+                  if v != getattr(start, f)]
+        if differ:  # the shape comes from --init: a different value would be ignored
+            raise ModelMergeError(f"--init {init} sets the aligner's shape, so {', '.join(differ)} cannot apply; drop "
+                                  "them (grow it with --add-layers or --widen instead)")
     set_threads(threads, default=1)
     if world > 1:
         import torch.distributed as dist
@@ -129,10 +149,12 @@ def train_aligner_command(
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     con = console()
     l2_w, planted_w = l2, planted
+    notes = []  # printed once training starts, so that an error stays the only line
     if data is None and l2_w == 0 and planted_w == 0:
         l2_w = 1.0
         if rank == 0:
-            con.print("note: no --data, so no LMC loss; training with the L2 loss (pass --data for much better aligners)")
+            notes.append("note: no --data, so no LMC loss; training with the L2 loss (pass --data for much better "
+                         "aligners)")
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                              val_fraction=val_fraction, val_pairs=val_pairs, seed=seed, l2=l2_w, planted=planted_w,
                              alpha_range=(alpha_min, alpha_max), schedule=schedule, val_every=val_every,
@@ -141,9 +163,14 @@ def train_aligner_command(
     config = AlignerConfig(channels=channels, layers=layers, probes=probes, unroll=unroll, feature_dim=feature_dim,
                            weighted_costs=weighted_costs, readout_hidden=readout_hidden, output_dims=output_dims)
     command = "modelmerge " + " ".join(sys.argv[1:])
+    import time
+
+    started = time.time()
     try:
         with progress_bar("training aligner") as bar:
             def on_step(info: dict) -> None:
+                while notes:
+                    con.print(notes.pop(0))
                 text = " ".join(f"{k} {info[k]:.4f}" for k in ("lmc", "l2", "planted", "distill") if k in info)
                 if "barrier" in info:
                     text += f" | val barrier {info['barrier']:.4f}"
@@ -156,7 +183,14 @@ def train_aligner_command(
                                  on_step=on_step if rank == 0 else None, command=command)
     except KeyboardInterrupt:
         if rank == 0:
-            sys.stderr.write(f"modelmerge: interrupted; the last checkpoint is in {output} (resume with --resume)\n")
+            from modelmerge.deepalign.train import LAST_FILE
+
+            last = output / LAST_FILE
+            if last.is_file() and last.stat().st_mtime >= started:
+                said = f"the last checkpoint is in {output} (resume with --resume)"
+            else:  # stopped while preparing (zoos, baselines, distillation targets): nothing of this run saved
+                said = "stopped before the first training step, so there is nothing to resume; run the command again"
+            sys.stderr.write(f"modelmerge: interrupted; {said}\n")
         raise typer.Exit(130) from None
     finally:
         if world > 1:

@@ -237,14 +237,14 @@ def save_aligner(model: DeepAlign, folder: Path, card: Mapping) -> None:
     write_json_atomic(folder / CARD_FILE, card)
 
 
-def _save_last(model: DeepAlign, opt, sched, step: int, epoch: int, best: float, folder: Path, seconds: float
-               ) -> None:
+def _save_last(model: DeepAlign, opt, sched, step: int, epoch: int, best: float, folder: Path, seconds: float,
+               source: dict) -> None:
     from modelmerge.checkpoint import atomic_path
 
     with atomic_path(folder / LAST_FILE) as tmp:
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": epoch,
                     "best": best, "scheduler": sched.state_dict() if sched is not None else None,
-                    "seconds": seconds}, tmp)
+                    "seconds": seconds, "source": source}, tmp)
 
 
 @dataclass
@@ -430,6 +430,9 @@ class _Run:
         self.step = 0
         self.best = math.inf
         self.history: list = []
+        # what the saved best score was measured on: a resume must train and validate on the same
+        self.source = {"zoos": [str(Path(p.zoo.folder).resolve()) for p in parts], "data": data,
+                       "validation": [settings.val_fraction, settings.val_pairs, settings.seed, self.metric]}
         self.card: dict = {}
         n_train = sum(len(p.train_idx) for p in parts)
         self.steps_per_epoch = max(1, n_train // (settings.batch_size * world))
@@ -447,6 +450,13 @@ class _Run:
         if not last.is_file():
             raise ModelMergeError(f"nothing to resume: {last} does not exist; drop --resume to start afresh")
         saved = torch.load(last, map_location="cpu", weights_only=True)
+        old = saved.get("source")  # absent in checkpoints of earlier versions
+        if old is not None and old != self.source:
+            what = [w for w, k in (("--zoo", "zoos"), ("--data", "data"),
+                                   ("--val-fraction/--val-pairs/--seed/--relative-loss", "validation"))
+                    if old.get(k) != self.source.get(k)]
+            raise ModelMergeError(f"{last} was written by a run with other {', '.join(what)}: its best score and "
+                                  "history would not compare; resume with that run's options, or drop --resume")
         try:
             self.model.load_state_dict(saved["model"])
         except RuntimeError:
@@ -456,6 +466,9 @@ class _Run:
         if self.sched is not None and saved.get("scheduler") is not None:
             self.sched.load_state_dict(saved["scheduler"])
         self.step, self.best = saved["step"], saved["best"]
+        if self.step >= self.total:
+            raise ModelMergeError(f"{last} has already trained {self.step} steps of this run's {self.total}; "
+                                  "raise --epochs to train more")
         # the card's seconds count the whole run: the time up to the saved step, then this part
         self.t_start -= saved.get("seconds", 0.0)
 
@@ -505,7 +518,7 @@ class _Run:
             self.best = val[self.metric]
             save_aligner(self.model, self.out, self.write_card({**val, "step": self.step}))
         _save_last(self.model, self.opt, self.sched, self.step, epoch, self.best, self.out,
-                   time.perf_counter() - self.t_start)
+                   time.perf_counter() - self.t_start, self.source)
         return val
 
     def fit(self, on_step: Callable[[dict], None] | None) -> None:
@@ -539,7 +552,7 @@ class _Run:
         except KeyboardInterrupt:
             if rank == 0:
                 _save_last(self.model, self.opt, self.sched, self.step, self.step // self.steps_per_epoch,
-                           self.best, self.out, time.perf_counter() - self.t_start)
+                           self.best, self.out, time.perf_counter() - self.t_start, self.source)
                 if not (self.out / ALIGNER_FILE).exists():
                     save_aligner(self.model, self.out, self.write_card({"interrupted": True}))
             raise
