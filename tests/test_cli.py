@@ -117,6 +117,9 @@ def test_inspect_table_lists_groups_and_fixed(save_sd):
     r = run("inspect", save_sd(VGGish().state_dict(), "v.safetensors"))
     assert r.exit_code == 0
     assert "features.0.out" in r.output and "x4" in r.output and "num_batches_tracked" in r.output
+    # results go to stdout (`modelmerge inspect A > f` captured nothing before: found by a black-box
+    # sweep); warnings stay on stderr
+    assert "features.0.out" in r.stdout and "features.0.out" not in r.stderr
 
 
 # ---------------------------------------------------------------- bad input

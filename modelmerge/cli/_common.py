@@ -90,10 +90,11 @@ def set_threads(threads: int | None, default: int | None = 1) -> int:
 
 
 def console():
-    """A rich console on stderr (stdout is kept for --json)."""
+    """A rich console on stdout, for results: tables, what was written (``modelmerge inspect A > f``
+    keeps them). Progress bars, warnings and errors go to stderr; ``--json`` prints JSON instead."""
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console()
 
 
 def print_json(data: Any) -> None:
@@ -131,7 +132,9 @@ class progress_bar:
         import time
 
         self._progress = None  # shown from the first update, so early errors print no empty bar
-        self._console = console()
+        from rich.console import Console
+
+        self._console = Console(stderr=True)  # progress is not a result: stdout stays clean
         self._last_line = time.monotonic()
         return self.update
 
