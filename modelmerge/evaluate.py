@@ -60,6 +60,7 @@ def interpolation_curve(
     alphas: int | Sequence[float] = 11,
     merge: Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], float], Mapping[str, torch.Tensor]]
     = interpolate,
+    on_point: Callable[[int, int], None] | None = None,
 ) -> Curve:
     """Evaluate ``metric`` (state -> (loss, accuracy)) along the interpolation from A to B.
 
@@ -68,13 +69,16 @@ def interpolation_curve(
         metric: returns (mean loss, accuracy) of a state dict on the evaluation data.
         alphas: a number of evenly spaced points in [0, 1], or the points themselves.
         merge: builds the model at α from (a, b, α) (default: plain interpolation; e.g. with REPAIR).
+        on_point: called with (points done, points) after each α.
     """
     grid = np.linspace(0.0, 1.0, alphas).tolist() if isinstance(alphas, int) else list(alphas)
     losses, accs = [], []
-    for alpha in grid:
+    for i, alpha in enumerate(grid):
         loss, acc = metric(merge(a, b, alpha))
         losses.append(float(loss))
         accs.append(float(acc))
+        if on_point is not None:
+            on_point(i + 1, len(grid))
     return Curve(grid, losses, accs, loss_barrier(grid, losses), barrier_auc(grid, losses))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from modelmerge.cli.app import app
@@ -67,3 +68,16 @@ def test_demo_shows_barrier_falling(tmp_path):
             if line.count("│") > 3}
     assert float(rows["auto --data digits"]) < float(rows["naive"]) / 10
     assert (tmp_path / "b_aligned.safetensors").is_file() and (tmp_path / "merged.safetensors").is_file()
+
+
+def test_the_curve_reports_each_point_and_the_endpoints_are_the_models():
+    """evaluate --alphas 100000 ran minutes without a sign of life (found by a black-box sweep):
+    the curve now calls back after every point, which the command's progress bar shows."""
+    from modelmerge.evaluate import interpolation_curve
+
+    a, b = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}
+    calls = []
+    curve = interpolation_curve(a, b, lambda s: (float(s["w"].sum()), 1.0), 5,
+                                on_point=lambda done, total: calls.append((done, total)))
+    assert calls == [(i, 5) for i in range(1, 6)]
+    assert curve.losses[0] == 3.0 and curve.losses[-1] == 9.0 and curve.barrier == pytest.approx(0.0)

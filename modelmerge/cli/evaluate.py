@@ -20,6 +20,7 @@ from modelmerge.cli._common import (
     handle_errors,
     load,
     print_json,
+    progress_bar,
     resolve,
     set_threads,
     warn,
@@ -64,7 +65,7 @@ def evaluate_command(
     from modelmerge.data import load_dataset
     from modelmerge.errors import ModelMergeError
     from modelmerge.evaluate import interpolation_curve
-    from modelmerge.merge import check_same_architecture
+    from modelmerge.merge import check_same_architecture, interpolate
 
     if split not in ("test", "train"):
         raise ModelMergeError(f"--split must be test or train, got {split!r}")
@@ -84,10 +85,12 @@ def evaluate_command(
         metric = network.metric(task, split)
         reset_x = network.bn_inputs(task) if reset_bn else None
         fixer = Repair(network, [ck_a.state, ck_b.state], repair_inputs(network, network.shape_data(task).x_train))
-        curve = interpolation_curve(ck_a.state, ck_b.state, metric, alphas, merge=lambda a_, b_, al: merge_pair(
-            a_, b_, al, network=network, reset_x=reset_x, repairer=fixer))
+        merge = lambda a_, b_, al: merge_pair(a_, b_, al, network=network, reset_x=reset_x, repairer=fixer)  # noqa: E731
     else:
-        curve = interpolation_curve(ck_a.state, ck_b.state, network.metric(task, split, reset_bn), alphas)
+        metric, merge = network.metric(task, split, reset_bn), interpolate
+    with progress_bar("evaluating") as bar:
+        curve = interpolation_curve(ck_a.state, ck_b.state, metric, alphas, merge=merge,
+                                    on_point=lambda done, total: bar(done, total, "alphas"))
     note = network.data_note
     data = {"a": ck_a.source, "b": ck_b.source, "dataset": dataset, "split": split, "reset_bn": reset_bn,
             "repair": repair,

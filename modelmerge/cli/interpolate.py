@@ -78,7 +78,7 @@ def interpolate_command(
                       repair=str(repair).lower())
     save(merged, output, meta, [a, b], force)
     copied = [k for k, v in ck_a.state.items() if not v.is_floating_point()]
-    console().print(f"wrote {output}: (1-{alpha})*A + {alpha}*B over {len(merged) - len(copied)} tensors"
+    console().print(f"wrote {output}: {1 - alpha:g}*A + {alpha:g}*B over {len(merged) - len(copied)} tensors"
                     + (f"; {len(copied)} integer/bool buffer(s) copied from A, never interpolated "
                        f"({preview(copied, 3)})" if copied else "")
                     + (f", BatchNorm statistics recomputed on {dataset}" if reset_bn else "")

@@ -200,7 +200,7 @@ def train_aligner_command(
                 dist.destroy_process_group()
     if rank == 0:
         val = card["validation"]
-        line = f"wrote {output}/aligner.safetensors ({card['parameters']:,} parameters, {card['steps']} steps, " \
+        line = f"wrote {output}/aligner.safetensors ({card['parameters']:,} parameters, {card['steps']} step{'s' * (card['steps'] != 1)}, " \
                f"{card['seconds']:.0f} s); best validation "
         if val.get("barrier") is not None:
             line += f"barrier {val['barrier']:.4f} (weight matching {val['weight_matching_barrier']:.4f})"
