@@ -208,6 +208,7 @@ CASES = {
     # a traceback (float32 overflow) before (found by a black-box sweep)
     "alpha beyond float32": lambda c: (["interpolate", c.a, c.b, "-o", c.out, "--alpha", "1e40"], "-1000 to 1000"),
     "alpha without merged": lambda c: (c.align("--alpha", "0.3"), "add --merged"),
+    "evaluate force without plot": lambda c: (["evaluate", c.a, c.b, "--dataset", "digits", "--force"], "add --plot"),
     "negative seed": lambda c: (c.align("--seed", "-1"), "--seed"),
     "seed beyond 2^32": lambda c: (c.align("--seed", str(2**32)), "--seed"),
     "zoo seeds beyond 2^32": lambda c: (["zoo", "--seed", str(2**32 - 1), "-n", "3", "-o", c.dir / "z"], "--seed"),

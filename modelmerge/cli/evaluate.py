@@ -69,6 +69,8 @@ def evaluate_command(
 
     if split not in ("test", "train"):
         raise ModelMergeError(f"--split must be test or train, got {split!r}")
+    if force and plot is None:  # evaluate writes nothing else
+        raise ModelMergeError("--force lets --plot replace an existing file; add --plot FILE.png or drop --force")
     if plot is not None:
         check_output_path(plot, [a, b, dataset], force, suffix=".png")
         _require_matplotlib()
