@@ -418,9 +418,9 @@ def resolve_network(
                    "alignment can do little for this model (see the notes above, or pass --spec)")
             warnings += (low,)
         elif not traced.units and not traced.spec.groups:
-            warnings += ("the traced forward reads no Linear/Conv weight directly (recurrent layers, weights "
-                         "computed from other parameters such as weight_norm): nothing can be permuted; pass --spec "
-                         "to say which axes move",)
+            warnings += ("nothing can be permuted: the traced forward has no hidden layer whose weight it reads "
+                         "directly (a single layer, recurrent layers, or weights computed from other parameters such "
+                         "as weight_norm); pass --spec to say which axes move",)
         chosen.check(state)
     else:
         if chain is None:
@@ -549,7 +549,7 @@ def find_input_shape(module: nn.Module, given: tuple[int, ...] | None = None) ->
                 return tuple(shape), n_out
     if given:  # the user's shape: the model's own error says what is wrong
         raise ModelMergeError(
-            f"the model's forward fails on inputs of shape [batch, {', '.join(map(str, given))}] ({errors[-1]}); "
+            f"the model's forward fails on inputs of shape [batch, {', '.join(map(str, given))}] ({errors[0]}); "
             "check --input-shape (one example, without the batch) and --model-kwargs"
         )
     tried = f" (on {list(candidates[0])}: {errors[0]})" if errors else ""

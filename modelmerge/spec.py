@@ -478,15 +478,16 @@ def _link(order: list[str], kinds: Mapping[str, str], modules, state) -> tuple[C
             if not layers:
                 return None, f"{len(layers)}:normalisation module {m!r} comes before any layer"
             channels = state[layers[-1].weight].shape[0]
-            if layers[-1].kind == "conv" and "weight" in params and "running_mean" not in params:
+            w = state[params["weight"]] if "weight" in params else None
+            if layers[-1].kind == "conv" and "running_mean" not in params and w is not None and w.shape == (channels,):
                 # a scale without running statistics after a conv is most often a GroupNorm, whose
                 # channels must stay within their groups; the state dict holds no group count
-                # (InstanceNorm and statistics-free BatchNorm look the same), so do not guess; ranked
-                # above every shape mismatch (len(order)), since no order makes it readable
+                # (InstanceNorm and statistics-free BatchNorm look the same). "!" marks the reason as one
+                # no other order may override (see infer_chain)
                 return None, (
-                    f"{len(order)}:{m!r} after conv {layers[-1].module!r} scales channels but keeps no running "
-                    "statistics: a GroupNorm (its channels cannot move between groups) or an InstanceNorm, "
-                    "which a state dict cannot tell apart"
+                    f"{len(layers)}!:{m!r} after conv {layers[-1].module!r} scales its channels but keeps no running "
+                    "statistics: a GroupNorm (its channels cannot move between groups) or an InstanceNorm, which a "
+                    "state dict cannot tell apart"
                 )
             for role, key in params.items():
                 t = state[key]
@@ -543,12 +544,15 @@ def _candidate_orders(modules: list[str]) -> Iterable[list[str]]:
 def _keeps_numbering(tops: list[str]) -> bool:
     """Whether names that differ only in their numbers (``fc1``, ``fc2``; ``block2``, ``block10``)
     come in their numbers' order: the order such names promise, whoever sorted the file."""
-    last: dict[str, tuple] = {}
+    last: dict[str, int] = {}
     for t in tops:
-        stem, key = re.sub(r"\d+", "#", t), _natural_key(t)
-        if "#" in stem and stem in last and last[stem] > key:
+        m = re.fullmatch(r"(\D+)(\d+)", t)  # one number, at the end: an ordinal (not conv3x3, fc2x)
+        if m is None:
+            continue
+        stem, number = m.group(1), int(m.group(2))
+        if stem in last and last[stem] > number:
             return False
-        last[stem] = key
+        last[stem] = number
     return True
 
 
@@ -596,6 +600,10 @@ def infer_chain(state: Mapping[str, torch.Tensor], ordered: bool = False) -> Cha
             continue
         seen.add(tuple(order))
         chain, why = _link(order, kinds, modules, state)
+        if chain is None and i < 2 and why.split(":", 1)[0].endswith("!"):
+            # the file's or the names' own order puts such a norm after a conv: another order that
+            # links (the norm after a Linear of the same width, say) would be a guess against them
+            raise SpecError(f"cannot infer a spec: {why.split(':', 1)[1]}; {_SPEC_HINT}")
         if chain is not None:
             # an order that neither numbered names nor a module-ordered file gave (one found by trying
             # the top-level blocks in every order, or a sorted file's, as every safetensors file is)
@@ -608,7 +616,7 @@ def infer_chain(state: Mapping[str, torch.Tensor], ordered: bool = False) -> Cha
         reasons.append(why)
     # the order that linked the most layers says best why the rest does not fit (the file's order
     # is often just alphabetical: safetensors sorts keys)
-    best = max(reasons, key=lambda r: int(r.split(":", 1)[0]))
+    best = max(reasons, key=lambda r: int(r.split(":", 1)[0].rstrip("!")))
     raise SpecError(f"cannot infer a spec: the layers do not form a chain ({best.split(':', 1)[1]}); {_SPEC_HINT}")
 
 

@@ -447,7 +447,7 @@ class _Tracer:
         for node in self.ep.graph.nodes:
             if node.op == "placeholder":
                 key = self.inputs.get(node.name)
-                if key is not None and not node.users and node.meta["val"].is_floating_point():
+                if key in self.state and not node.users and node.meta["val"].is_floating_point():  # saved ones
                     self.unread.append(key)
                 shape = self.shape(node)
                 if key is not None and key in self.state and shape is not None and node.meta["val"].is_floating_point():

@@ -158,26 +158,42 @@ def test_an_alphabetical_module_order_is_trusted_in_a_module_ordered_file():
     """``fc1, fc2, fc3, out`` is alphabetical, so a sorted file cannot be told from it; a .pt file
     (``ordered``) keeps module order, and names numbered within one stem keep their numbers' order
     even when sorted (both refused before: found by a black-box sweep)."""
+    unnumbered = [("a_in", (32, 10)), ("b_mid", (32, 32)), ("c_mid", (32, 32)), ("d_out", (4, 32))]
+    assert [layer.module for layer in infer_chain(_named(unnumbered), ordered=True).layers] == [
+        "a_in", "b_mid", "c_mid", "d_out"]
+    with pytest.raises(SpecError, match="cannot tell the order"):
+        infer_chain(_named(unnumbered))  # the same order, from a file that may have sorted it
     shapes = [("fc1", (32, 10)), ("fc2", (32, 32)), ("fc3", (32, 32)), ("out", (4, 32))]
     expected = ["fc1", "fc2", "fc3", "out"]
-    assert [layer.module for layer in infer_chain(_named(shapes), ordered=True).layers] == expected
     assert [layer.module for layer in infer_chain(dict(sorted(_named(shapes).items()))).layers] == expected
-    # unnumbered square layers stay ambiguous in a sorted file, numbered neighbours or not
-    shapes = [("fc1", (16, 10)), ("pre", (16, 16)), ("post", (16, 16)), ("out", (3, 16))]
-    with pytest.raises(SpecError, match="cannot tell the order"):
-        infer_chain(dict(sorted(_named(shapes).items())))
+    # unnumbered square layers stay ambiguous in a sorted file, numbered neighbours or not, and
+    # digits that are not an ordinal at the end of a name (conv3x3, fc2x) promise no order
+    for shapes in ([("fc1", (16, 10)), ("pre", (16, 16)), ("post", (16, 16)), ("out", (3, 16))],
+                   [("fc_in", (16, 10)), ("fc2x", (16, 16)), ("fc1x", (16, 16)), ("out", (3, 16))]):
+        with pytest.raises(SpecError, match="cannot tell the order"):
+            infer_chain(dict(sorted(_named(shapes).items())))
 
 
-@pytest.mark.parametrize("norm", [nn.GroupNorm(4, 8), nn.InstanceNorm2d(8, affine=True),
-                                  nn.BatchNorm2d(8, track_running_stats=False)])
-def test_a_conv_followed_by_a_scale_without_statistics_is_refused(norm):
+@pytest.mark.parametrize("make", [lambda c: nn.GroupNorm(2, c), lambda c: nn.InstanceNorm2d(c, affine=True),
+                                  lambda c: nn.BatchNorm2d(c, track_running_stats=False)])
+def test_a_conv_followed_by_a_scale_without_statistics_is_refused(make):
     """A GroupNorm's channels cannot move between its groups, and a state dict shows neither the
     groups nor the kind of norm: inference read it as per-channel and wrote a broken model
     (relative error 0.59 on a GroupNorm CNN, found by a black-box sweep). BatchNorm with
     statistics, and LayerNorm after a Linear, are still read."""
-    m = nn.Sequential(nn.Conv2d(3, 8, 3), norm, nn.ReLU(), nn.Conv2d(8, 4, 3))
-    with pytest.raises(SpecError, match=r"'1' after conv '0' scales channels.*GroupNorm"):
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), make(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    with pytest.raises(SpecError, match=r"'1' after conv '0' scales its channels.*GroupNorm"):
         infer_chain(m.state_dict(), ordered=True)
+    # not even when another order would attach it to a Linear head of the same width
+    head = nn.Sequential(nn.Conv2d(1, 10, 3), make(10), nn.ReLU(), nn.Flatten(), nn.Linear(360, 10))
+    for ordered in (True, False):
+        with pytest.raises(SpecError, match="GroupNorm"):
+            infer_chain(head.state_dict(), ordered=ordered)
+    # a LayerNorm after a Linear, which a sorted file lists after a conv of another width, is read
+    g = torch.Generator().manual_seed(0)
+    state = {"conv.weight": torch.randn(8, 3, 3, 3, generator=g), "fc.weight": torch.randn(16, 32, generator=g),
+             "ln.weight": torch.ones(16), "ln.bias": torch.zeros(16), "fc2.weight": torch.randn(4, 16, generator=g)}
+    assert [layer.module for layer in infer_chain(state).layers] == ["conv", "fc", "fc2"]
     bn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
     assert infer_chain(bn.state_dict()).layers[0].norms[0].module == "1"
     ln = nn.Sequential(nn.Linear(3, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 4))

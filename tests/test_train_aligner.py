@@ -85,6 +85,9 @@ def test_refusals_that_protect_inputs_and_options_that_would_not_apply(trained, 
     assert r.exit_code == 1 and "is a --zoo folder" in r.stderr and not (tiny_zoo / "aligner.json").exists()
     r = runner.invoke(app, [*base, "-o", str(tmp_path / "a"), "--init", str(trained), "--channels", "5"])
     assert r.exit_code == 1 and "--channels 5 (it has 4)" in r.stderr
+    r = runner.invoke(app, [*base, "-o", str(tmp_path / "w"), "--init", str(trained), "--weighted-costs"])
+    assert r.exit_code == 0, r.output  # switches a feature on over --init, as documented
+    assert json.loads((tmp_path / "w" / "aligner.json").read_text())["config"]["weighted_costs"] is True
     # an error is the only line: the no-data note waits for training to start
     r = runner.invoke(app, ["train-aligner", "--zoo", str(tiny_zoo), "-o", str(tmp_path / "b"), *TINY, "--resume"])
     assert r.exit_code == 1 and "nothing to resume" in r.stderr and "note" not in r.output

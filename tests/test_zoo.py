@@ -163,6 +163,12 @@ def test_zoo_command_writes_index_resumes_and_refuses_other_settings(tmp_path):
     assert load_checkpoint(out / "model_00001.safetensors").arch["widths"] == [64, 8, 10]
     r = runner.invoke(app, args)  # fewer than the zoo holds: said, not silently
     assert r.exit_code == 0 and "holds 4 models, more than -n 3" in r.stderr
+    # a damaged model beyond this run's -n is left listed (and said nothing of); the next full run retrains it
+    (out / "model_00003.safetensors").write_bytes(b"cut")
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0 and "again" not in r.stderr
+    r = runner.invoke(app, args[:4] + ["4"] + args[5:])
+    assert r.exit_code == 0 and "training it again (seed 3)" in r.stderr, r.output
 
 
 def test_an_interrupted_zoo_says_how_many_models_it_wrote(tmp_path, monkeypatch):

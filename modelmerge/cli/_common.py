@@ -135,17 +135,16 @@ class progress_bar:
         from rich.console import Console
 
         self._console = Console(stderr=True)  # progress is not a result: stdout stays clean
-        self._last_line = self._start = time.monotonic()
+        self._last_line = time.monotonic()
         return self.update
 
     def update(self, done: int, total: int, info: str = "") -> None:
         if not self._console.is_terminal:
-            # logs (a background job's stderr): a plain line every 15 s, and at the end of work that
-            # took that long (short work's result line says enough)
+            # logs (a background job's stderr): a plain line every 15 s and at the end
             import time
 
             now = time.monotonic()
-            if now - self._last_line >= 15 or (done >= total and now - self._start >= 15):
+            if now - self._last_line >= 15 or done >= total:
                 self._last_line = now
                 self._console.print(f"{self.description}: {done}/{total} {info}", soft_wrap=True)
             return
@@ -220,4 +219,5 @@ def resolve(ck, spec_file: Path | None = None, model: str | None = None,
 
     shape = parse_shape(input_shape)
     module = build_model(model, model_kwargs, state)
-    return resolve_network(state, spec=given, record=record, module=module, input_shape=shape, trace=spec_needed)
+    return resolve_network(state, spec=given, record=record, module=module, input_shape=shape, trace=spec_needed,
+                           ordered=ck.ordered)

@@ -157,6 +157,8 @@ def merge_command(
         print_json(out)
     else:
         _summary(out)
+    for message in network.warnings:  # what the tracer could not follow, as align says it
+        warn(f"traced: {message}")
     if network.assumption:
         warn(network.assumption)
 

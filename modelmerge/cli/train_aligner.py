@@ -22,10 +22,10 @@ Examples:
 """
 
 
-#: train-aligner options that set the aligner's shape, as AlignerConfig fields (--init fixes them)
+#: train-aligner options that set the aligner's shape, as AlignerConfig fields (--init fixes them;
+#: --weighted-costs is not one: it may switch that feature on over --init)
 SHAPE_OPTIONS = {"channels": "--channels", "layers": "--layers", "probes": "--probes", "unroll": "--unroll",
-                 "feature_dim": "--feature-dim", "readout_hidden": "--readout-hidden", "output_dims": "--output-dims",
-                 "weighted_costs": "--weighted-costs"}
+                 "feature_dim": "--feature-dim", "readout_hidden": "--readout-hidden", "output_dims": "--output-dims"}
 
 
 @handle_errors
@@ -186,7 +186,7 @@ def train_aligner_command(
             from modelmerge.deepalign.train import LAST_FILE
 
             last = output / LAST_FILE
-            if last.is_file() and last.stat().st_mtime >= started:
+            if last.is_file() and (resume or last.stat().st_mtime >= started):
                 said = f"the last checkpoint is in {output} (resume with --resume)"
             else:  # stopped while preparing (zoos, baselines, distillation targets): nothing of this run saved
                 said = "stopped before the first training step, so there is nothing to resume; run the command again"

@@ -431,7 +431,9 @@ class _Run:
         self.best = math.inf
         self.history: list = []
         # what the saved best score was measured on: a resume must train and validate on the same
-        self.source = {"zoos": [str(Path(p.zoo.folder).resolve()) for p in parts], "data": data,
+        named = data is None or not Path(data).is_file()  # a dataset name, or a file (compared by its path)
+        self.source = {"zoos": [str(Path(p.zoo.folder).resolve()) for p in parts],
+                       "data": (None if data is None else str(data)) if named else str(Path(data).resolve()),
                        "validation": [settings.val_fraction, settings.val_pairs, settings.seed, self.metric]}
         self.card: dict = {}
         n_train = sum(len(p.train_idx) for p in parts)

@@ -125,6 +125,9 @@ def _fill_zoo(record, dataset, n, out: Path, seed, config, chunk, on_step, notes
         for m in old["models"]:
             if not (out / m["file"]).is_file():
                 continue
+            if not seed <= m["seed"] < seed + n:  # not this run's: listed as it is
+                index["models"].append(m)
+                continue
             try:  # a listed file cut short or overwritten since is trained again, not trusted
                 load_checkpoint(out / m["file"])
             except CheckpointError as e:
