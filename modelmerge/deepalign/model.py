@@ -341,23 +341,22 @@ class EquivariantLayer(nn.Module):
         lin = self.lin
         rows = [e.mean(2) for e in E]  # (N, n_out, C): per unit, over its incoming edges
         cols = [e.mean(1) for e in E]  # (N, n_in, C): per unit, over its outgoing edges
-        # the per-unit terms of every layer at once, on the units of all layers concatenated
-        # (rows[l] lines up with V[l + 1], cols[l] with V[l]): the same values as layer by layer,
-        # with a few operations per encoder layer instead of a dozen per weight, which bound
-        # the time on small networks
-        n_out, n_in, n_v = [r.shape[1] for r in rows], [c.shape[1] for c in cols], [v.shape[1] for v in V]
-        r_all, c_all = torch.cat(rows, 1), torch.cat(cols, 1)
-        row_terms = (lin["row"](r_all) + lin["v_out"](torch.cat(V[1:], 1))).split(n_out, 1)
-        col_terms = (lin["col"](c_all) + lin["v_in"](torch.cat(V[:-1], 1))).split(n_in, 1)
-        all_terms = lin["all"](torch.stack([r.mean(1) for r in rows], 1))  # (N, L, C): one per layer
-        # then broadcast adds: the edge tensors (N, n, n, C) are the memory traffic that bounds this layer
-        new_e = [self._edge_update(e, row_terms[l] + all_terms[:, l, None, :], col_terms[l]) for l, e in enumerate(E)]
-        v_all = torch.cat(V, 1)
-        means = lin["vmean"](torch.stack([v.mean(1) for v in V], 1))  # (N, L + 1, C)
-        upd = lin["v"](v_all) + means.repeat_interleave(torch.tensor(n_v), dim=1)
-        upd[:, n_v[0]:] += lin["inc"](r_all)  # every node but the inputs has incoming edges
-        upd[:, : v_all.shape[1] - n_v[-1]] += lin["outg"](c_all)  # every node but the outputs has outgoing ones
-        return new_e, list(self.mix_v(v_all, upd).split(n_v, 1))
+        new_e = []
+        for l, e in enumerate(E):
+            # the small per-row and per-column terms first, then broadcast adds: the edge
+            # tensors (N, n, n, C) are the memory traffic that bounds this layer
+            row = lin["row"](rows[l]) + lin["v_out"](V[l + 1]) + lin["all"](rows[l].mean(1))[:, None, :]
+            col = lin["col"](cols[l]) + lin["v_in"](V[l])
+            new_e.append(self._edge_update(e, row, col))
+        new_v = []
+        for l, v in enumerate(V):
+            upd = lin["v"](v) + lin["vmean"](v.mean(1))[:, None, :]
+            if l > 0:
+                upd = upd + lin["inc"](rows[l - 1])
+            if l < len(E):
+                upd = upd + lin["outg"](cols[l])
+            new_v.append(self.mix_v(v, upd))
+        return new_e, new_v
 
 
 class DeepAlign(nn.Module):
