@@ -2,7 +2,7 @@
 
 For each family, trains 2 x PAIRS fresh models with seeds that no training zoo
 uses (50_000 and up), aligns each pair with every method through
-`modelmerge.align.align` (the code behind `modelmerge align`), and reports the
+`modelmerge.alignment.align` (the code behind `modelmerge align`), and reports the
 loss barrier and its AUC on the test split (11 alphas; mean ± standard error),
 wins against weight matching, and seconds per pair. One run, one machine.
 
@@ -24,7 +24,7 @@ from datetime import date
 
 import torch
 
-from modelmerge.align import align
+from modelmerge.alignment import align
 from modelmerge.data import load_dataset
 from modelmerge.evaluate import interpolation_curve
 from modelmerge.network import resolve_network

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from modelmerge.align import align
+from modelmerge.alignment import align
 from modelmerge.archs import fit_inputs
 from modelmerge.data import load_dataset
 from modelmerge.evaluate import interpolation_curve

@@ -8,7 +8,7 @@ doing NumPy 512x512 matmuls in a loop on 2 BLAS threads, killed at the end):
   in a subprocess, as a user runs it; its alignment stage is `seconds.align`.
 * CLI, old threads: the same command with `set_threads` limiting torch only
   (the behaviour before `modelmerge.threads`), for comparison.
-* library: `modelmerge.align.align(..., method="weight-matching")` in this
+* library: `modelmerge.alignment.align(..., method="weight-matching")` in this
   process inside `modelmerge.limit_threads(1)` (warm: after one warm-up call); the
   same as the first call in a fresh process (what the CLI's stage is, cold);
   and with torch at 1 thread but the BLAS pools unlimited (the old behaviour).
@@ -41,7 +41,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 import modelmerge as mm
-from modelmerge.align import align
+from modelmerge.alignment import align
 from modelmerge.archs import record_to_json
 from modelmerge.checkpoint import META_PREFIX, save_checkpoint
 from modelmerge.data import digits
@@ -94,7 +94,7 @@ def _wall(cmd: list[str]) -> float:
 
 
 COLD_LIBRARY = ("import sys, modelmerge as mm\n"
-                "from modelmerge.align import align\n"
+                "from modelmerge.alignment import align\n"
                 "a, b = (mm.load_checkpoint(p) for p in sys.argv[1:3])\n"
                 "with mm.limit_threads(1):\n"
                 "    r = align(a.state, b.state, record=a.arch, method='weight-matching')\n"

@@ -138,7 +138,7 @@ VARIANTS = ("wm", "am", "wm+lmc", "auto")
 
 def run_pair(setting: Setting, data: Dataset, a: dict, b: dict, refine_steps: int, seed: int) -> dict:
     """Barrier of naive, WM and WM+LMC for one pair; errors are caught per method."""
-    from modelmerge.align import align
+    from modelmerge.alignment import align
 
     metric = make_metric(setting, data)
     holder = build(setting).eval()

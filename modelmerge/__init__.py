@@ -38,7 +38,7 @@ _LAZY = {
     "identity_permutation": "modelmerge.permutation",
     "weight_matching": "modelmerge.matching",
     "interpolate": "modelmerge.merge",
-    "align": "modelmerge.align",
+    "align": "modelmerge.alignment",
     "Network": "modelmerge.network",
     "resolve_network": "modelmerge.network",
     "trace_spec": "modelmerge.trace",

@@ -444,7 +444,7 @@ def resolve_network(
         # the generic forward keeps a conv map's size: verify it on CHAIN_SPATIAL per spatial side
         shape = (first.shape[1],) + (CHAIN_SPATIAL,) * (first.ndim - 2)
         n_out = int(last.shape[0]) if inferred.layers[-1].kind == "linear" else None
-        risk = None if assume_chain else _hidden_skip_risk(inferred, state)
+        risk = None if assume_chain else _hidden_skip_risk(inferred, state) or _flatten_risk(inferred)
         return Network(chosen, source, "chain", shape, n_out, chain, None, None, warnings, risk, inferred)
     return Network(chosen, source, None, None, None, None, None, None, warnings)
 
@@ -487,6 +487,19 @@ def _hidden_skip_risk(chain: Chain, state: Mapping[str, torch.Tensor]) -> str | 
     return (f"assumed a plain chain (no record, no --model): widths {widths} would allow a skip connection "
             f"(e.g. around {f'layer {j}' if k + 1 == j else f'layers {k + 1}..{j}'}) that a state dict cannot show; if the model has one, the output is "
             "broken. Pass --model pkg.module:Class to verify the real forward, or --assume-chain to state it")
+
+
+def _flatten_risk(chain: Chain) -> str | None:
+    """The plain-chain reading's other guess: a linear layer reading a conv map with several positions
+    per channel reads it flattened channel by channel (``x.flatten(1)`` on ``[N, C, H, W]``); a model
+    that flattens channels-last orders those inputs otherwise. None when no layer reads such a map."""
+    for layer, prev, blocks in zip(chain.layers[1:], chain.layers, chain.blocks[1:]):
+        if prev.kind == "conv" and layer.kind == "linear" and blocks > 1:
+            return (f"assumed a plain chain (no record, no --model) whose {layer.module!r} reads the conv map "
+                    f"flattened channel by channel ({blocks} positions each, as x.flatten(1) on [N, C, H, W]); a model "
+                    "that flattens channels-last gets a broken output. Pass --model pkg.module:Class to verify the "
+                    "real forward, or --assume-chain to state it")
+    return None
 
 
 def token_vocab(module: nn.Module) -> int | None:

@@ -141,7 +141,7 @@ def merge_many(
     if method == "weight-matching":
         perms, sweeps, converged = _merge_many_wm(states, spec, w, max_iter, seed, on_progress)
     else:
-        from modelmerge.align import align
+        from modelmerge.alignment import align
 
         perms, sweeps, converged = [identity_permutation(spec)], 0, None
         for i in range(1, n):

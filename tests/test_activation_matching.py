@@ -8,7 +8,7 @@ from archs import ResidualMLP
 from conftest import VGGish, mlp
 from typer.testing import CliRunner
 
-from modelmerge.align import align
+from modelmerge.alignment import align
 from modelmerge.cli.app import app
 from modelmerge.network import resolve_network
 from modelmerge.permutation import apply_permutation, random_permutation

@@ -233,7 +233,7 @@ class _TwoHeads(torch.nn.Module):
 
 @pytest.mark.parametrize("as_dict", [False, True])
 def test_tuple_and_dict_outputs_are_verified_tensor_by_tensor(as_dict):
-    from modelmerge.align import align
+    from modelmerge.alignment import align
     from modelmerge.errors import VerificationError
     from modelmerge.spec import PermutationSpec
 

@@ -74,3 +74,19 @@ def test_inference_mode_state_and_the_users_parameters_are_left_as_they_were():
 
     load_strict(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), params, "a test model")
     assert not any(p.requires_grad for p in model.parameters())  # the user's frozen Parameters stay frozen
+
+
+def test_a_bare_cnn_says_it_assumes_channel_major_flattening():
+    """A model that flattens channels-last was written out broken with no warning from the library
+    (found by a black-box sweep of the Python API): the plain-chain reading guesses the order in
+    which a linear layer reads a conv map, and now says so."""
+    from torch import nn
+
+    from modelmerge.network import resolve_network
+
+    flat = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).state_dict()
+    net = resolve_network(flat)
+    assert net.assumption is not None and "flattened channel by channel (64 positions each" in net.assumption
+    assert resolve_network(flat, assume_chain=True).assumption is None
+    pooled = {"0.weight": torch.randn(4, 1, 3, 3), "0.bias": torch.zeros(4), "2.weight": torch.randn(3, 4)}
+    assert resolve_network(pooled).assumption is None  # one position per channel: nothing to order

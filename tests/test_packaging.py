@@ -77,3 +77,18 @@ def test_aligners_table_writes_depth_runs_as_ranges():
     assert _depths((2, 3, 4, 5, 6)) == "2-6" and _depths((3, 4)) == "3,4" and _depths((2, 4, 5)) == "2,4,5"
     r = CliRunner().invoke(app, ["aligners"])
     assert r.exit_code == 0 and "deepalign-mlp-v4" in r.output and "2-6" in r.output
+
+
+def test_the_align_function_stays_a_function_after_its_module_is_imported():
+    """``modelmerge.align`` was both the function and the module defining it: once anything
+    imported the module (the first ``mm.align`` call did), the package attribute became the
+    module and every later ``mm.align(...)`` raised "'module' object is not callable" (found by
+    a black-box sweep of the Python API). A fresh interpreter, so import order is real."""
+    import subprocess
+    import sys
+
+    code = ("import modelmerge as mm; f = mm.align; import modelmerge.soup, modelmerge.alignment; "
+            "assert mm.align is f and callable(mm.align), mm.align; "
+            "from modelmerge import align; assert align is f")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr

@@ -92,7 +92,7 @@ def align_command(
 ) -> None:
     """Align B to A: find per-layer permutations of B's hidden units and write permuted B."""
     t0 = time.perf_counter()
-    from modelmerge.align import align, uses_data
+    from modelmerge.alignment import align, uses_data
     from modelmerge.data import load_dataset
 
     _check_options([a, b, data, spec, aligner], output, merged, report, alpha, method, refine, data, reset_bn, repair,
@@ -132,7 +132,7 @@ def align_command(
 def _check_options(inputs, output, merged, report, alpha, method, refine, data, reset_bn, repair, seed, force
                    ) -> None:
     """Refuse bad option combinations and unsafe outputs (over any file read: ``inputs``) before any work."""
-    from modelmerge.align import METHODS, REFINES
+    from modelmerge.alignment import METHODS, REFINES
     from modelmerge.checkpoint import check_output_path
     from modelmerge.merge import ALPHA_LIMIT
     from modelmerge.errors import ModelMergeError, OutputError, check_seed

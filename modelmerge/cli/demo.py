@@ -25,7 +25,7 @@ def demo_command(
 
     from rich.table import Table
 
-    from modelmerge.align import align
+    from modelmerge.alignment import align
     from modelmerge.checkpoint import check_output_path, provenance
     from modelmerge.errors import OutputError
     from modelmerge.evaluate import interpolation_curve

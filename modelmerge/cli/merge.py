@@ -84,7 +84,7 @@ def merge_command(
     t0 = time.perf_counter()
     import torch
 
-    from modelmerge.align import METHODS
+    from modelmerge.alignment import METHODS
     from modelmerge.checkpoint import check_output_path, provenance
     from modelmerge.errors import ModelMergeError, OutputError, check_seed
     from modelmerge.soup import check_weights, merge_many

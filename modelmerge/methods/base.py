@@ -3,7 +3,7 @@
 A :class:`Method` says what it needs (data? a Linear/Conv chain?) and runs on a
 :class:`Context` (the pair, their :class:`~modelmerge.network.Network` and the
 options). ``kind="align"`` methods produce an answer from nothing;
-``kind="refine"`` methods start from another answer. :func:`modelmerge.align.align`
+``kind="refine"`` methods start from another answer. :func:`modelmerge.alignment.align`
 picks methods by name and never branches on what a method does inside.
 """
 
