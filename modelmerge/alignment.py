@@ -19,7 +19,7 @@ from modelmerge import methods
 from modelmerge.data import Dataset
 from modelmerge.errors import ModelMergeError, check_seed
 from modelmerge.matching import alignment_objective
-from modelmerge.merge import check_same_architecture
+from modelmerge.merge import as_state_dict, check_same_architecture
 from modelmerge.network import Network, resolve_network
 from modelmerge.permutation import Permutation, apply_permutation, permutation_to_lists
 from modelmerge.spec import PermutationSpec
@@ -42,7 +42,7 @@ class AlignResult:
         objective: weight matching's objective ``sum <A, P(B)>`` before and after.
         iterations, converged: what the winning method did (None for a one-pass answer).
         verification: how the answer was checked.
-        seconds: per stage (``weight_matching``, ``learned``, ``refine``, ``align``, ``verify``, ``total``).
+        seconds: per stage (``weight_matching``, ``learned``, ``activation_matching``, ``refine``, ``align``, ``verify``, ``total``: those that ran).
         notes: what the user should know (fallbacks, tracer warnings, assumptions).
         aligner: the learned aligner's name, if one answered.
         candidates: each candidate's α = 0.5 merged loss, when ``auto --data`` ranked them.
@@ -113,7 +113,8 @@ def align(
     """Find and apply the permutation of B's hidden units that best matches A.
 
     Args:
-        a, b: state dicts of one architecture.
+        a, b: state dicts of one architecture (name -> tensor; or loaded
+            :class:`~modelmerge.checkpoint.Checkpoint` objects). Never modified.
         spec, record, module, input_shape: what describes the network, resolved by
             :func:`~modelmerge.network.resolve_network` from A (ignored when
             ``network`` is given): a spec (else traced from ``module`` or inferred),
@@ -122,7 +123,7 @@ def align(
         network: an already resolved network.
         method: ``"auto"`` (the learned aligner when the network is in a bundled
             aligner's family, or ``aligner``'s, else weight matching, saying why),
-            ``"weight-matching"`` or ``"deep-align"``.
+            ``"weight-matching"``, ``"deep-align"`` or ``"activation-matching"`` (needs ``data``).
         aligner: bundled aligner name or trained folder/file (default: the family's bundled one).
         refine: ``"none"``, ``"wm"`` (weight matching from the answer) or ``"lmc"``
             (a short LMC optimisation from it; needs ``data``). Default: ``"lmc"``
@@ -141,17 +142,25 @@ def align(
 
     Raises:
         ModelMergeError: an unknown option, or a combination that would do nothing
-            (``data`` nothing reads, ``--refine wm`` of weight matching's own answer).
+            (``data`` nothing reads, ``--refine wm`` of weight matching's own answer); a state
+            dict that is not one of tensors.
+        CheckpointError: complex, sparse, meta or non-finite tensors in A or B.
         MismatchError: A and B differ in keys or shapes.
         SpecError: no spec can be inferred or the given one does not fit.
-        OutOfFamilyError: ``deep-align`` on a network its aligner cannot read.
+        OutOfFamilyError: ``deep-align`` on a network its aligner cannot read (a ModelMergeError,
+            defined in :mod:`modelmerge.deepalign.model`).
         VerificationError: the permuted B does not compute B's function.
     """
     t0 = time.perf_counter()
     check_seed(seed)
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ModelMergeError(f"max_iter must be a whole number of 1 or more, got {max_iter!r}")
     refine = _check_options(method, refine, data, aligner)
+    ordered = getattr(a, "ordered", False)  # a Checkpoint read from a .pt keeps module order
+    a, b = as_state_dict(a, "A"), as_state_dict(b, "B")
     check_same_architecture(a, b)
-    net = network or resolve_network(a, spec=spec, record=record, module=module, input_shape=input_shape)
+    net = network or resolve_network(a, spec=spec, record=record, module=module, input_shape=input_shape,
+                                     ordered=ordered)
     ctx = methods.Context(a, b, net, seed, max_iter, refine_steps, aligner, data, on_refine, on_progress)
     notes = [f"traced: {w}" for w in net.warnings]
     first = _first_method(method, refine, ctx, notes)

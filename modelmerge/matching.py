@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from modelmerge.errors import SpecError
+from modelmerge.errors import ModelMergeError, SpecError
 from modelmerge.permutation import (
     Permutation,
     axis_index,
@@ -303,7 +303,14 @@ def weight_matching(
 
     Raises:
         SpecError: ``spec`` does not fit the state dicts, or ``init`` is invalid.
+        MismatchError: A and B differ in keys or shapes.
+        ModelMergeError: ``max_iter`` below 1.
     """
+    from modelmerge.merge import check_same_architecture
+
+    if max_iter < 1:
+        raise ModelMergeError(f"max_iter must be 1 or more, got {max_iter}")
+    check_same_architecture(a, b)
     spec.check(a, "first checkpoint")
     spec.check(b, "second checkpoint")
     perm = {g: p.clone() for g, p in (init or identity_permutation(spec)).items()}

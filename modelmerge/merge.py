@@ -9,6 +9,33 @@ import torch
 from modelmerge.errors import MismatchError, ModelMergeError, preview
 
 
+def as_state_dict(state, name: str = "A") -> dict[str, torch.Tensor]:
+    """A library caller's state dict, checked as a loaded checkpoint is, without touching it.
+
+    Accepts a mapping of names to tensors (``model.state_dict()``, ``torch.load``'s or
+    ``safetensors.torch.load_file``'s result) or a :class:`~modelmerge.checkpoint.Checkpoint`.
+    Tensors that require gradients come back detached (same storage; nothing is copied).
+
+    Raises:
+        ModelMergeError: not a mapping, or a value that is not a tensor.
+        CheckpointError: complex, sparse, quantized or meta tensors, or NaN/infinite values.
+    """
+    from modelmerge.checkpoint import Checkpoint, check_finite, check_kinds
+
+    if isinstance(state, Checkpoint):
+        state = state.state
+    if not isinstance(state, Mapping):
+        raise ModelMergeError(f"{name} must be a state dict (parameter name -> tensor), not a {type(state).__name__}; "
+                              "pass model.state_dict() or a loaded Checkpoint's .state")
+    for key, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise ModelMergeError(f"{name}[{key!r}] is a {type(t).__name__}, not a tensor; pass model.state_dict() or "
+                                  "a loaded Checkpoint's .state")
+    check_kinds(state, name)
+    check_finite(state, name)
+    return {k: t.detach() if t.requires_grad else t for k, t in state.items()}
+
+
 def check_same_architecture(
     a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], names: tuple[str, str] = ("A", "B")
 ) -> None:
@@ -50,9 +77,15 @@ def interpolate(
 
     Raises:
         MismatchError: keys or shapes differ.
-        ModelMergeError: alpha is not finite, or beyond ±:data:`ALPHA_LIMIT`.
+        ModelMergeError: alpha is not a finite number within ±:data:`ALPHA_LIMIT`, or a state dict
+            is not one of tensors (see :func:`as_state_dict`).
     """
-    if not -ALPHA_LIMIT <= float(alpha) <= ALPHA_LIMIT:  # NaN fails this too
+    try:
+        alpha = float(alpha)
+    except (TypeError, ValueError):
+        raise ModelMergeError(f"alpha must be a number (0 = A, 1 = B), got {alpha!r}") from None
+    a, b = as_state_dict(a, "A"), as_state_dict(b, "B")
+    if not -ALPHA_LIMIT <= alpha <= ALPHA_LIMIT:  # NaN fails this too
         raise ModelMergeError(f"alpha must be a finite number from -{ALPHA_LIMIT:g} to {ALPHA_LIMIT:g} (0 = A, 1 = B; values "
                               f"outside [0, 1] extrapolate), got {alpha}")
     check_same_architecture(a, b)

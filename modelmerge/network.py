@@ -17,6 +17,7 @@ here and nowhere else:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -148,7 +149,7 @@ class Network:
     def _run(self, state, x, batch_stats: bool = False):
         if self.forward_kind == "model":
             if not batch_stats:
-                return self._run_module(state, x)
+                return self._run_module_eval(state, x)
             return self._run_module_batch_stats(state, x)
         floats = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         if self.forward_kind == "record":
@@ -176,7 +177,7 @@ class Network:
         if self.module is None:
             raise ModelMergeError("no model instance holds this architecture: pass --model pkg.module:Class")
         with torch.no_grad():
-            return self._run_module(state, x)
+            return self._run_module_eval(state, x)
 
     @cached_property
     def _twins(self) -> dict[str, str]:
@@ -196,6 +197,10 @@ class Network:
             raise ModelMergeError(f"running --model failed ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
+    def _run_module_eval(self, state, x):
+        with eval_mode(self.module):
+            return self._run_module(state, x)
+
     def _run_module_batch_stats(self, state, x):
         # only the BatchNorm layers switch to training mode, on copies of their running statistics
         # (training mode updates them in place); the module is left as it was
@@ -206,14 +211,10 @@ class Network:
                 key = f"{name}.{buf}" if name else buf
                 if key in state:
                     state[key] = state[key].detach().clone()
-        modes = [m.training for _, m in bns]
-        try:
+        with eval_mode(self.module):  # every mode as it was afterwards
             for _, m in bns:
                 m.train()
             return self._run_module(state, x)
-        finally:
-            for (_, m), mode in zip(bns, modes):
-                m.train(mode)
 
     def random_inputs(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """``[n, *input_shape]`` Gaussian inputs (independent of any model), for verification; random token
@@ -418,9 +419,9 @@ def resolve_network(
                    "alignment can do little for this model (see the notes above, or pass --spec)")
             warnings += (low,)
         elif not traced.units and not traced.spec.groups:
-            warnings += ("nothing can be permuted: the traced forward has no hidden layer whose weight it reads "
-                         "directly (a single layer, recurrent layers, or weights computed from other parameters such "
-                         "as weight_norm); pass --spec to say which axes move",)
+            warnings += (("nothing can be permuted: the traced forward has no hidden layer whose weight it reads "
+                          "directly (a single layer, recurrent layers, or weights computed from other parameters such "
+                          "as weight_norm); pass --spec to say which axes move"),)
         chosen.check(state)
     else:
         if chain is None:
@@ -510,11 +511,24 @@ def token_vocab(module: nn.Module) -> int | None:
     return first.num_embeddings if isinstance(first, nn.Embedding) else None
 
 
-def _runs(module: nn.Module, x: torch.Tensor, errors: list[str] | None = None):
-    """``module(x)`` without gradients, or None when it fails (the error appended to ``errors``)."""
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """``module`` in eval mode inside the block, and every submodule's own mode restored after
+    (a user's model may be mid-training, or hold a frozen BatchNorm in eval on purpose)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
     try:
-        with torch.no_grad():
-            return module.eval()(x)
+        yield module
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _runs(module: nn.Module, x: torch.Tensor, errors: list[str] | None = None):
+    """``module(x)`` in eval mode without gradients, or None when it fails (the error appended to ``errors``)."""
+    try:
+        with torch.no_grad(), eval_mode(module):
+            return module(x)
     except Exception as e:  # noqa: BLE001 - any failure means "not this input"
         if errors is not None:
             errors.append(f"{type(e).__name__}: {one_line(e, 200)}")

@@ -341,8 +341,8 @@ def _export(model: nn.Module, args: tuple):
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "use_cache", None):
         kwargs["use_cache"] = False  # Hugging Face: no key/value cache objects in the graph
-    was_training = model.training
-    model.eval()
+    from modelmerge.network import eval_mode
+
     quiet = logging.root.manager.disable
     logging.disable(logging.CRITICAL)  # export logs whole tracebacks when it fails; the one-line error says it
     if "strict" not in inspect.signature(torch.export.export).parameters:
@@ -351,7 +351,7 @@ def _export(model: nn.Module, args: tuple):
     try:
         # export prints the partial graph when it fails: the one-line error below says what matters
         with _warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
+                contextlib.redirect_stderr(io.StringIO()), eval_mode(model):
             _warnings.simplefilter("ignore")
             return torch.export.export(model, args, kwargs=kwargs, strict=False)
     except Exception as e:  # noqa: BLE001 - export raises many types for untraceable code
@@ -362,7 +362,6 @@ def _export(model: nn.Module, args: tuple):
         ) from None
     finally:
         logging.disable(quiet)
-        model.train(was_training)
 
 
 def trace_spec(model: nn.Module, example: tuple | None = None, input_shape: Sequence[int] | None = None

@@ -315,3 +315,23 @@ def test_a_model_whose_weights_are_computed_says_nothing_can_move():
     assert any("nothing can be permuted" in w for w in network.warnings)
     plain = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
     assert not resolve_network(plain.state_dict(), module=plain, input_shape=(10,)).warnings
+
+
+def test_a_users_model_keeps_its_modes():
+    """align(module=...) left the user's model in eval mode (a training loop would go on without
+    dropout; found by a black-box sweep of the Python API). It runs in eval mode, so dropout does
+    not disturb the verification, and every submodule's own mode is restored after."""
+    from modelmerge.alignment import align
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Dropout(0.5),
+                                torch.nn.Linear(16, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 3))
+    model.train()
+    model[4].eval()  # a frozen BatchNorm, on purpose
+    b = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    b = {k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in b.items()}
+    result = align(model.state_dict(), b, module=model, method="weight-matching", input_shape=(10,))
+    assert result.verification.max_abs_diff < 1e-4 and not result.verification.assumed
+    assert [m.training for m in model.modules()] == [True, True, True, True, True, False, True, True]

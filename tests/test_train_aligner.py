@@ -91,7 +91,7 @@ def test_refusals_that_protect_inputs_and_options_that_would_not_apply(trained, 
     # an error is the only line: the no-data note waits for training to start
     r = runner.invoke(app, ["train-aligner", "--zoo", str(tiny_zoo), "-o", str(tmp_path / "b"), *TINY, "--resume"])
     assert r.exit_code == 1 and "nothing to resume" in r.stderr and "note" not in r.output
-    import modelmerge.deepalign.train as train
+    from modelmerge.deepalign import train
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

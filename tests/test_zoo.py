@@ -172,7 +172,7 @@ def test_zoo_command_writes_index_resumes_and_refuses_other_settings(tmp_path):
 
 
 def test_an_interrupted_zoo_says_how_many_models_it_wrote(tmp_path, monkeypatch):
-    import modelmerge.zoo.store as store
+    from modelmerge.zoo import store
 
     real, calls = store.train_models, []
 

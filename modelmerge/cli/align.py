@@ -134,8 +134,8 @@ def _check_options(inputs, output, merged, report, alpha, method, refine, data, 
     """Refuse bad option combinations and unsafe outputs (over any file read: ``inputs``) before any work."""
     from modelmerge.alignment import METHODS, REFINES
     from modelmerge.checkpoint import check_output_path
-    from modelmerge.merge import ALPHA_LIMIT
     from modelmerge.errors import ModelMergeError, OutputError, check_seed
+    from modelmerge.merge import ALPHA_LIMIT
 
     check_seed(seed)
     if method not in METHODS:

@@ -87,7 +87,7 @@ def evaluate_command(
         metric = network.metric(task, split)
         reset_x = network.bn_inputs(task) if reset_bn else None
         fixer = Repair(network, [ck_a.state, ck_b.state], repair_inputs(network, network.shape_data(task).x_train))
-        merge = lambda a_, b_, al: merge_pair(a_, b_, al, network=network, reset_x=reset_x, repairer=fixer)  # noqa: E731
+        merge = lambda a_, b_, al: merge_pair(a_, b_, al, network=network, reset_x=reset_x, repairer=fixer)
     else:
         metric, merge = network.metric(task, split, reset_bn), interpolate
     with progress_bar("evaluating") as bar:

@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from modelmerge.cli._common import Seed, Threads, console, fail, handle_errors, progress_bar, set_threads, warn
+from modelmerge.cli._common import (
+    Seed,
+    Threads,
+    console,
+    fail,
+    handle_errors,
+    progress_bar,
+    set_threads,
+    warn,
+)
 
 EXAMPLES = """
 Examples:
@@ -59,9 +68,8 @@ def zoo_command(
 ) -> None:
     """Train N independent models (seeds SEED..SEED+N-1), vectorised, into a zoo folder."""
     from modelmerge.data import load_dataset
-    from modelmerge.errors import ModelMergeError
+    from modelmerge.errors import ModelMergeError, check_seed
     from modelmerge.zoo.store import make_zoo
-    from modelmerge.errors import check_seed
     from modelmerge.zoo.train import TrainConfig
 
     check_seed(seed)
