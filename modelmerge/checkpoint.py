@@ -167,8 +167,8 @@ def resolve_source(source: str, revision: str | None = None) -> Path:
             raise CheckpointError(f"{source}: hub download failed ({one_line(e)})") from None
     if offline_misses:
         raise CheckpointError(
-            f"{source}: not a local file, and {repo_id}/{offline_misses[0]} is not in the local "
-            "hub cache while offline (unset HF_HUB_OFFLINE or download it first)"
+            f"{source}: no such local file, and the hub file {repo_id}/{offline_misses[0]} is neither in the "
+            "local hub cache nor reachable (no network, or HF_HUB_OFFLINE=1); check the path, or download it first"
         )
     raise CheckpointError(
         f"{source}: hub repository {repo_id!r} has none of {', '.join(candidates)}; "

@@ -104,7 +104,7 @@ def test_hub_offline_cache_miss_is_one_clear_error(monkeypatch):
         raise LocalEntryNotFoundError("offline")
 
     monkeypatch.setattr(ckpt, "_hub_download", offline)
-    with pytest.raises(CheckpointError, match="not in the local hub cache while offline"):
+    with pytest.raises(CheckpointError, match="neither in the local hub cache nor reachable"):
         load_checkpoint("someone/repo/weights.safetensors")
 
 
