@@ -38,6 +38,7 @@ _LAZY = {
     "identity_permutation": "modelmerge.permutation",
     "weight_matching": "modelmerge.matching",
     "interpolate": "modelmerge.merge",
+    "merge_many": "modelmerge.soup",
     "align": "modelmerge.alignment",
     "Network": "modelmerge.network",
     "resolve_network": "modelmerge.network",
