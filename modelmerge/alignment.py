@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from modelmerge import methods
+from modelmerge.checkpoint import Checkpoint
 from modelmerge.data import Dataset
 from modelmerge.errors import ModelMergeError, check_seed
 from modelmerge.matching import alignment_objective
@@ -157,6 +158,8 @@ def align(
         raise ModelMergeError(f"max_iter must be a whole number of 1 or more, got {max_iter!r}")
     refine = _check_options(method, refine, data, aligner)
     ordered = getattr(a, "ordered", False)  # a Checkpoint read from a .pt keeps module order
+    if record is None and isinstance(a, Checkpoint):
+        record = a.arch  # as the command line does
     a, b = as_state_dict(a, "A"), as_state_dict(b, "B")
     check_same_architecture(a, b)
     net = network or resolve_network(a, spec=spec, record=record, module=module, input_shape=input_shape,

@@ -308,9 +308,13 @@ def weight_matching(
     """
     from modelmerge.merge import check_same_architecture
 
-    if max_iter < 1:
-        raise ModelMergeError(f"max_iter must be 1 or more, got {max_iter}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ModelMergeError(f"max_iter must be a whole number of 1 or more, got {max_iter!r}")
     check_same_architecture(a, b)
+    # read detached (the matcher writes into buffers); no pass over the values here, since the LMC
+    # refinement calls this at every step: a NaN shows up below, where the assignment solver meets it
+    a = {k: t.detach() if t.requires_grad else t for k, t in a.items()}
+    b = {k: t.detach() if t.requires_grad else t for k, t in b.items()}
     spec.check(a, "first checkpoint")
     spec.check(b, "second checkpoint")
     perm = {g: p.clone() for g, p in (init or identity_permutation(spec)).items()}
@@ -513,7 +517,11 @@ def _improve(g: str, n: int, cost: torch.Tensor, updates: list[int], members: li
     current = perm[g]
     if torch.equal(cost.max(1).indices, current):
         return False  # every row already takes its maximum: nothing can gain
-    _, cols = linear_sum_assignment(_reduced(cost, work))
+    try:
+        _, cols = linear_sum_assignment(_reduced(cost, work))
+    except ValueError:  # scipy's "matrix contains invalid numeric entries": NaN or infinite weights
+        raise ModelMergeError(f"group {g}'s matching costs are not finite: A or B holds NaN or infinite "
+                              "values; use checkpoints from before training diverged") from None
     cols = torch.as_tensor(cols, dtype=torch.long)
     if torch.equal(cols, current):
         return False

@@ -9,12 +9,13 @@ import torch
 from modelmerge.errors import MismatchError, ModelMergeError, preview
 
 
-def as_state_dict(state, name: str = "A") -> dict[str, torch.Tensor]:
+def as_state_dict(state, name: str = "A", finite: bool = True) -> dict[str, torch.Tensor]:
     """A library caller's state dict, checked as a loaded checkpoint is, without touching it.
 
     Accepts a mapping of names to tensors (``model.state_dict()``, ``torch.load``'s or
     ``safetensors.torch.load_file``'s result) or a :class:`~modelmerge.checkpoint.Checkpoint`.
     Tensors that require gradients come back detached (same storage; nothing is copied).
+    ``finite=False`` skips the pass over every value (for merges, which a NaN cannot break).
 
     Raises:
         ModelMergeError: not a mapping, or a value that is not a tensor.
@@ -28,11 +29,14 @@ def as_state_dict(state, name: str = "A") -> dict[str, torch.Tensor]:
         raise ModelMergeError(f"{name} must be a state dict (parameter name -> tensor), not a {type(state).__name__}; "
                               "pass model.state_dict() or a loaded Checkpoint's .state")
     for key, t in state.items():
+        if not isinstance(key, str):
+            raise ModelMergeError(f"{name} has a key {key!r} that is not a parameter name (str); pass model.state_dict()")
         if not isinstance(t, torch.Tensor):
             raise ModelMergeError(f"{name}[{key!r}] is a {type(t).__name__}, not a tensor; pass model.state_dict() or "
                                   "a loaded Checkpoint's .state")
     check_kinds(state, name)
-    check_finite(state, name)
+    if finite:
+        check_finite(state, name)
     return {k: t.detach() if t.requires_grad else t for k, t in state.items()}
 
 
@@ -69,7 +73,8 @@ def interpolate(
     copied from A. ``alpha = 0`` returns A's values and ``alpha = 1`` B's, exactly.
 
     Args:
-        a, b: state dicts with equal keys and shapes (B already aligned to A).
+        a, b: state dicts with equal keys and shapes (B already aligned to A), or loaded
+            Checkpoints; read detached, so the result carries no gradient (:func:`mix` does).
         alpha: weight of B, usually in [0, 1] (values outside extrapolate).
 
     Returns:
@@ -84,7 +89,8 @@ def interpolate(
         alpha = float(alpha)
     except (TypeError, ValueError):
         raise ModelMergeError(f"alpha must be a number (0 = A, 1 = B), got {alpha!r}") from None
-    a, b = as_state_dict(a, "A"), as_state_dict(b, "B")
+    # no pass over the values: loaded checkpoints were checked, and a NaN cannot break a merge
+    a, b = as_state_dict(a, "A", finite=False), as_state_dict(b, "B", finite=False)
     if not -ALPHA_LIMIT <= alpha <= ALPHA_LIMIT:  # NaN fails this too
         raise ModelMergeError(f"alpha must be a finite number from -{ALPHA_LIMIT:g} to {ALPHA_LIMIT:g} (0 = A, 1 = B; values "
                               f"outside [0, 1] extrapolate), got {alpha}")

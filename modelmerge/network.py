@@ -445,7 +445,8 @@ def resolve_network(
         # the generic forward keeps a conv map's size: verify it on CHAIN_SPATIAL per spatial side
         shape = (first.shape[1],) + (CHAIN_SPATIAL,) * (first.ndim - 2)
         n_out = int(last.shape[0]) if inferred.layers[-1].kind == "linear" else None
-        risk = None if assume_chain else _hidden_skip_risk(inferred, state) or _flatten_risk(inferred)
+        risks = [] if assume_chain else [r for r in (_hidden_skip_risk(inferred, state), _flatten_risk(inferred)) if r]
+        risk = " Also ".join(risks) or None
         return Network(chosen, source, "chain", shape, n_out, chain, None, None, warnings, risk, inferred)
     return Network(chosen, source, None, None, None, None, None, None, warnings)
 

@@ -30,7 +30,7 @@ import torch
 
 from modelmerge.data import Dataset
 from modelmerge.errors import ModelMergeError
-from modelmerge.merge import check_same_architecture
+from modelmerge.merge import as_state_dict, check_same_architecture
 from modelmerge.network import Network
 from modelmerge.permutation import Permutation, apply_permutation, identity_permutation
 from modelmerge.verify import Verification, verify_permuted
@@ -111,7 +111,7 @@ def merge_many(
     """Align ``states`` to one frame and average them.
 
     Args:
-        states: two or more state dicts of one architecture.
+        states: two or more state dicts of one architecture (or loaded Checkpoints), not modified.
         network: their resolved network (spec and forward).
         weights: each model's share of the soup (default: equal).
         method: ``"weight-matching"`` (MergeMany) or an ``align`` method (pairwise to the first model).
@@ -126,13 +126,17 @@ def merge_many(
         A :class:`SoupResult`.
 
     Raises:
-        ModelMergeError: fewer than two models, bad weights, or an unknown method.
+        ModelMergeError: fewer than two models, bad weights, ``max_iter`` below 1, an unknown
+            method, or a state dict that is not one of finite tensors (see :func:`~modelmerge.merge.as_state_dict`).
         MismatchError: the models differ in keys or shapes.
         VerificationError: an aligned model does not compute its original's function.
     """
     n = len(states)
     if n < 2:
         raise ModelMergeError(f"merge needs at least two models, got {n}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ModelMergeError(f"max_iter must be a whole number of 1 or more, got {max_iter!r}")
+    states = [as_state_dict(s, f"model {i}") for i, s in enumerate(states, start=1)]
     w = check_weights(weights, n)
     for i, s in enumerate(states[1:], start=2):
         check_same_architecture(states[0], s, ("model 1", f"model {i}"))

@@ -42,8 +42,8 @@ def test_checkpoints_and_tensors_that_require_gradients_are_accepted_and_left_al
     (lambda s: {**s, "0.weight": s["0.weight"].tolist()}, ModelMergeError, "is a list, not a tensor"),
     (lambda s: [1, 2], ModelMergeError, "must be a state dict"),
     (lambda s: {**s, "0.weight": torch.empty(16, 12, device="meta")}, CheckpointError, "meta tensor"),
-    (lambda s: {**s, "0.bias": torch.full((16,), float("nan"))}, CheckpointError, "NaN or infinite"),
     (lambda s: {**s, "0.bias": s["0.bias"].to(torch.complex64)}, CheckpointError, "complex tensor"),
+    (lambda s: {0: s["0.weight"]}, ModelMergeError, "not a parameter name"),
 ])
 def test_bad_state_dicts_are_the_packages_own_errors(bad, error, needle):
     a, b = _pair()
@@ -53,9 +53,51 @@ def test_bad_state_dicts_are_the_packages_own_errors(bad, error, needle):
             call(bad(a))
 
 
+def test_nan_weights_stop_an_alignment_but_not_a_merge():
+    """A merge computes through a NaN (no pass over the values: loaded checkpoints were checked,
+    and interpolate runs 11 times per curve); an alignment would match on garbage, so it refuses."""
+    a, b = _pair()
+    bad = {**a, "0.bias": torch.full((16,), float("nan"))}
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        align(bad, b, method="weight-matching")
+    assert torch.isnan(interpolate(bad, b, 0.5)["0.bias"]).all()
+
+
 def test_bad_scalar_arguments_are_the_packages_own_errors():
     a, b = _pair()
     with pytest.raises(ModelMergeError, match="alpha must be a number"):
         interpolate(a, b, None)  # type: ignore[arg-type]
     with pytest.raises(ModelMergeError, match="max_iter must be"):
         align(a, b, method="weight-matching", max_iter=-3)
+
+
+def test_a_checkpoint_brings_its_architecture_record():
+    """align(ck_a, ck_b) read a recorded checkpoint as a bare chain (assumed forward) where the
+    command line used its record (found by a review)."""
+    from modelmerge.checkpoint import load_checkpoint
+    from modelmerge.examples import example_paths
+
+    a, b = (load_checkpoint(p) for p in example_paths())
+    assert a.arch is not None
+    result = align(a, b, method="weight-matching")
+    assert result.network.forward_kind == "record" and not result.verification.assumed
+
+
+def test_merge_many_and_weight_matching_check_their_inputs():
+    from modelmerge.matching import weight_matching
+    from modelmerge.network import resolve_network
+    from modelmerge.soup import merge_many
+
+    a, b = _pair()
+    net = resolve_network(a)
+    with pytest.raises(ModelMergeError, match="max_iter"):
+        merge_many([a, b], net, max_iter=0)
+    with pytest.raises(CheckpointError, match="NaN"):
+        merge_many([a, {**b, "0.bias": torch.full((16,), float("nan"))}], net)
+    soup = merge_many([Checkpoint(state=a), {k: t.requires_grad_() if t.is_floating_point() else t
+                                             for k, t in mlp(WIDTHS, seed=1).state_dict(keep_vars=True).items()}], net)
+    assert not any(t.requires_grad for t in soup.soup.values())
+    with pytest.raises(ModelMergeError, match="max_iter"):
+        weight_matching(a, b, net.spec, max_iter=None)  # type: ignore[arg-type]
+    with pytest.raises(ModelMergeError, match="not finite"):
+        weight_matching(a, {**b, "0.weight": torch.full((16, 12), float("nan"))}, net.spec)
