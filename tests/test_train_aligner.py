@@ -471,3 +471,24 @@ def test_distill_trains_with_the_targets_and_reuses_them_on_resume(tiny_zoo, tmp
     r = runner.invoke(app, ["train-aligner", "--zoo", str(tiny_zoo), "-o", str(tmp_path / "nodata"), *TINY,
                             "--distill", "1"])
     assert r.exit_code == 1 and "--data" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_an_interrupted_run_leaves_an_aligner_whose_card_says_how_far_it_got(tiny_zoo, tmp_path, monkeypatch):
+    import modelmerge.deepalign.train as train
+
+    real, calls = train._Run._one_step, []
+
+    def stop_at_the_third(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(train._Run, "_one_step", stop_at_the_third)
+    out = tmp_path / "al"
+    args = ["train-aligner", "--zoo", str(tiny_zoo), "-o", str(out), "--data", "digits", *TINY]
+    args[args.index("--epochs") + 1] = "3"
+    r = runner.invoke(app, args)
+    assert r.exit_code == 130 and "resume with --resume" in r.stderr
+    card = json.loads((out / "aligner.json").read_text())
+    assert card["steps_run"] == 2 and (out / "last.pt").is_file()  # steps_run was missing before

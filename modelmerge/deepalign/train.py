@@ -430,6 +430,7 @@ class _Run:
         self.step = 0
         self.best = math.inf
         self.history: list = []
+        self.resumed = False
         # what the saved best score was measured on: a resume must train and validate on the same
         named = data is None or not Path(data).is_file()  # a dataset name, or a file (compared by its path)
         self.source = {"zoos": [str(Path(p.zoo.folder).resolve()) for p in parts],
@@ -468,6 +469,7 @@ class _Run:
         if self.sched is not None and saved.get("scheduler") is not None:
             self.sched.load_state_dict(saved["scheduler"])
         self.step, self.best = saved["step"], saved["best"]
+        self.resumed = True
         if self.step >= self.total:
             raise ModelMergeError(f"{last} has already trained {self.step} steps of this run's {self.total}; "
                                   "raise --epochs to train more")
@@ -557,6 +559,7 @@ class _Run:
                            self.best, self.out, time.perf_counter() - self.t_start, self.source)
                 if not (self.out / ALIGNER_FILE).exists():
                     save_aligner(self.model, self.out, self.write_card({"interrupted": True}))
+                self.finish(self.resumed)  # the card says how far the run got (steps_run), as at the end
             raise
 
     def _agree(self, flag: bool) -> bool:
