@@ -64,6 +64,10 @@ def check_same_architecture(
         )
 
 
+#: the largest |alpha| accepted: far past any useful extrapolation, and float32 overflows past ~3e38
+ALPHA_LIMIT = 1000.0
+
+
 def interpolate(
     a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], alpha: float
 ) -> dict[str, torch.Tensor]:
@@ -96,10 +100,6 @@ def interpolate(
                               f"outside [0, 1] extrapolate), got {alpha}")
     check_same_architecture(a, b)
     return {k: mix(ta, b[k], alpha).to(ta.dtype) if ta.is_floating_point() else ta.clone() for k, ta in a.items()}
-
-
-#: the largest |alpha| accepted: far past any useful extrapolation, and float32 overflows past ~3e38
-ALPHA_LIMIT = 1000.0
 
 
 def mix(a: torch.Tensor, b: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
