@@ -445,8 +445,11 @@ def resolve_network(
         # the generic forward keeps a conv map's size: verify it on CHAIN_SPATIAL per spatial side
         shape = (first.shape[1],) + (CHAIN_SPATIAL,) * (first.ndim - 2)
         n_out = int(last.shape[0]) if inferred.layers[-1].kind == "linear" else None
-        risks = [] if assume_chain else [r for r in (_hidden_skip_risk(inferred, state), _flatten_risk(inferred)) if r]
-        risk = " Also ".join(risks) or None
+        risks = [] if assume_chain else [r for r in (_hidden_skip_risk(inferred, state), _flatten_risk(inferred),
+                                                     _order_risk(inferred)) if r]
+        risk = (f"assumed a plain chain (no record, no --model): {'; '.join(risks)}; if the model does otherwise, "
+                "the output is broken. Pass --model pkg.module:Class to verify the real forward, or --assume-chain "
+                "to state it") if risks else None
         return Network(chosen, source, "chain", shape, n_out, chain, None, None, warnings, risk, inferred)
     return Network(chosen, source, None, None, None, None, None, None, warnings)
 
@@ -466,7 +469,7 @@ _BLOCK_WORDS = ("shortcut", "downsample", "residual", "skip", "res_")
 
 
 def _hidden_skip_risk(chain: Chain, state: Mapping[str, torch.Tensor]) -> str | None:
-    """Why the plain-chain reading of a bare checkpoint may be wrong, or None.
+    """Why the plain-chain reading of a bare checkpoint may be wrong (a clause of the assumption), or None.
 
     Raises:
         SpecError: the layer names read like residual blocks as well.
@@ -486,9 +489,18 @@ def _hidden_skip_risk(chain: Chain, state: Mapping[str, torch.Tensor]) -> str | 
             "broken model; pass --model pkg.module:Class (its real forward is verified), or --assume-chain if it "
             "really is a plain chain")
     k, j = equal[0]
-    return (f"assumed a plain chain (no record, no --model): widths {widths} would allow a skip connection "
-            f"(e.g. around {f'layer {j}' if k + 1 == j else f'layers {k + 1}..{j}'}) that a state dict cannot show; if the model has one, the output is "
-            "broken. Pass --model pkg.module:Class to verify the real forward, or --assume-chain to state it")
+    return (f"widths {widths} would allow a skip connection (e.g. around "
+            f"{f'layer {j}' if k + 1 == j else f'layers {k + 1}..{j}'}) that a state dict cannot show")
+
+
+def _order_risk(chain: Chain) -> str | None:
+    """The plain-chain reading's guess of the order, when the file's module order was trusted but
+    another order of its blocks fits the shapes as well (a model may declare its modules in one
+    order and run them in another)."""
+    if chain.rival is None:
+        return None
+    found, other = chain.rival
+    return f"the layers run in the file's order ({' -> '.join(found)}), though {' -> '.join(other)} fits their shapes too"
 
 
 def _flatten_risk(chain: Chain) -> str | None:
@@ -497,10 +509,8 @@ def _flatten_risk(chain: Chain) -> str | None:
     that flattens channels-last orders those inputs otherwise. None when no layer reads such a map."""
     for layer, prev, blocks in zip(chain.layers[1:], chain.layers, chain.blocks[1:]):
         if prev.kind == "conv" and layer.kind == "linear" and blocks > 1:
-            return (f"assumed a plain chain (no record, no --model) whose {layer.module!r} reads the conv map "
-                    f"flattened channel by channel ({blocks} positions each, as x.flatten(1) on [N, C, H, W]); a model "
-                    "that flattens channels-last gets a broken output. Pass --model pkg.module:Class to verify the "
-                    "real forward, or --assume-chain to state it")
+            return (f"{layer.module!r} reads the conv map flattened channel by channel ({blocks} positions each, as "
+                    "x.flatten(1) on [N, C, H, W]), not channels-last")
     return None
 
 

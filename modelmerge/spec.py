@@ -22,7 +22,7 @@ import itertools
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 
@@ -389,6 +389,10 @@ class Chain:
 
     layers: tuple[Layer, ...]
     blocks: tuple[int, ...]
+    #: top-level blocks in the order read and in another order that fits the shapes too, when the
+    #: order was taken from a module-ordered file on trust (a model may run its modules in another
+    #: order than it declares them): the caller says so
+    rival: tuple[tuple[str, ...], tuple[str, ...]] | None = None
 
     @property
     def family(self) -> str:
@@ -556,21 +560,29 @@ def _keeps_numbering(tops: list[str]) -> bool:
     return True
 
 
-def _check_unique_order(tops: list[str], rest: list[list[str]], kinds, modules, state) -> None:
-    """Raise SpecError if another order of the top-level blocks links as well: neither the names
-    nor the file (safetensors sorts its names) say which one the model runs, and a wrong one
-    gives a permuted model that computes something else. ``tops``: the found order's top-level blocks.
-    Orders that put numbered names out of their numbers' order (``fc3`` before ``fc2``) are not
-    counted as rivals."""
+def _rival_order(tops: list[str], rest: list[list[str]], kinds, modules, state) -> list[str] | None:
+    """Another order of the top-level blocks that links as well, or None. ``tops``: the found
+    order's top-level blocks. Orders that put numbered names out of their numbers' order
+    (``fc3`` before ``fc2``) are not counted as rivals."""
     for order in rest:
         other = list(dict.fromkeys(m.split(".")[0] for m in order))
         if other != tops and _keeps_numbering(other) and _link(order, kinds, modules, state)[0] is not None:
-            raise SpecError(
-                f"cannot tell the order of the layers: {' -> '.join(tops)} and {' -> '.join(other)} both fit "
-                "their shapes, and neither the names nor the file say which the model runs (a safetensors file "
-                "keeps no module order); pass --model pkg.module:Class, a --spec file, or a .pt state dict "
-                "saved by torch.save(model.state_dict())"
-            )
+            return other
+    return None
+
+
+def _check_unique_order(tops: list[str], rest: list[list[str]], kinds, modules, state) -> None:
+    """Raise SpecError if another order of the top-level blocks links as well: neither the names
+    nor the file (safetensors sorts its names) say which one the model runs, and a wrong one
+    gives a permuted model that computes something else."""
+    other = _rival_order(tops, rest, kinds, modules, state)
+    if other is not None:
+        raise SpecError(
+            f"cannot tell the order of the layers: {' -> '.join(tops)} and {' -> '.join(other)} both fit "
+            "their shapes, and neither the names nor the file say which the model runs (a safetensors file, or "
+            "any file whose names are sorted, keeps no module order); pass --model pkg.module:Class, a --spec file, or "
+            "a .pt state dict saved by torch.save(model.state_dict())"
+        )
 
 
 def infer_chain(state: Mapping[str, torch.Tensor], ordered: bool = False) -> Chain:
@@ -612,6 +624,8 @@ def infer_chain(state: Mapping[str, torch.Tensor], ordered: bool = False) -> Cha
             numbered = all(any(ch.isdigit() for ch in t) for t in tops)
             if not numbered and (i >= 2 or (not ordered and list(modules) == sorted(modules))):
                 _check_unique_order(tops, orders[2:], kinds, modules, state)
+            elif not numbered and (other := _rival_order(tops, orders[2:], kinds, modules, state)) is not None:
+                chain = replace(chain, rival=(tuple(tops), tuple(other)))  # trusted, but said
             return chain
         reasons.append(why)
     # the order that linked the most layers says best why the rest does not fit (the file's order

@@ -90,3 +90,22 @@ def test_a_bare_cnn_says_it_assumes_channel_major_flattening():
     assert resolve_network(flat, assume_chain=True).assumption is None
     pooled = {"0.weight": torch.randn(4, 1, 3, 3), "0.bias": torch.zeros(4), "2.weight": torch.randn(3, 4)}
     assert resolve_network(pooled).assumption is None  # one position per channel: nothing to order
+
+
+def test_a_trusted_file_order_that_another_order_also_fits_is_stated():
+    """A .pt keeps the order modules were declared in, which a model may not run them in: with two
+    interchangeable square layers and unnumbered names the written B computed something else under
+    a bare 'ASSUMED' (found by a black-box sweep). The assumption now names both orders."""
+    from modelmerge.network import resolve_network
+
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, (n_out, n_in) in [("encoder", (32, 20)), ("bottleneck", (32, 32)), ("hidden", (32, 32)),
+                                ("decoder", (10, 32))]:
+        state[f"{name}.weight"] = torch.randn(n_out, n_in, generator=g)
+        state[f"{name}.bias"] = torch.randn(n_out, generator=g)
+    net = resolve_network(state, ordered=True)
+    assert "file's order (encoder -> bottleneck -> hidden -> decoder), though encoder -> hidden" in net.assumption
+    assert resolve_network(state, ordered=True, assume_chain=True).assumption is None
+    numbered = {k.replace("bottleneck", "fc1").replace("hidden", "fc2"): v for k, v in state.items()}
+    assert "file's order" not in (resolve_network(numbered, ordered=True).assumption or "")

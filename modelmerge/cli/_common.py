@@ -172,7 +172,7 @@ class progress_bar:
 
 AssumeChain = Annotated[
     bool, typer.Option("--assume-chain", help="State that a bare checkpoint (no record, no --model) is a plain "
-                       "chain: no skip connections, conv maps flattened channel by channel. Otherwise one that reads "
+                       "chain: its layers run in the file's order, no skip connections, conv maps flattened channel by channel. Otherwise one that reads "
                        "like residual blocks is refused, and the guesses are warned of.")
 ]
 
