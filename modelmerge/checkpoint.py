@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from modelmerge.errors import CheckpointError, OutputError, one_line
+from modelmerge.errors import CheckpointError, OutputError, one_line, preview
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -210,11 +210,20 @@ def _unwrap_state_dict(obj: object, source: str, notes: list[str]) -> dict[str, 
                                  f"{key!r}; to use another, save it alone (torch.save(ckpt[NAME], ...))")
                 return _unwrap_state_dict(inner, source, notes)
         tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        if tensors and len(tensors) >= len(obj) - 1:
-            # e.g. a state dict carrying an "_metadata"-like extra entry
-            dropped = [str(k) for k in obj if str(k) not in tensors]
-            notes.append(f"{source}: ignored its entry {dropped[0]!r}, which is not a tensor")
+        others = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+        if tensors and all(isinstance(obj[k], (int, float, str, bool, type(None))) for k in others):
+            # a state dict carrying a few plain values beside it ("epoch": 3, "arch": "mlp", "_metadata_version")
+            if others:
+                one = len(others) == 1
+                notes.append(f"{source}: ignored {'its entry' if one else 'its entries'} "
+                             f"{preview([repr(str(k)) for k in others], 3)}, which "
+                             f"{'is not a tensor' if one else 'are not tensors'}")
             return tensors
+        if tensors:
+            raise CheckpointError(
+                f"{source}: holds tensors beside entries that are not ({preview([repr(str(k)) for k in others], 3)}) "
+                "and no 'state_dict' or 'model' entry; save `model.state_dict()` alone"
+            )
     kind = type(obj).__name__
     raise CheckpointError(
         f"{source}: holds a {kind}, not a state dict of tensors; save `model.state_dict()` "
@@ -243,8 +252,11 @@ def _read_torch(path: Path, source: str, notes: list[str]) -> dict[str, torch.Te
     except pickle.UnpicklingError as e:
         msg = str(e)
         if "Unsupported global" in msg or "GLOBAL" in msg:  # a class or function to import: code
+            found = re.search(r"GLOBAL ([\w.]+)", msg)
+            what = f" ({found.group(1)}, e.g. in hyperparameters or callback state)" if found else ""
             raise CheckpointError(
-                f"{source}: contains pickled Python objects, which modelmerge never unpickles; {resave}"
+                f"{source}: contains pickled Python objects{what}, which modelmerge never unpickles; {resave}, "
+                "e.g. torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pt') in trusted Python"
             ) from None
         if "Weights only load failed" in msg:  # e.g. pickle.dump or an old protocol: not a weights-only pickle
             raise CheckpointError(

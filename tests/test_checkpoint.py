@@ -198,5 +198,24 @@ def test_a_container_of_several_state_dicts_says_which_one_it_used(tmp_path):
     flat = tmp_path / "f.pt"
     torch.save({**raw, "_version": 2}, flat)
     assert load_checkpoint(flat).notes == (f"{flat}: ignored its entry '_version', which is not a tensor",)
+    # several plain values were refused as "a dict, not a state dict" (found by a black-box sweep)
+    torch.save({**raw, "epoch": 3, "arch": "mlp"}, flat)
+    assert load_checkpoint(flat).notes == (f"{flat}: ignored its entries 'epoch', 'arch', which are not tensors",)
+    torch.save({**raw, "optimizer": {"lr": 0.1}}, flat)  # not plain: which weights are meant is unclear
+    with pytest.raises(CheckpointError, match="beside entries that are not \\('optimizer'\\)"):
+        load_checkpoint(flat)
+    import argparse
+
+    torch.save({"state_dict": raw, "hparams": argparse.Namespace(lr=0.1)}, flat)  # a Lightning habit
+    with pytest.raises(CheckpointError, match="pickled Python objects \\(argparse.Namespace"):
+        load_checkpoint(flat)
     r = CliRunner().invoke(app, ["inspect", str(path), "--assume-chain"])
     assert r.exit_code == 0 and "warning:" in r.stderr and "several state dicts" in r.stderr
+    # the JSON report says it too (it left it out: found by a black-box sweep)
+    torch.save({"state_dict": ema, "state_dict_ema": raw}, tmp_path / "d.pt")
+    r = CliRunner().invoke(app, ["align", str(path), str(tmp_path / "d.pt"), "-o", str(tmp_path / "o.safetensors"),
+                                 "--assume-chain", "--method", "weight-matching", "--json"])
+    assert r.exit_code == 0, r.output
+    import json
+
+    assert sum("several state dicts" in w for w in json.loads(r.stdout)["warnings"]) == 2

@@ -474,7 +474,7 @@ def test_distill_trains_with_the_targets_and_reuses_them_on_resume(tiny_zoo, tmp
 
 
 def test_an_interrupted_run_leaves_an_aligner_whose_card_says_how_far_it_got(tiny_zoo, tmp_path, monkeypatch):
-    import modelmerge.deepalign.train as train
+    from modelmerge.deepalign import train
 
     real, calls = train._Run._one_step, []
 

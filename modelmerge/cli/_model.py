@@ -78,15 +78,28 @@ def build_model(target: str, kwargs_json: str | None, state):
     try:
         return load_strict(model, state, target)
     except ModelMergeError as e:
-        names = list(model.state_dict())
-        if state and all(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in names):
-            # saved from a (Distributed)DataParallel wrapper: the names carry its attribute
+        prefix = _wrapper_prefix(list(state), set(model.state_dict()))
+        if prefix is not None:
+            # saved from a wrapper: DataParallel ('module.'), Lightning ('model.'), torch.compile ('_orig_mod.')
             raise ModelMergeError(
-                f"the checkpoint's names start with 'module.' (saved from a DataParallel/DistributedDataParallel "
-                f"wrapper) but {target}'s do not; re-save model.module.state_dict(), or the state dict with "
-                "the prefix removed"
+                f"the checkpoint's names start with {prefix!r} (saved from a wrapper: DataParallel adds 'module.', "
+                f"a Lightning module its attribute, torch.compile '_orig_mod.') but {target}'s do not; re-save the "
+                "state dict with the prefix removed (e.g. model.module.state_dict())"
             ) from None
         raise ModelMergeError(f"{e}; check --model-kwargs") from None
+
+
+def _wrapper_prefix(keys: list[str], names: set[str]) -> str | None:
+    """The prefix (``module.``, ``model.``, ``_orig_mod.``, or several) that every checkpoint key has and
+    whose removal gives the model's names, if there is one."""
+    if not keys or not names:
+        return None
+    parts = keys[0].split(".")
+    for i in range(1, len(parts)):
+        prefix = ".".join(parts[:i]) + "."
+        if all(k.startswith(prefix) for k in keys) and names <= {k[len(prefix):] for k in keys}:
+            return prefix
+    return None
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:

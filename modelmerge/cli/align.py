@@ -118,6 +118,8 @@ def align_command(
     data = result.report()
     data["seconds"]["total"] = time.perf_counter() - t0
     data["inputs"] = {"a": ck_a.source, "b": ck_b.source, "a_sha256": ck_a.sha256, "b_sha256": ck_b.sha256}
+    # how the files were read (which of several state dicts, entries dropped), as stderr said it
+    data["warnings"] = [*ck_a.notes, *ck_b.notes, *data.get("warnings", [])]
     data["outputs"] = {"aligned": written[0], "merged": written[1] if merged is not None else None}
     if report is not None:
         write_json(report, data, [a, b], force)
