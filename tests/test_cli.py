@@ -227,3 +227,12 @@ def test_a_pt_file_keeps_its_module_order_and_a_safetensors_file_does_not(tmp_pa
     save_file(state, tmp_path / "m.safetensors")
     res = runner.invoke(app, ["inspect", str(tmp_path / "m.safetensors")])
     assert res.exit_code == 1 and "cannot tell the order" in res.output
+
+
+def test_interpolating_different_dtypes_says_the_merge_takes_as(tmp_path, save_sd):
+    """fp16 A with bf16 B was written in fp16 without a word (found by a black-box sweep)."""
+    a = save_sd({k: v.half() for k, v in mlp(seed=0).state_dict().items()}, "a.safetensors")
+    b = save_sd({k: v.bfloat16() for k, v in mlp(seed=1).state_dict().items()}, "b.safetensors")
+    r = run("interpolate", a, b, "-o", tmp_path / "m.safetensors")
+    assert r.exit_code == 0 and "differ in dtype" in r.stderr and "torch.float16 vs torch.bfloat16" in r.stderr
+    assert all(t.dtype == torch.float16 for t in load_checkpoint(tmp_path / "m.safetensors").state.values())

@@ -18,6 +18,7 @@ from modelmerge.cli._common import (
     load,
     resolve,
     save,
+    warn,
 )
 
 
@@ -77,6 +78,11 @@ def interpolate_command(
     meta = provenance("interpolate", ck_a, ck_b, arch_of=ck_a, alpha=str(alpha), reset_bn=str(reset_bn).lower(),
                       repair=str(repair).lower())
     save(merged, output, meta, [a, b], force)
+    differ = [k for k, v in ck_a.state.items() if v.dtype != ck_b.state[k].dtype]
+    if differ:  # computed in float32, written in A's dtype: say so rather than change B's silently
+        k = differ[0]
+        warn(f"A and B differ in dtype at {preview(differ, 3)} ({ck_a.state[k].dtype} vs {ck_b.state[k].dtype}); "
+             "the merge was computed in at least float32 and written in A's dtypes")
     copied = [k for k, v in ck_a.state.items() if not v.is_floating_point()]
     console().print(f"wrote {output}: {1 - alpha:g}*A + {alpha:g}*B over {len(merged) - len(copied)} tensors"
                     + (f"; {len(copied)} integer/bool buffer(s) copied from A, never interpolated "
