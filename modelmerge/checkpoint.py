@@ -211,8 +211,9 @@ def _unwrap_state_dict(obj: object, source: str, notes: list[str]) -> dict[str, 
                 return _unwrap_state_dict(inner, source, notes)
         tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         others = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-        if tensors and all(isinstance(obj[k], (int, float, str, bool, type(None))) for k in others):
-            # a state dict carrying a few plain values beside it ("epoch": 3, "arch": "mlp", "_metadata_version")
+        if tensors and (len(others) <= 1 or all(isinstance(obj[k], (int, float, str, bool, type(None))) for k in others)):
+            # a state dict carrying one extra entry of any kind (a "_metadata" table) or a few plain
+            # values ("epoch": 3, "arch": "mlp") beside it
             if others:
                 one = len(others) == 1
                 notes.append(f"{source}: ignored {'its entry' if one else 'its entries'} "

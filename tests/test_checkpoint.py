@@ -201,8 +201,8 @@ def test_a_container_of_several_state_dicts_says_which_one_it_used(tmp_path):
     # several plain values were refused as "a dict, not a state dict" (found by a black-box sweep)
     torch.save({**raw, "epoch": 3, "arch": "mlp"}, flat)
     assert load_checkpoint(flat).notes == (f"{flat}: ignored its entries 'epoch', 'arch', which are not tensors",)
-    torch.save({**raw, "optimizer": {"lr": 0.1}}, flat)  # not plain: which weights are meant is unclear
-    with pytest.raises(CheckpointError, match="beside entries that are not \\('optimizer'\\)"):
+    torch.save({**raw, "optimizer": {"lr": 0.1}, "sched": [1]}, flat)  # not plain: which weights are meant is unclear
+    with pytest.raises(CheckpointError, match="beside entries that are not \\('optimizer', 'sched'\\)"):
         load_checkpoint(flat)
     import argparse
 
