@@ -136,7 +136,12 @@ def resolve_source(source: str, revision: str | None = None) -> Path:
     if path.is_file():
         return path
     if path.is_dir():
-        raise CheckpointError(f"{source} is a folder, not a checkpoint file; pass the file inside it")
+        # a save_pretrained-style folder: its one standard weights file, as for a hub repository
+        found = [path / name for name in HUB_DEFAULT_FILES if (path / name).is_file()]
+        if len(found) == 1:
+            return found[0]
+        what = f"both {found[0].name} and {found[1].name}" if found else f"none of {', '.join(HUB_DEFAULT_FILES)}"
+        raise CheckpointError(f"{source} is a folder holding {what}; pass the checkpoint file inside it")
     if not _looks_like_hub_id(source):
         raise CheckpointError(f"{source}: no such file; check the path")
     from huggingface_hub import errors as hub_errors

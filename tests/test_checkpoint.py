@@ -219,3 +219,18 @@ def test_a_container_of_several_state_dicts_says_which_one_it_used(tmp_path):
     import json
 
     assert sum("several state dicts" in w for w in json.loads(r.stdout)["warnings"]) == 2
+
+
+def test_a_save_pretrained_folder_opens_its_one_weights_file(tmp_path, state):
+    """A folder holding pytorch_model.bin (a Hugging Face save_pretrained layout) was refused with
+    "pass the file inside it" (found by a black-box sweep); a folder with one standard file is read,
+    one with two or none is still a one-line error naming them."""
+    folder = tmp_path / "run1"
+    folder.mkdir()
+    torch.save(state, folder / "pytorch_model.bin")
+    assert load_checkpoint(folder).path == folder / "pytorch_model.bin"
+    save_checkpoint(state, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match="both model.safetensors and pytorch_model.bin"):
+        load_checkpoint(folder)
+    with pytest.raises(CheckpointError, match="holding none of"):
+        load_checkpoint(tmp_path)
