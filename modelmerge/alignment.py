@@ -18,7 +18,7 @@ from torch import nn
 from modelmerge import methods
 from modelmerge.checkpoint import Checkpoint
 from modelmerge.data import Dataset
-from modelmerge.errors import ModelMergeError, check_seed
+from modelmerge.errors import ModelMergeError, check_count, check_seed
 from modelmerge.matching import alignment_objective
 from modelmerge.merge import as_state_dict, check_same_architecture
 from modelmerge.network import Network, resolve_network
@@ -154,8 +154,7 @@ def align(
     """
     t0 = time.perf_counter()
     check_seed(seed)
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ModelMergeError(f"max_iter must be a whole number of 1 or more, got {max_iter!r}")
+    check_count(max_iter, "max_iter")
     refine = _check_options(method, refine, data, aligner)
     ordered = getattr(a, "ordered", False)  # a Checkpoint read from a .pt keeps module order
     if record is None and isinstance(a, Checkpoint):

@@ -44,6 +44,12 @@ def check_seed(seed: int) -> None:
         raise ModelMergeError(f"--seed must be a whole number from 0 to {2**32 - 1}, got {seed!r}")
 
 
+def check_count(value: int, name: str) -> None:
+    """Raise ModelMergeError unless ``value`` is a whole number of 1 or more (``max_iter`` and the like)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelMergeError(f"{name} must be a whole number of 1 or more, got {value!r}")
+
+
 def one_line(e: BaseException, limit: int = 200) -> str:
     """An exception's message folded to one line and cut at ``limit`` (its type name if empty)."""
     return " ".join(str(e).split())[:limit] or type(e).__name__

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from modelmerge.errors import ModelMergeError, SpecError
+from modelmerge.errors import ModelMergeError, SpecError, check_count
 from modelmerge.permutation import (
     Permutation,
     axis_index,
@@ -308,8 +308,7 @@ def weight_matching(
     """
     from modelmerge.merge import check_same_architecture
 
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ModelMergeError(f"max_iter must be a whole number of 1 or more, got {max_iter!r}")
+    check_count(max_iter, "max_iter")
     check_same_architecture(a, b)
     # read detached (the matcher writes into buffers); no pass over the values here, since the LMC
     # refinement calls this at every step: a NaN shows up below, where the assignment solver meets it

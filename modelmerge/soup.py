@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from modelmerge.data import Dataset
-from modelmerge.errors import ModelMergeError
+from modelmerge.errors import ModelMergeError, check_count
 from modelmerge.merge import as_state_dict, check_same_architecture
 from modelmerge.network import Network
 from modelmerge.permutation import Permutation, apply_permutation, identity_permutation
@@ -134,8 +134,7 @@ def merge_many(
     n = len(states)
     if n < 2:
         raise ModelMergeError(f"merge needs at least two models, got {n}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ModelMergeError(f"max_iter must be a whole number of 1 or more, got {max_iter!r}")
+    check_count(max_iter, "max_iter")
     states = [as_state_dict(s, f"model {i}") for i, s in enumerate(states, start=1)]
     w = check_weights(weights, n)
     for i, s in enumerate(states[1:], start=2):
