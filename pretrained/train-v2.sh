@@ -65,6 +65,8 @@ echo "$ZOO_LIST" | grep . | xargs -P "$JOBS" -L 1 sh -c \
   'name=$0; n=$1; shift; python3 -m modelmerge zoo "$@" -n $n -o '"$Z"'/$name --threads 1 >'"$Z"'/$name.log 2>&1 && echo "zoo $name done"' >>"$log"
 echo "zoos done in $(( $(date +%s) - t0 )) s" >>"$log"
 [ "${ZOO_ONLY:-0}" = 1 ] && exit 0
+# --init brings its own shape (train-aligner refuses shape options that differ from it)
+case " ${ARGS:-} " in *" --init "*) SHAPE="" ;; esac
 zoos=""
 for name in $(echo "$ZOO_LIST" | awk 'NF {print $1}'); do zoos="$zoos --zoo $Z/$name"; done
 # shellcheck disable=SC2086

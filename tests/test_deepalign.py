@@ -21,9 +21,9 @@ class PositionBiased(DeepAlign):
 V2 = {"channels": 16, "readout_hidden": 64, "output_dims": 8}  # the v2 shape, small
 
 
-def _aligner(equivariant=True, family="mlp", seed=0, weighted_costs=False, v2=False):
+def _aligner(equivariant=True, family="mlp", seed=0, weighted_costs=False, v2=False, edge_cost=0):
     torch.manual_seed(seed)
-    cfg = AlignerConfig(family=family, weighted_costs=weighted_costs, **(V2 if v2 else {}))
+    cfg = AlignerConfig(family=family, weighted_costs=weighted_costs, edge_cost=edge_cost, **(V2 if v2 else {}))
     model = (DeepAlign if equivariant else PositionBiased)(cfg).double().eval()
     if v2:  # trained aligners have non-zero probe modulation: exercise it
         with torch.no_grad():
@@ -61,6 +61,36 @@ def test_weighted_costs_variant_keeps_both_symmetries():
     assert check_equivariance(aligner, a, b, 3)
     assert all(torch.equal(torch.argsort(p), q)
                for p, q in zip(aligner_answer(aligner, a, b), aligner_answer(aligner, b, a)))
+
+
+@pytest.mark.parametrize("family", ["mlp", "cnn"])
+def test_edge_cost_variant_keeps_both_symmetries(family):
+    """The learned edge-matching term (switched on by the perturbation) keeps both symmetries."""
+    if family == "mlp":
+        a, b = _pair([20, 24, 16, 18, 5], 4)
+    else:
+        a, b = VGGish(seed=0).double().state_dict(), VGGish(seed=1).double().state_dict()
+    aligner = _aligner(family=family, seed=4, v2=True, edge_cost=4)
+    assert aligner.unroll_edge.abs().min() > 0  # the term is on
+    assert check_equivariance(aligner, a, b, 4)
+    assert all(torch.equal(torch.argsort(p), q)
+               for p, q in zip(aligner_answer(aligner, a, b), aligner_answer(aligner, b, a)))
+    assert not check_equivariance(_aligner(equivariant=False, family=family, seed=4, v2=True, edge_cost=4), a, b, 4)
+
+
+def test_edge_cost_term_changes_the_answer():
+    """Switched on, the term moves the logits: it is read, not dead code."""
+    a, b = _pair([20, 24, 16, 18, 5], 5)
+    aligner = _aligner(seed=5, v2=True, edge_cost=4)
+    from modelmerge.spec import infer_chain
+    from modelmerge.weightspace import to_weight_space
+
+    wa, wb = (to_weight_space(infer_chain(s), s) for s in (a, b))
+    with torch.no_grad():
+        on = aligner(wa, wb)
+        aligner.unroll_edge.zero_()
+        off = aligner(wa, wb)
+    assert all(not torch.allclose(x, y) for x, y in zip(on, off))
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])

@@ -88,6 +88,11 @@ def test_refusals_that_protect_inputs_and_options_that_would_not_apply(trained, 
     r = runner.invoke(app, [*base, "-o", str(tmp_path / "w"), "--init", str(trained), "--weighted-costs"])
     assert r.exit_code == 0, r.output  # switches a feature on over --init, as documented
     assert json.loads((tmp_path / "w" / "aligner.json").read_text())["config"]["weighted_costs"] is True
+    r = runner.invoke(app, [*base, "-o", str(tmp_path / "e"), "--init", str(trained), "--edge-cost", "3"])
+    assert r.exit_code == 0, r.output  # so does --edge-cost
+    assert json.loads((tmp_path / "e" / "aligner.json").read_text())["config"]["edge_cost"] == 3
+    r = runner.invoke(app, [*base, "-o", str(tmp_path / "f"), "--init", str(tmp_path / "e"), "--edge-cost", "5"])
+    assert r.exit_code == 1 and "--edge-cost 5" in r.stderr  # it has 3 channels already
     # an error is the only line: the no-data note waits for training to start
     r = runner.invoke(app, ["train-aligner", "--zoo", str(tiny_zoo), "-o", str(tmp_path / "b"), *TINY, "--resume"])
     assert r.exit_code == 1 and "nothing to resume" in r.stderr and "note" not in r.output
@@ -139,6 +144,35 @@ def test_add_layers_grows_init_close_to_its_answers(trained):
             assert p.grad is not None and p.grad.abs().sum() > 0
     assert check_equivariance(grown.double(), {k: v.double() for k, v in a.items()},
                               {k: v.double() for k, v in b.items()}, 0)
+
+
+@pytest.mark.parametrize("init", ["trained", "deepalign-mlp-v4", "deepalign-cnn-v2"])
+def test_edge_cost_over_init_starts_from_its_answers(init, trained):
+    """--edge-cost on top of --init starts switched off (the same logits), yet its weight is trained."""
+    from types import SimpleNamespace
+
+    from conftest import VGGish, mlp
+
+    from modelmerge.deepalign.model import AlignerConfig
+    from modelmerge.deepalign.train import _make_model
+    from modelmerge.spec import infer_chain
+    from modelmerge.weightspace import to_weight_space
+
+    start = load_aligner(trained if init == "trained" else init)[0]
+    if start.config.family == "cnn":
+        a, b = VGGish(seed=5).state_dict(), VGGish(seed=6).state_dict()
+    else:
+        a, b = mlp([30, 20, 12, 4], seed=5).state_dict(), mlp([30, 20, 12, 4], seed=6).state_dict()
+    chain = infer_chain(a)
+    part = SimpleNamespace(zoo=SimpleNamespace(chain=chain))
+    grown, _ = _make_model([part], AlignerConfig(edge_cost=3), trained if init == "trained" else init, seed=0)
+    assert grown.config.edge_cost == 3 and grown.config.layers == start.config.layers
+    wa, wb = to_weight_space(chain, a), to_weight_space(chain, b)
+    old, new = start(wa, wb), grown(wa, wb)
+    for s, t in zip(old, new):
+        assert torch.equal(s, t)
+    sum(t.pow(2).sum() for t in new).backward()
+    assert grown.unroll_edge.grad.abs().sum() > 0  # the switch gets a gradient from the first step
 
 
 @pytest.mark.parametrize("init", ["trained", "deepalign-mlp-v1", "deepalign-mlp-v4", "deepalign-cnn-v2"])

@@ -81,6 +81,10 @@ def train_aligner_command(
         bool, typer.Option("--weighted-costs", help="Learn per-term weights and input-unit importance in the "
                            "unrolled iterations (works with --init).")
     ] = False,
+    edge_cost: Annotated[
+        int, typer.Option("--edge-cost", min=0, help="Channels of a learned edge-matching term in the unrolled "
+                          "iterations (0: off; works with --init, starting switched off).")
+    ] = 0,
     distill: Annotated[
         float, typer.Option("--distill", min=0.0, help="Weight of the cross-entropy against refined answers (the LMC "
                             "refinement with the zoo's data, from the best of weight matching and --init) for "
@@ -161,7 +165,8 @@ def train_aligner_command(
                              max_minutes=max_minutes, relative=relative, distill=distill,
                              distill_pairs=distill_pairs)
     config = AlignerConfig(channels=channels, layers=layers, probes=probes, unroll=unroll, feature_dim=feature_dim,
-                           weighted_costs=weighted_costs, readout_hidden=readout_hidden, output_dims=output_dims)
+                           weighted_costs=weighted_costs, readout_hidden=readout_hidden, output_dims=output_dims,
+                           edge_cost=edge_cost)
     command = "modelmerge " + " ".join(sys.argv[1:])
     import time
 

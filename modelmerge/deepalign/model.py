@@ -87,6 +87,9 @@ class AlignerConfig:
             probe responses and output-side features (0: the v1 readout).
         output_dims: size of the projected output-side feature per unit, and
             switch for the output-side correlation term (0: off, as in v1).
+        edge_cost: channels of the learned edge-matching term of the unrolled iterations
+            (0: off): weight matching's cost computed on the encoder's edge features,
+            projected to this many channels, instead of on the raw weights.
     """
 
     family: str = "mlp"
@@ -101,6 +104,7 @@ class AlignerConfig:
     weighted_costs: bool = False
     readout_hidden: int = 0
     output_dims: int = 0
+    edge_cost: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -259,6 +263,29 @@ def _cross_costs(a: WeightSpace, b: WeightSpace, soft: list[torch.Tensor], weigh
     return out
 
 
+def _edge_costs(ea: list[torch.Tensor], eb: list[torch.Tensor], soft: list[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`_cross_costs` on learned edge codes ``ea[l], eb[l] [N, n_{l+1}, n_l, D]`` instead of weights.
+
+    For hidden layer l: ``sum_d (X_A,d · P_{l-1} · X_B,d^T + Y_A,d^T · P_{l+1} · Y_B,d)``, standardised;
+    the codes are the encoder's edge features (which see each edge's row, column and layer), so this
+    is weight matching's objective with a learned notion of which edges agree. Symmetric in A and B
+    (``P`` transposes with them).
+    """
+    n_layers = len(ea)
+    out = []
+    for l in range(1, n_layers):
+        xa, xb = ea[l - 1], eb[l - 1]  # (N, n_l, n_{l-1}, D)
+        if l > 1:
+            xa = torch.einsum("nikd,nkq->niqd", xa, soft[l - 2])
+        c_in = torch.einsum("nikd,njkd->nij", xa, xb)
+        ya, yb = ea[l], eb[l]  # (N, n_{l+1}, n_l, D)
+        if l < n_layers - 1:
+            ya = torch.einsum("nkid,nkq->nqid", ya, soft[l])
+        c_out = torch.einsum("nqid,nqjd->nij", ya, yb)
+        out.append(_standardise(c_in + c_out))
+    return out
+
+
 #: rows (entries of an edge or node tensor) from which the matrix-product forms below pay off;
 #: below it (nodes, conv kernels) the plain calls are faster
 _MATRIX_FORM_ROWS = 4096
@@ -396,6 +423,10 @@ class DeepAlign(nn.Module):
         self.unroll_temp = nn.Parameter(torch.full((t,), math.log(10.0)))
         self.unroll_keep = nn.Parameter(torch.full((t,), 0.5))
         self.unroll_cost = nn.Parameter(torch.full((t,), 3.0))
+        if config.edge_cost:
+            # starts switched off (weight 0), so an aligner grown with it starts from its own answers
+            self.edge_proj = nn.Linear(c, config.edge_cost, bias=False)
+            self.unroll_edge = nn.Parameter(torch.zeros(t))
         if config.weighted_costs:
             self.term_weights = nn.Parameter(torch.ones(t, 3))  # incoming, outgoing, bias per iteration
             self.input_importance = nn.Linear(c, 1)  # starts at softplus(0.5413) = 1 for every input
@@ -517,6 +548,10 @@ class DeepAlign(nn.Module):
         return out
 
     def features(self, a: WeightSpace, b: WeightSpace) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor]:
+        """Matching features of every hidden layer of A and B: :meth:`_features` without the edge codes."""
+        return self._features(a, b)[:2]
+
+    def _features(self, a: WeightSpace, b: WeightSpace):
         """Matching features of every hidden layer of A and B.
 
         Args:
@@ -527,7 +562,9 @@ class DeepAlign(nn.Module):
             the L2-normalised encoder features ``[N, n_l, D]``, standardised probe
             responses ``[N, n_l, samples]`` (None without probes) and centred,
             normalised output-side columns ``[N, n_l, n_out]`` (None without
-            ``output_dims``); and the input nodes' features of A and B summed, ``[N, n_0, C]``.
+            ``output_dims``); the input nodes' features of A and B summed, ``[N, n_0, C]``;
+            and with ``edge_cost`` the edge codes of A and B, per layer ``[N, n_{l+1}, n_l, edge_cost]``
+            (else None).
         """
         # A and B go through the encoder and the probes as one batch of 2N networks:
         # the same answer per network, half the (overhead-bound) operations
@@ -563,7 +600,11 @@ class DeepAlign(nn.Module):
             zl = (None, None) if z is None else (z[l - 1][:n], z[l - 1][n:])
             ol = (None, None) if cols is None else _centred(cols[l - 1]).split(n)
             feats.append((f[:n], f[n:], *zl, *ol))
-        return feats, V[0][:n] + V[0][n:]
+        codes = None
+        if cfg.edge_cost:
+            codes = [self.edge_proj(e) for e in E]
+            codes = ([c[:n] for c in codes], [c[n:] for c in codes])
+        return feats, V[0][:n] + V[0][n:], codes
 
     @staticmethod
     def output_side(ws: WeightSpace) -> list[torch.Tensor]:
@@ -594,10 +635,11 @@ class DeepAlign(nn.Module):
         turns the current affinities into soft permutations and adds the
         standardised cross-network cost of every hidden layer given its
         neighbours' soft permutations (the weight-matching objective's
-        per-layer term), with learned temperatures and mixing weights.
+        per-layer term), with learned temperatures and mixing weights; with
+        ``edge_cost``, also the same cost on learned edge codes.
         """
         scores = []
-        feats, v0 = self.features(a, b)
+        feats, v0, codes = self._features(a, b)
         weights = importance = None
         if self.config.weighted_costs:
             importance = F.softplus(self.input_importance(v0))[..., 0]  # (N, n_0), symmetric in A and B
@@ -614,6 +656,8 @@ class DeepAlign(nn.Module):
                 weights = self.term_weights[t]
             costs = _cross_costs(a, b, soft, weights, importance)
             scores = [self.unroll_keep[t] * s + self.unroll_cost[t] * c for s, c in zip(scores, costs)]
+            if codes is not None:  # the same cost on learned edge codes
+                scores = [s + self.unroll_edge[t] * c for s, c in zip(scores, _edge_costs(*codes, soft))]
         return scores
 
     @torch.no_grad()
@@ -683,7 +727,7 @@ def widen(model: DeepAlign, factor: int, noise: float = 0.01, seed: int = 0) -> 
             t = tile(t, 0, False)
             if t.ndim == 2:  # lin weights (C, C) also read the copied channels
                 t = tile(t, 1, True)
-        elif name[0] in ("probe", "input_importance") and name[1] == "weight":
+        elif name[0] in ("probe", "input_importance", "edge_proj") and name[1] == "weight":
             t = tile(t, 1, True)
         elif name[0] == "readout" and h:
             i = int(name[1])  # Linear layers 0, 2, 4: the first reads [V, E_in, E_out, rest], the last writes features

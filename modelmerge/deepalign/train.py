@@ -382,8 +382,12 @@ def _make_model(parts: list[_Part], config: AlignerConfig | None, init, seed: in
                                   f"{family.upper()}s")
         # keep the starting aligner's shape; only switch on weighted costs if asked to
         wants = bool(config is not None and config.weighted_costs)
+        edge_cost = config.edge_cost if config is not None and config.edge_cost else start.config.edge_cost
+        if start.config.edge_cost and edge_cost != start.config.edge_cost:
+            raise ModelMergeError(f"--init {init} has an edge-matching term of {start.config.edge_cost} channels; "
+                                  f"drop --edge-cost {edge_cost}")
         config = AlignerConfig(**{**start.config.to_dict(), "weighted_costs": start.config.weighted_costs or wants,
-                                  "layers": start.config.layers + add_layers})
+                                  "layers": start.config.layers + add_layers, "edge_cost": edge_cost})
     base = config or AlignerConfig()
     depths = tuple(sorted({len(p.zoo.chain.layers) for p in parts}))
     config = AlignerConfig(**{**base.to_dict(), "family": family, "depths": depths,
@@ -392,7 +396,7 @@ def _make_model(parts: list[_Part], config: AlignerConfig | None, init, seed: in
     model = DeepAlign(config)
     if start is not None:
         missing, unexpected = model.load_state_dict(start.state_dict(), strict=False)
-        new_parts = ("term_weights", "input_importance",
+        new_parts = ("term_weights", "input_importance", "edge_proj", "unroll_edge",
                      *(f"layers.{i}." for i in range(start.config.layers, config.layers)))
         if unexpected or any(not k.startswith(new_parts) for k in missing):
             raise ModelMergeError(f"--init {init} does not fit the aligner being trained")
