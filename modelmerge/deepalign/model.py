@@ -263,6 +263,12 @@ def _cross_costs(a: WeightSpace, b: WeightSpace, soft: list[torch.Tensor], weigh
     return out
 
 
+#: the edge term's weight is this times its parameter: it starts at 0 and must reach the size of the
+#: other terms' weights (~3) within a fine-tune's few hundred Adam steps of ~lr each (measured: without
+#: the gain it crept to 0.02 in 200 steps at lr 5e-4)
+_EDGE_GAIN = 10.0
+
+
 def _edge_costs(ea: list[torch.Tensor], eb: list[torch.Tensor], soft: list[torch.Tensor]) -> list[torch.Tensor]:
     """:func:`_cross_costs` on learned edge codes ``ea[l], eb[l] [N, n_{l+1}, n_l, D]`` instead of weights.
 
@@ -657,7 +663,8 @@ class DeepAlign(nn.Module):
             costs = _cross_costs(a, b, soft, weights, importance)
             scores = [self.unroll_keep[t] * s + self.unroll_cost[t] * c for s, c in zip(scores, costs)]
             if codes is not None:  # the same cost on learned edge codes
-                scores = [s + self.unroll_edge[t] * c for s, c in zip(scores, _edge_costs(*codes, soft))]
+                w = _EDGE_GAIN * self.unroll_edge[t]
+                scores = [s + w * c for s, c in zip(scores, _edge_costs(*codes, soft))]
         return scores
 
     @torch.no_grad()
