@@ -142,6 +142,8 @@ def resolve_source(source: str, revision: str | None = None) -> Path:
             return found[0]
         what = f"both {found[0].name} and {found[1].name}" if found else f"none of {', '.join(HUB_DEFAULT_FILES)}"
         raise CheckpointError(f"{source} is a folder holding {what}; pass the checkpoint file inside it")
+    if path.exists():  # a FIFO, a device, a socket: reading one could block or never end
+        raise CheckpointError(f"{source}: is not a regular file (a pipe or device); pass a checkpoint file")
     if not _looks_like_hub_id(source):
         raise CheckpointError(f"{source}: no such file; check the path")
     from huggingface_hub import errors as hub_errors
@@ -185,15 +187,62 @@ def _read_safetensors(path: Path, source: str) -> tuple[dict[str, torch.Tensor],
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with _utf8_name(path) as name, safe_open(name, framework="pt") as f:
             metadata = dict(f.metadata() or {})
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        if _torch_magic(path):
+            raise CheckpointError(f"{source}: is a PyTorch (torch.save) file, not safetensors; rename it to .pt "
+                                  "(or re-save it as safetensors)") from None
         raise CheckpointError(
             f"{source}: cannot read as safetensors, the file is truncated or corrupt "
             f"({one_line(e)}); re-download or re-save it"
         ) from None
     return state, metadata
+
+
+@contextmanager
+def _utf8_name(path: Path) -> Iterator[str]:
+    """A name for ``path`` that safetensors can open: its own, or, when that is not valid UTF-8 (which
+    safetensors refuses), a symbolic link with a plain name in a temporary folder (removed after)."""
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    else:
+        yield str(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="modelmerge-") as tmp:
+        link = os.path.join(tmp, "checkpoint.safetensors")
+        os.symlink(os.path.abspath(path), link)
+        yield link  # the tensors are memory-mapped: they stay valid after the link is removed
+
+
+def _torch_magic(path: Path) -> bool:
+    """Whether ``path`` starts as torch.save's files do (a zip archive or a pickle)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return head[:2] == b"PK" or head[:1] == b"\x80"
+
+
+def _string_keys(obj: Mapping, source: str) -> dict:
+    """``obj`` with its keys as strings; refuses keys that become equal (``1`` and ``"1"``), which would
+    silently drop a tensor, and the name safetensors reserves for its metadata."""
+    out = {str(k): v for k, v in obj.items()}
+    if len(out) != len(obj):
+        seen: dict[str, object] = {}
+        for k in obj:
+            if str(k) in seen:
+                raise CheckpointError(f"{source}: keys {seen[str(k)]!r} and {k!r} have the same name as text, so "
+                                      "one tensor would be lost; save it with distinct string keys")
+            seen[str(k)] = k
+    if "__metadata__" in out:
+        raise CheckpointError(f"{source}: has a tensor named '__metadata__', a name safetensors reserves for its "
+                              "header; rename that entry and re-save")
+    return out
 
 
 def _is_state_dict(obj: object) -> bool:
@@ -205,7 +254,7 @@ def _unwrap_state_dict(obj: object, source: str, notes: list[str]) -> dict[str, 
     choices the user should hear of are appended to ``notes``."""
     if isinstance(obj, Mapping):
         if _is_state_dict(obj):
-            return {str(k): v for k, v in obj.items()}
+            return _string_keys(obj, source)
         for key in _WRAPPER_KEYS:
             inner = obj.get(key)
             if isinstance(inner, Mapping) and inner:
@@ -214,7 +263,7 @@ def _unwrap_state_dict(obj: object, source: str, notes: list[str]) -> dict[str, 
                     notes.append(f"{source} holds several state dicts ({', '.join([str(key), *others])}); using "
                                  f"{key!r}; to use another, save it alone (torch.save(ckpt[NAME], ...))")
                 return _unwrap_state_dict(inner, source, notes)
-        tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        tensors = _string_keys({k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, source)
         others = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
         if tensors and (len(others) <= 1 or all(isinstance(obj[k], (int, float, str, bool, type(None))) for k in others)):
             # a state dict carrying one extra entry of any kind (a "_metadata" table) or a few plain
@@ -243,11 +292,13 @@ def _read_torch(path: Path, source: str, notes: list[str]) -> dict[str, torch.Te
     resave = "re-save it as `torch.save(model.state_dict(), ...)` or as safetensors"
     try:
         with open(path, "rb") as f:
-            head = f.read(2)
+            head = f.read(9)
     except OSError as e:
         raise CheckpointError(f"{source}: cannot read it ({e.strerror})") from None
     if not head:
         raise CheckpointError(f"{source}: is empty (0 bytes); re-download or re-save it")
+    if len(head) == 9 and head[8:9] == b"{":  # a header length, then the JSON header
+        raise CheckpointError(f"{source}: is a safetensors file with a PyTorch name; rename it to .safetensors")
     if head[:2] != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive (or, before 1.6, a pickle)
         raise CheckpointError(f"{source}: is not a PyTorch checkpoint (neither a zip archive nor a pickle); "
                               "pass a .pt/.pth/.bin file written by torch.save, or a .safetensors file")
@@ -413,6 +464,9 @@ def check_output_path(
         raise OutputError(f"output {out} is a folder; give a file name such as {out}/out.safetensors")
     if out.exists() and not force:
         raise OutputError(f"output {out} already exists; pass --force to overwrite it")
+    if out.is_symlink() and not out.exists() and not force:
+        raise OutputError(f"output {out} already exists as a broken symbolic link (to {os.readlink(out)}); "
+                          "pass --force to replace the link, or choose another name")
     parent = out.parent if str(out.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
         raise OutputError(f"cannot write {out}: {parent} is a file, not a folder; choose another path")
@@ -460,8 +514,14 @@ def save_checkpoint(
         OutputError: the path is unsafe or the write fails.
     """
     out = check_output_path(output, inputs, force)
+    if "__metadata__" in state:
+        raise OutputError(f"cannot write {out}: a tensor is named '__metadata__', which safetensors reserves "
+                          "for its header; rename it")
+    check_writable_values(state, out)
     tensors = _unshared(state)
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    # text that is not valid UTF-8 (a file name's undecodable bytes arrive as lone surrogates) would make
+    # a header no reader accepts: such characters are written as escapes
+    meta = {_utf8(str(k)): _utf8(str(v)) for k, v in (metadata or {}).items()}
     with atomic_path(out, replace=force) as tmp:
         if sys.byteorder == "little" and all(t.dtype in _SAFETENSORS_DTYPES for t in tensors.values()):
             _write_safetensors(tmp, tensors, meta)
@@ -470,6 +530,25 @@ def save_checkpoint(
 
             save_file(tensors, tmp, metadata=meta)
     return out
+
+
+def check_writable_values(state: Mapping[str, torch.Tensor], out: str | os.PathLike) -> None:
+    """Refuse to write NaN or infinite values (a checkpoint modelmerge itself would refuse to read),
+    e.g. a float16 merge at a far extrapolation that overflowed.
+
+    Raises:
+        OutputError: naming the first such tensor.
+    """
+    for name, t in state.items():
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all()):
+            why = (f"{t.dtype} overflowed; use an --alpha nearer [0, 1] or float32 checkpoints"
+                   if t.dtype in (torch.float16, torch.bfloat16) or t.element_size() == 1 else
+                   "the computation diverged: an --alpha far outside [0, 1], or a zoo's training (lower --lr)")
+            raise OutputError(f"{out} not written: its tensor {name!r} would hold NaN or infinite values ({why})")
+
+
+def _utf8(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 _SAFETENSORS_DTYPES = {

@@ -147,16 +147,18 @@ def from_file(path: str | Path) -> Dataset:
         DataError: missing file, missing arrays, or arrays of the wrong shape.
     """
     p = Path(path)
+    if p.exists() and not p.is_file():
+        what = "a folder" if p.is_dir() else "not a regular file (a pipe or device)"
+        raise DataError(f"data file {p} is {what}; pass an .npz/.safetensors file with arrays 'x' and 'y'")
     if not p.is_file():
         raise DataError(f"data file {p} not found; pass digits, mnist1d, teacher or an .npz/.safetensors file")
+    suffix = p.suffix.lower()
     try:
-        if p.suffix == ".npz":
+        if suffix == ".npz":
             with np.load(p, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
-        elif p.suffix == ".safetensors":
-            from safetensors.numpy import load_file
-
-            arrays = load_file(str(p))
+        elif suffix == ".safetensors":
+            arrays = _safetensors_arrays(p)
         else:
             raise DataError(f"data file {p} must be .npz or .safetensors with arrays 'x' and 'y'")
     except DataError:
@@ -175,21 +177,48 @@ def from_file(path: str | Path) -> Dataset:
         if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)
                 or x.dtype == np.bool_):
             raise DataError(f"data file {p}: {what} inputs must be numbers, not {x.dtype}")
-        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
-            raise DataError(f"data file {p}: {what} inputs contain NaN or infinite values; clean the data first")
+        # finite as the float32 the models read: 1e300 in float64 is finite, and infinite once cast
+        with np.errstate(over="ignore"):  # the overflow is what is checked here
+            finite = not np.issubdtype(x.dtype, np.floating) or np.isfinite(x.astype(np.float32, copy=False)).all()
+        if not finite:
+            raise DataError(f"data file {p}: {what} inputs contain NaN or infinite values (or values beyond "
+                            "float32's range, ~3.4e38); clean or rescale the data first")
         if not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
             raise DataError(f"data file {p}: {what} labels must be non-negative integers")
+        if len(y) and int(y.max()) >= 2**31:  # class indices; uint64 beyond int64 would wrap to negatives
+            raise DataError(f"data file {p}: {what} labels go up to {int(y.max())}; labels are class indices "
+                            "0..classes-1")
 
     x, y = arrays["x"], arrays["y"]
     _check(x, y, "x/y")
     if len(x) < 2:
         raise DataError(f"data file {p} has {len(x)} example(s); it needs at least 2 (a train and a test split)")
-    if "x_test" in arrays and "y_test" in arrays:
+    if ("x_test" in arrays) != ("y_test" in arrays):
+        have, lack = ("x_test", "y_test") if "x_test" in arrays else ("y_test", "x_test")
+        raise DataError(f"data file {p} has {have} but no {lack}; give both (a test split) or neither "
+                        "(an 80/20 split of x and y)")
+    if "x_test" in arrays:
         _check(arrays["x_test"], arrays["y_test"], "x_test/y_test")
+        if arrays["x_test"].shape[1:] != x.shape[1:]:
+            raise DataError(f"data file {p}: x_test's examples have shape {list(arrays['x_test'].shape[1:])} but "
+                            f"x's have {list(x.shape[1:])}; they must match")
         f = torch.float32
         return Dataset(str(p), torch.as_tensor(x, dtype=f), torch.as_tensor(y, dtype=torch.long),
                        torch.as_tensor(arrays["x_test"], dtype=f), torch.as_tensor(arrays["y_test"], dtype=torch.long))
     return _split(str(p), x, y)
+
+
+def _safetensors_arrays(p: Path) -> dict[str, np.ndarray]:
+    """A safetensors data file's arrays (through torch, which reads the dtypes NumPy lacks, bfloat16 among
+    them; those are widened to float32)."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for k, t in load_file(str(p)).items():
+        if t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64):
+            t = t.float()
+        out[k] = t.numpy()
+    return out
 
 
 def load_dataset(name: str) -> Dataset:
@@ -204,6 +233,6 @@ def load_dataset(name: str) -> Dataset:
         return mnist1d()
     if name == "teacher":
         return teacher()
-    if name.endswith((".npz", ".safetensors")) or Path(name).exists():
+    if name.lower().endswith((".npz", ".safetensors")) or Path(name).exists():
         return from_file(name)
     raise DataError(f"unknown dataset {name!r}; use digits, mnist1d, teacher, or an .npz/.safetensors file with x and y")

@@ -58,3 +58,42 @@ def one_line(e: BaseException, limit: int = 200) -> str:
 def preview(items: list[str], n: int = 5) -> str:
     """``a, b, c (+N more)``: the first ``n`` names of a list, for one-line messages."""
     return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+#: the largest JSON side file (spec, aligner card, config) read: far above any real one, far below memory
+TEXT_LIMIT = 64 * 2**20
+
+
+def read_text(path, what: str, error: type[ModelMergeError] = ModelMergeError, limit: int = TEXT_LIMIT) -> str:
+    """A small UTF-8 JSON side file's text (a spec, an aligner card, a config), refusing what is not one.
+
+    Pipes and devices are refused before reading (one could block or never end), so are files over
+    ``limit`` bytes and bytes that are not UTF-8.
+
+    Raises:
+        error: naming ``what``, the path and the problem (a missing file included).
+    """
+    import os
+    import stat
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{what} {path} not found; check the path") from None
+    except OSError as e:
+        raise error(f"cannot read {what} {path} ({e.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise error(f"{what} {path} is a folder; pass the file") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{what} {path} is not a regular file (a pipe or device); pass a file") from None
+    if st.st_size > limit:
+        raise error(f"{what} {path} is {st.st_size / 2**20:.0f} MiB, too large to be one; check the path") from None
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as e:
+        raise error(f"cannot read {what} {path} ({e.strerror})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise error(f"{what} {path} is not valid JSON (not UTF-8 text: a binary file?); check the path") from None

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from torch import nn
 
-from modelmerge.errors import ModelMergeError
+from modelmerge.errors import ModelMergeError, read_text
 
 
 def build(**kwargs) -> nn.Module:
@@ -54,9 +54,10 @@ def build(**kwargs) -> nn.Module:
     fields = {}
     path = kwargs.pop("config", None)
     if path is not None:
+        text = read_text(Path(path), "the config")
         try:
-            fields = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as e:
+            fields = json.loads(text)
+        except ValueError as e:
             raise ModelMergeError(f"cannot read the config {path} ({type(e).__name__}); pass a local config.json"
                                   ) from None
         if not isinstance(fields, dict):

@@ -266,6 +266,15 @@ def _dot(ta: torch.Tensor, tb: torch.Tensor, axes: Axes, perm) -> float:
     return total
 
 
+def _computable(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` detached, with float8 tensors as float32 (CPU kernels such as norms lack float8)."""
+    out = {}
+    for k, t in state.items():
+        t = t.detach() if t.requires_grad else t
+        out[k] = t.float() if t.is_floating_point() and t.element_size() == 1 else t
+    return out
+
+
 def weight_matching(
     a: Mapping[str, torch.Tensor],
     b: Mapping[str, torch.Tensor],
@@ -312,8 +321,7 @@ def weight_matching(
     check_same_architecture(a, b)
     # read detached (the matcher writes into buffers); no pass over the values here, since the LMC
     # refinement calls this at every step: a NaN shows up below, where the assignment solver meets it
-    a = {k: t.detach() if t.requires_grad else t for k, t in a.items()}
-    b = {k: t.detach() if t.requires_grad else t for k, t in b.items()}
+    a, b = _computable(a), _computable(b)
     spec.check(a, "first checkpoint")
     spec.check(b, "second checkpoint")
     perm = {g: p.clone() for g, p in (init or identity_permutation(spec)).items()}

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from modelmerge.data import Dataset
-from modelmerge.errors import ModelMergeError, SpecError, one_line
+from modelmerge.errors import ModelMergeError, SpecError, one_line, preview
 from modelmerge.spec import Chain, PermutationSpec, infer_chain
 
 #: spatial side of the random inputs that verify a bare conv chain (its real input size is not in the weights)
@@ -478,18 +478,19 @@ def _hidden_skip_risk(chain: Chain, state: Mapping[str, torch.Tensor]) -> str | 
     equal = [(k, j) for j in range(1, len(widths)) for k in range(j) if widths[k] == widths[j]]
     if not equal:
         return None  # no two points of the chain have the same width: no residual add fits
+    shown = str(widths) if len(widths) <= 12 else f"[{preview([str(w) for w in widths], 10)}]"  # one readable line
     names = [layer.module for layer in chain.layers]
     nested = [m for m in names if any(part.isdigit() for part in m.split(".")[:-1])]
     worded = [m for m in names if any(w in m.lower() for w in _BLOCK_WORDS)]
     if nested or worded:
         example = (worded or nested)[0]
         raise SpecError(
-            f"this bare checkpoint reads like residual blocks ({example!r}, widths {widths}): a skip connection "
+            f"this bare checkpoint reads like residual blocks ({example!r}, widths {shown}): a skip connection "
             "without parameters cannot be seen in a state dict, so treating it as a plain chain could write a "
             "broken model; pass --model pkg.module:Class (its real forward is verified), or --assume-chain if it "
             "really is a plain chain")
     k, j = equal[0]
-    return (f"widths {widths} would allow a skip connection (e.g. around "
+    return (f"widths {shown} would allow a skip connection (e.g. around "
             f"{f'layer {j}' if k + 1 == j else f'layers {k + 1}..{j}'}) that a state dict cannot show")
 
 

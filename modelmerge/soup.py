@@ -90,7 +90,7 @@ def average(states: Sequence[State], weights: Sequence[float]) -> dict[str, torc
         if not t.is_floating_point():
             out[k] = t.clone()
             continue
-        work = torch.promote_types(t.dtype, torch.float32)
+        work = torch.float64 if t.dtype == torch.float64 else torch.float32  # (float8 has no promotion rules)
         acc = sum(w * s[k].to(work) for w, s in zip(weights, states))
         out[k] = acc.to(t.dtype)
     return out

@@ -294,15 +294,10 @@ class PermutationSpec:
         Raises:
             SpecError: missing file, invalid JSON, or not a spec.
         """
+        from modelmerge.errors import read_text
+
         p = Path(path)
-        try:
-            text = p.read_text()
-        except FileNotFoundError:
-            raise SpecError(f"spec file {p} not found; check the --spec path") from None
-        except OSError as e:
-            raise SpecError(f"cannot read spec file {p}: {e.strerror}") from None
-        except UnicodeDecodeError:
-            raise SpecError(f"spec file {p} is not valid JSON (it is a binary file)") from None
+        text = read_text(p, "spec file", SpecError)
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:

@@ -112,6 +112,21 @@ def _digits_like(n=40, features=12, classes=5, **over):
     return arrays
 
 
+def _fifo(path):
+    os.mkfifo(path)
+    return path
+
+
+def _dangling(path):
+    os.symlink(path.parent / "nowhere", path)
+    return path
+
+
+def _half(sign):
+    """float16 weights near its range (|w| ~ 2.5e4): at alpha -1 the merge 2A - B = 3A overflows when B = -A."""
+    return {k: (sign * (2.5e4 * v.sign() + v)).half() for k, v in mlp(WIDTHS, seed=0).state_dict().items()}
+
+
 # Each builder returns (command line, text the error line must contain).
 CASES = {
     # ---------------------------------------------------------------- checkpoint files
@@ -130,6 +145,20 @@ CASES = {
                                    "never unpickles"),
     "pt holding a list": lambda c: (c.align(b=c.torch_save([1, 2, 3], "list.pt")), "not a state dict"),
     "pt holding no tensors": lambda c: (c.align(b=c.torch_save({}, "none.pt")), "not a state dict"),
+    # (the next seven come from a black-box sweep: some were written out broken or read forever before)
+    "pt with a tensor named __metadata__": lambda c: (c.align(b=c.torch_save(
+        {**mlp(WIDTHS).state_dict(), "__metadata__": torch.ones(3)}, "meta.pt")), "'__metadata__'"),
+    "pt keys that collide as text": lambda c: (c.align(b=c.torch_save(
+        {1: torch.ones(2), "1": torch.ones(3)}, "ik.pt")), "same name as text"),
+    "a pipe as checkpoint": lambda c: (c.align(b=_fifo(c.dir / "pipe.safetensors")), "not a regular file"),
+    "torch file named safetensors": lambda c: (c.align(b=c.torch_save(mlp(WIDTHS, seed=1).state_dict(),
+                                                                      "zip.safetensors")), "rename it to .pt"),
+    "safetensors file named pt": lambda c: (c.align(b=c.write("st.pt", c.b.read_bytes())), "rename it to .safetensors"),
+    "output a broken symlink": lambda c: (["interpolate", c.a, c.b, "-o", _dangling(c.dir / "link.safetensors")],
+                                          "broken symbolic link"),
+    "interpolate overflowing float16": lambda c: (
+        ["interpolate", c.save(_half(1), "h1.safetensors"), c.save(_half(-1), "h2.safetensors"), "-o", c.out,
+         "--alpha", "-1"], "NaN or infinite"),
     "nan weights": lambda c: (c.align(b=c.save(_state(**{"2.bias": torch.full((16,), float("nan"))}),
                                                "nan.safetensors")), "NaN"),
     "inf weights": lambda c: (c.align(b=c.save(_state(**{"0.weight": torch.full((16, 12), float("inf"))}),
@@ -260,6 +289,17 @@ CASES = {
                                   "non-negative"),
     "data of the wrong size": lambda c: (c.align("--data", c.npz("d.npz", **_digits_like(features=7))),
                                          "inputs have shape"),
+    "data beyond float32's range": lambda c: (c.align("--data", c.npz("d.npz", **_digits_like(
+        x=np.full((40, 12), 1e300)))), "float32's range"),
+    "labels beyond int64": lambda c: (c.align("--data", c.npz("d.npz", **_digits_like(
+        y=np.full(40, 2**63 + 5, dtype=np.uint64)))), "class indices"),
+    "x_test without y_test": lambda c: (["evaluate", c.a, c.b, "--dataset", c.npz("d.npz", **_digits_like(
+        x_test=np.zeros((5, 12), np.float32)))], "no y_test"),
+    "x_test of another shape": lambda c: (["evaluate", c.a, c.b, "--dataset", c.npz("d.npz", **_digits_like(
+        x_test=np.zeros((5, 10), np.float32), y_test=np.zeros(5, np.int64)))], "must match"),
+    "data file a folder": lambda c: (c.align("--data", c.folder("d.npz")), "is a folder"),
+    "spec a pipe": lambda c: (c.align("--spec", _fifo(c.dir / "s.json")), "not a regular file"),
+    "aligner card not utf-8": lambda c: (c.align("--aligner", _aligner_folder(c, b"\xff\xfe{")), "not UTF-8"),
     "evaluate unknown split": lambda c: (["evaluate", c.a, c.b, "--dataset", "digits", "--split", "dev"],
                                          "--split"),
     "evaluate a bare conv chain": lambda c: (

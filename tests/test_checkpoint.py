@@ -182,6 +182,39 @@ def test_float8_checkpoints_align_and_merge_in_their_dtype(dtype, tmp_path, save
     assert torch.equal(mixed["0.weight"].float(), expected.float())
 
 
+def test_float8_checkpoints_weight_match_and_make_soups(tmp_path, save_sd):
+    """Weight matching's norms and the soup's average have no float8 kernels: both crashed before."""
+    from typer.testing import CliRunner
+
+    from modelmerge.cli.app import app
+
+    dtype = torch.float8_e4m3fn
+    paths = [save_sd({k: v.to(dtype) for k, v in mlp(seed=s).state_dict().items()}, f"{s}.safetensors")
+             for s in (0, 1)]
+    for args in (["align", *paths, "-o", tmp_path / "w.safetensors", "--method", "weight-matching"],
+                 ["merge", *paths, "-o", tmp_path / "s.safetensors"]):
+        r = CliRunner().invoke(app, [str(x) for x in [*args, "--assume-chain"]])
+        assert r.exit_code == 0, r.output
+        assert all(t.dtype == dtype for t in load_checkpoint(args[args.index("-o") + 1]).state.values())
+
+
+def test_file_names_that_are_not_utf8_read_and_write(tmp_path, state):
+    """safetensors refuses such paths, and their undecodable bytes once made a header no reader accepts."""
+    import subprocess
+    import sys
+
+    a = tmp_path / os.fsdecode(b"a_\xff.safetensors")
+    save_checkpoint(state, a)
+    assert _equal(load_checkpoint(a).state, state)
+    out = tmp_path / os.fsdecode(b"o_\xfe.safetensors")
+    # a real process: the test runner's captured output is stricter about such names than a terminal
+    r = subprocess.run([sys.executable, "-m", "modelmerge", "interpolate", a, a, "-o", out], capture_output=True, check=False)
+    assert r.returncode == 0, r.stderr
+    back = load_checkpoint(out)
+    assert _equal(back.state, state)
+    assert back.metadata["modelmerge.input_a"].endswith("a_\\udcff.safetensors")  # the byte, escaped
+
+
 def test_a_container_of_several_state_dicts_says_which_one_it_used(tmp_path):
     """timm-style {"state_dict", "state_dict_ema"} or {"model", "ema"}: the standard key is used, and said so."""
     from typer.testing import CliRunner

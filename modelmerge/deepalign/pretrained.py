@@ -15,7 +15,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from modelmerge.deepalign.model import AlignerConfig, DeepAlign
-from modelmerge.errors import ModelMergeError, one_line
+from modelmerge.errors import ModelMergeError, one_line, read_text
 
 
 @dataclass(frozen=True)
@@ -132,10 +132,7 @@ def load_aligner(name_or_path: str | Path) -> tuple[DeepAlign, dict]:
         card_file, weights = p / "aligner.json", p / "aligner.safetensors"
         if not weights.is_file() or not card_file.is_file():
             raise ModelMergeError(f"{p} holds no trained aligner (aligner.safetensors + aligner.json)")
-        try:
-            card = _json(card_file.read_text(), card_file)
-        except OSError as e:
-            raise ModelMergeError(f"cannot read {card_file} ({e.strerror})") from None
+        card = _json(read_text(card_file, "aligner card"), card_file)
         return _model_from_file(weights, card), card
     if p.is_file():
         from safetensors import SafetensorError, safe_open
