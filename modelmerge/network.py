@@ -59,9 +59,10 @@ class Network:
         module: the module holding the architecture: ``--model``'s, or the one the
             record builds (weights loaded from the resolving checkpoint); None otherwise.
         warnings: what the tracer could not follow.
-        assumption: what a bare checkpoint's forward assumes, when that could be wrong
-            (widths that would allow a skip connection nobody can see in a state dict);
-            commands print it as a warning. None when nothing is assumed.
+        assumption: what a bare checkpoint's forward assumes (a plain chain), with the ways it could
+            be wrong that the weights suggest (widths that would allow a skip connection nobody can
+            see in a state dict, a flattening order, a layer order); commands print it as a warning.
+            None when nothing is assumed (a record, ``--model``, or ``--assume-chain``).
         forward_chain: the chain the generic forward runs (``forward_kind == "chain"``): the
             inferred one, whatever the spec (a user's spec is checked against it too).
         vocab: the vocabulary size when the module reads token ids (inputs are integers), else None.
@@ -374,8 +375,9 @@ def resolve_network(
     """Decide, once, what runs the checkpoint ``state``: spec, forward, input shape, chain.
 
     A bare checkpoint (no record, no module) runs as a plain chain, which is only an
-    assumption: a skip connection without parameters is invisible in a state dict.
-    Where the widths would allow one, the network says so in :attr:`Network.assumption`;
+    assumption: a skip connection without parameters is invisible in a state dict. The
+    network says so in :attr:`Network.assumption` (naming the risks the weights suggest,
+    such as widths that would allow a skip connection), unless ``assume_chain``;
     where the names also read like residual blocks (``layer1.0.conv1``, ``shortcut``),
     it refuses unless ``assume_chain``.
 
@@ -447,9 +449,17 @@ def resolve_network(
         n_out = int(last.shape[0]) if inferred.layers[-1].kind == "linear" else None
         risks = [] if assume_chain else [r for r in (_hidden_skip_risk(inferred, state), _flatten_risk(inferred),
                                                      _order_risk(inferred)) if r]
-        risk = (f"assumed a plain chain (no record, no --model): {'; '.join(risks)}; if the model does otherwise, "
-                "the output is broken. Pass --model pkg.module:Class to verify the real forward, or --assume-chain "
-                "to state it") if risks else None
+        if risks:
+            risk = (f"assumed a plain chain (no record, no --model): {'; '.join(risks)}; if the model does "
+                    "otherwise, the output is broken. Pass --model pkg.module:Class to verify the real forward, or "
+                    "--assume-chain to state it")
+        elif not assume_chain:  # even then: a forward may also return hidden features, or reorder units itself
+            risk = ("assumed a plain chain (no record, no --model): the output keeps B's function only if the model "
+                    "runs these layers in this order with elementwise activations between them and returns the last "
+                    "layer's output alone, which a state dict cannot show; pass --model pkg.module:Class to verify "
+                    "the real forward, or --assume-chain to state it")
+        else:
+            risk = None
         return Network(chosen, source, "chain", shape, n_out, chain, None, None, warnings, risk, inferred)
     return Network(chosen, source, None, None, None, None, None, None, warnings)
 

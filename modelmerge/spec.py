@@ -512,6 +512,11 @@ def _link(order: list[str], kinds: Mapping[str, str], modules, state) -> tuple[C
                 blocks.append(1)
             elif prev.kind == "conv" and kind == "linear" and fan_in % c == 0:
                 blocks.append(fan_in // c)
+            elif fan_in == c:  # the sizes fit: the order of kinds does not
+                return None, (
+                    f"{len(layers)}:{params['weight']} is a {kind} layer after the {prev.kind} layer {prev.module!r}, "
+                    "and a chain runs its convs before its linear layers (e.g. squeeze-and-excitation mixes them)"
+                )
             else:
                 return None, (
                     f"{len(layers)}:{params['weight']} takes {fan_in} inputs but {prev.module!r} gives {c} "

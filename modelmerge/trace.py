@@ -443,9 +443,12 @@ class _Tracer:
     # ------------------------------------------------------------------ run
     def run(self) -> TraceResult:
         twins: dict[int, str] = {}
+        read: set[int] = set()  # tensors some placeholder of theirs feeds (a tied tensor is read under one name)
         for node in self.ep.graph.nodes:
             if node.op == "placeholder":
                 key = self.inputs.get(node.name)
+                if key in self.state and node.users:
+                    read.add(id(self.state[key]))
                 if key in self.state and not node.users and node.meta["val"].is_floating_point():  # saved ones
                     self.unread.append(key)
                 shape = self.shape(node)
@@ -469,6 +472,7 @@ class _Tracer:
                             self.s.fix_label((f,), "", "output")
             elif node.op == "call_function":
                 self.value[node.name] = self.call(node)
+        self.unread = [k for k in self.unread if id(self.state[k]) not in read]
         return self.build()
 
     def call(self, node):

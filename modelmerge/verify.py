@@ -21,8 +21,9 @@ class Verification:
             ``"model"`` (``--model``'s), ``"record"`` (the architecture record's
             model), ``"chain"`` (the generic forward of the inferred chain), or
             None when no forward is known.
-        max_abs_diff: largest |output(B) - output(permuted B)| over the random inputs.
-        tolerance: the largest difference accepted (float round-off).
+        max_abs_diff: |output(B) - output(permuted B)| at its largest over the random inputs, for the
+            output tensor nearest its tolerance.
+        tolerance: the largest difference accepted for that tensor (float round-off, on its scale).
         assumed: the forward was assumed (a bare checkpoint read as a plain chain), so
             equal outputs check the spec against that reading, not the real model.
     """
@@ -60,7 +61,7 @@ def verify_permuted(
     Always checks the network's spec covers ``permuted``. With a forward, random
     inputs (independent of any other model) go through both and every tensor of
     the outputs (tuples, lists and dicts are walked) must agree to float
-    tolerance ``rtol * (1 + max|output|)``.
+    tolerance ``rtol * (1 + max|that output|)``, each tensor on its own scale.
 
     Raises:
         SpecError: the spec does not cover the state dict.
@@ -74,17 +75,27 @@ def verify_permuted(
     if not y0 or [t.shape for t in y0] != [t.shape for t in y1]:
         raise VerificationError("the model's forward returns no tensor to compare (or differently shaped ones); "
                                 "pass a --model whose forward returns tensors")
-    floats = [(a.double(), b.double()) for a, b in zip(y0, y1) if a.is_floating_point()]
-    diff = max((float((a - b).abs().max()) if a.numel() else 0.0 for a, b in floats), default=0.0)
-    scale = max((float(a.abs().max()) if a.numel() else 0.0 for a, _ in floats), default=0.0)
-    if any(not torch.equal(a, b) for a, b in zip(y0, y1) if not a.is_floating_point()):
-        diff = float("inf")  # integer outputs (e.g. predicted labels) must match exactly
-    tol = rtol * (1.0 + scale)
+    # each output tensor against its own scale: one large output (a sum, a loss) must not lend its
+    # tolerance to a small one (logits) beside it
+    worst = (0.0, 0.0, rtol, -1)  # (diff / tol, diff, tol, output index)
+    for i, (a, b) in enumerate(zip(y0, y1)):
+        if not a.is_floating_point():  # integer outputs (e.g. predicted labels) must match exactly
+            diff, tol = (0.0 if torch.equal(a, b) else float("inf")), 0.0
+        elif a.numel():
+            a, b = a.double(), b.double()
+            diff, tol = float((a - b).abs().max()), rtol * (1.0 + float(a.abs().max()))
+        else:
+            continue
+        ratio = diff / tol if tol else (0.0 if diff == 0 else float("inf"))
+        if not ratio <= worst[0]:
+            worst = (ratio, diff, tol, i)
+    _, diff, tol, which = worst
     if not diff <= tol:
         assumed = " under the assumed plain-chain forward (pass --model for the real one)" \
             if network.forward_kind == "chain" else ""
+        where = f"output {which + 1} of {len(y0)} differs" if len(y0) > 1 else "outputs differ"
         raise VerificationError(
-            f"the permuted model's outputs differ from the original's by {diff:.3g} (tolerance {tol:.3g})"
+            f"the permuted model's {where} from the original's by {diff:.3g} (tolerance {tol:.3g})"
             f"{assumed}; the spec does not describe this network, pass a correct --spec"
         )
     return Verification(coverage=True, forward=network.forward_kind, max_abs_diff=diff, tolerance=tol,

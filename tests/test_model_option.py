@@ -252,6 +252,36 @@ def test_tuple_and_dict_outputs_are_verified_tensor_by_tensor(as_dict):
         align(a.state_dict(), b.state_dict(), module=a, spec=bad, method="weight-matching")
 
 
+class _LoudAndQuiet(torch.nn.Module):
+    """Returns a large auxiliary output beside small logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.out = torch.nn.Linear(6, 9), torch.nn.Linear(9, 7), torch.nn.Linear(7, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc2(torch.relu(self.fc1(x))))
+        return h.sum(-1) * 1e4, self.out(h)
+
+
+def test_a_large_output_does_not_lend_its_tolerance_to_a_small_one():
+    """A spec that breaks the logits (fc2's units move, out's inputs do not) must be refused even though
+    the summed output, 1e4 times larger, is unchanged (one shared tolerance once passed it: black-box sweep)."""
+    from modelmerge.alignment import align
+    from modelmerge.errors import VerificationError
+    from modelmerge.spec import PermutationSpec
+
+    torch.manual_seed(0)
+    a, b = _LoudAndQuiet(), _LoudAndQuiet()
+    good = align(a.state_dict(), b.state_dict(), module=a, method="weight-matching")
+    assert good.verification.forward == "model"
+    spec = good.network.spec.to_dict()
+    spec["params"]["out.weight"] = [None, None]
+    with pytest.raises(VerificationError, match="output 2 of 2 differs"):
+        align(a.state_dict(), b.state_dict(), module=a, spec=PermutationSpec.from_dict(spec),
+              method="weight-matching")
+
+
 def test_reset_bn_leaves_the_resolved_module_alone(resnets):
     from modelmerge.data import load_dataset
     from modelmerge.network import resolve_network

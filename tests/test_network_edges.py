@@ -4,6 +4,7 @@ weight layer is an embedding, state dicts made under inference mode or holding t
 from __future__ import annotations
 
 import torch
+from conftest import mlp
 from torch import nn
 
 from modelmerge.network import output_tensors, resolve_network
@@ -89,7 +90,22 @@ def test_a_bare_cnn_says_it_assumes_channel_major_flattening():
     assert net.assumption is not None and "flattened channel by channel (64 positions each" in net.assumption
     assert resolve_network(flat, assume_chain=True).assumption is None
     pooled = {"0.weight": torch.randn(4, 1, 3, 3), "0.bias": torch.zeros(4), "2.weight": torch.randn(3, 4)}
-    assert resolve_network(pooled).assumption is None  # one position per channel: nothing to order
+    # one position per channel: nothing to order, so only the plain-chain reading itself is stated
+    assert "flattened" not in resolve_network(pooled).assumption
+
+
+def test_a_bare_chain_always_states_its_assumption():
+    """Distinct widths rule out a hidden skip, not a forward that returns hidden features or reorders
+    units itself: such models were written out changed with an empty warnings list (black-box sweep)."""
+    from modelmerge.alignment import align
+    from modelmerge.network import resolve_network
+
+    a, b = mlp((16, 32, 24, 10), seed=0).state_dict(), mlp((16, 32, 24, 10), seed=1).state_dict()
+    net = resolve_network(a)
+    assert net.assumption is not None and "--model" in net.assumption and "skip" not in net.assumption
+    assert resolve_network(a, assume_chain=True).assumption is None
+    result = align(a, b, method="weight-matching")
+    assert result.verification.assumed and result.warnings == [net.assumption]
 
 
 def test_a_trusted_file_order_that_another_order_also_fits_is_stated():

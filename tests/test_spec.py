@@ -73,6 +73,9 @@ def test_json_round_trip(tmp_path):
         ({"attn.in_proj_weight": torch.zeros(6, 2)}, "in_proj_weight"),
         ({"0.weight": torch.zeros(4, 3), "1.weight": torch.zeros(2, 5)}, "takes 5 inputs"),
         ({"norm.weight": torch.ones(3)}, "comes before any layer"),
+        # sizes that fit, kinds that do not (said "takes 4 inputs but ... gives 4" before)
+        ({"0.weight": torch.zeros(16, 3, 3, 3), "1.weight": torch.zeros(4, 16), "2.weight": torch.zeros(8, 4, 3, 3)},
+         "a chain runs its convs before its linear layers"),
     ],
 )
 def test_uninferable_state_points_to_spec(state, match):

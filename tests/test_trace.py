@@ -168,3 +168,23 @@ def test_parameters_the_forward_never_reads_are_named_in_a_warning():
     assert result.spec.axes["aux.weight"] == (None, None) and result.spec.axes["fc1.weight"][0] is not None
     assert any("never reads (aux.weight, aux.bias)" in w for w in result.warnings)
     assert not any("never reads" in w for w in trace_spec(ResNetish()).warnings)
+
+
+class TiedHead(torch.nn.Module):
+    """A language-model head tied to the embedding: one tensor under two names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.fc = torch.nn.Embedding(11, 8), torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 11, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(torch.relu(self.fc(self.embed(tokens))))
+
+
+def test_a_tied_tensor_read_under_its_other_name_is_not_called_unread():
+    """The export reads it under one name; the other was named as never read (false; black-box sweep)."""
+    result = trace_spec(TiedHead(), example=(torch.randint(0, 11, (2, 5)),))
+    assert not any("never reads" in w for w in result.warnings), result.warnings
+    assert result.spec.axes["head.weight"] == result.spec.axes["embed.weight"]
