@@ -187,7 +187,7 @@ def _read_safetensors(path: Path, source: str) -> tuple[dict[str, torch.Tensor],
     from safetensors import SafetensorError, safe_open
 
     try:
-        with _utf8_name(path) as name, safe_open(name, framework="pt") as f:
+        with utf8_name(path) as name, safe_open(name, framework="pt") as f:
             metadata = dict(f.metadata() or {})
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -202,7 +202,7 @@ def _read_safetensors(path: Path, source: str) -> tuple[dict[str, torch.Tensor],
 
 
 @contextmanager
-def _utf8_name(path: Path) -> Iterator[str]:
+def utf8_name(path: Path) -> Iterator[str]:
     """A name for ``path`` that safetensors can open: its own, or, when that is not valid UTF-8 (which
     safetensors refuses), a symbolic link with a plain name in a temporary folder (removed after)."""
     try:
@@ -214,7 +214,11 @@ def _utf8_name(path: Path) -> Iterator[str]:
         return
     with tempfile.TemporaryDirectory(prefix="modelmerge-") as tmp:
         link = os.path.join(tmp, "checkpoint.safetensors")
-        os.symlink(os.path.abspath(path), link)
+        try:
+            os.symlink(os.path.abspath(path), link)
+        except OSError:
+            raise CheckpointError(f"{_utf8(str(path))}: its name is not valid UTF-8, which safetensors cannot "
+                                  "open (and no link could be made to it); rename the file") from None
         yield link  # the tensors are memory-mapped: they stay valid after the link is removed
 
 
@@ -222,16 +226,22 @@ def _torch_magic(path: Path) -> bool:
     """Whether ``path`` starts as torch.save's files do (a zip archive or a pickle)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(2)
+            head = f.read(9)
     except OSError:
         return False
-    return head[:2] == b"PK" or head[:1] == b"\x80"
+    if len(head) == 9 and head[8:9] == b"{":  # a safetensors header length may start with 0x80 too
+        return False
+    return head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
 
 
 def _string_keys(obj: Mapping, source: str) -> dict:
     """``obj`` with its keys as strings; refuses keys that become equal (``1`` and ``"1"``), which would
     silently drop a tensor, and the name safetensors reserves for its metadata."""
     out = {str(k): v for k, v in obj.items()}
+    for k in out:
+        if _utf8(k) != k:
+            raise CheckpointError(f"{source}: the key {_utf8(k)!r} is not valid UTF-8 text, which safetensors "
+                                  "outputs cannot hold; rename it and re-save")
     if len(out) != len(obj):
         seen: dict[str, object] = {}
         for k in obj:
@@ -493,6 +503,7 @@ def save_checkpoint(
     metadata: Mapping[str, str] | None = None,
     inputs: Sequence[str | os.PathLike | None] = (),
     force: bool = False,
+    check_values: bool = True,
 ) -> Path:
     """Write a state dict as safetensors, atomically.
 
@@ -506,6 +517,8 @@ def save_checkpoint(
         metadata: string metadata for the header (e.g. provenance).
         inputs: paths that must never be overwritten.
         force: allow replacing an existing (non-input) file.
+        check_values: refuse NaN or infinite values (:func:`check_writable_values`); a zoo,
+            which retrains a diverged model on its next run, writes them.
 
     Returns:
         The written path.
@@ -517,7 +530,11 @@ def save_checkpoint(
     if "__metadata__" in state:
         raise OutputError(f"cannot write {out}: a tensor is named '__metadata__', which safetensors reserves "
                           "for its header; rename it")
-    check_writable_values(state, out)
+    for name in state:
+        if _utf8(name) != name:
+            raise OutputError(f"cannot write {out}: the tensor name {_utf8(name)!r} is not valid UTF-8 text; rename it")
+    if check_values:
+        check_writable_values(state, out)
     tensors = _unshared(state)
     # text that is not valid UTF-8 (a file name's undecodable bytes arrive as lone surrogates) would make
     # a header no reader accepts: such characters are written as escapes
@@ -540,11 +557,26 @@ def check_writable_values(state: Mapping[str, torch.Tensor], out: str | os.PathL
         OutputError: naming the first such tensor.
     """
     for name, t in state.items():
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all()):
+        if t.is_floating_point() and t.numel() and not _all_finite(t):
             why = (f"{t.dtype} overflowed; use an --alpha nearer [0, 1] or float32 checkpoints"
                    if t.dtype in (torch.float16, torch.bfloat16) or t.element_size() == 1 else
                    "the computation diverged: an --alpha far outside [0, 1], or a zoo's training (lower --lr)")
             raise OutputError(f"{out} not written: its tensor {name!r} would hold NaN or infinite values ({why})")
+
+
+#: elements checked at once by :func:`_all_finite`: bounds its temporaries (float8 is widened to float32)
+_CHECK_CHUNK = 1 << 22
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of ``t`` is finite, checked a slice at a time (a whole-tensor check of a
+    1 GiB float8 tensor took ~5 GiB of temporaries)."""
+    flat = t.detach().reshape(-1)
+    for start in range(0, flat.numel(), _CHECK_CHUNK):
+        part = flat[start:start + _CHECK_CHUNK]
+        if not bool(torch.isfinite(part if part.element_size() > 1 else part.float()).all()):
+            return False
+    return True
 
 
 def _utf8(text: str) -> str:
@@ -654,7 +686,19 @@ def _link_exclusive(tmp: str, out: Path) -> None:
 def write_json_atomic(path: str | os.PathLike, data: object, replace: bool = True) -> None:
     """Write ``data`` as indented JSON through :func:`atomic_path` (no partial file on failure)."""
     with atomic_path(path, replace) as tmp:
-        Path(tmp).write_text(json.dumps(data, indent=2) + "\n")
+        Path(tmp).write_text(json.dumps(_clean(data), indent=2) + "\n")
+
+
+def _clean(obj: object) -> object:
+    """``obj`` with every string valid UTF-8 (a file name's undecodable bytes escaped, as in metadata):
+    JSON with lone surrogates is refused by strict parsers."""
+    if isinstance(obj, str):
+        return _utf8(obj)
+    if isinstance(obj, Mapping):
+        return {_clean(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
 
 
 def _umask() -> int:

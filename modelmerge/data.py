@@ -213,8 +213,12 @@ def _safetensors_arrays(p: Path) -> dict[str, np.ndarray]:
     them; those are widened to float32)."""
     from safetensors.torch import load_file
 
+    from modelmerge.checkpoint import utf8_name
+
+    with utf8_name(p) as name:
+        tensors = load_file(name)
     out = {}
-    for k, t in load_file(str(p)).items():
+    for k, t in tensors.items():
         if t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64):
             t = t.float()
         out[k] = t.numpy()

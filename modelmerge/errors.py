@@ -67,8 +67,9 @@ TEXT_LIMIT = 64 * 2**20
 def read_text(path, what: str, error: type[ModelMergeError] = ModelMergeError, limit: int = TEXT_LIMIT) -> str:
     """A small UTF-8 JSON side file's text (a spec, an aligner card, a config), refusing what is not one.
 
-    Pipes and devices are refused before reading (one could block or never end), so are files over
-    ``limit`` bytes and bytes that are not UTF-8.
+    Folders, files over ``limit`` bytes (at most ``limit + 1`` bytes are ever read, so a device
+    that never ends is refused too) and bytes that are not UTF-8 are refused; pipes (``--spec
+    <(...)``) are read like files.
 
     Raises:
         error: naming ``what``, the path and the problem (a missing file included).
@@ -84,15 +85,16 @@ def read_text(path, what: str, error: type[ModelMergeError] = ModelMergeError, l
         raise error(f"cannot read {what} {path} ({e.strerror})") from None
     if stat.S_ISDIR(st.st_mode):
         raise error(f"{what} {path} is a folder; pass the file") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise error(f"{what} {path} is not a regular file (a pipe or device); pass a file") from None
+    too_large = f"{what} {path} is over {limit / 2**20:.0f} MiB, too large to be one; check the path"
     if st.st_size > limit:
-        raise error(f"{what} {path} is {st.st_size / 2**20:.0f} MiB, too large to be one; check the path") from None
+        raise error(too_large) from None
     try:
         with open(path, "rb") as f:
             raw = f.read(limit + 1)
     except OSError as e:
         raise error(f"cannot read {what} {path} ({e.strerror})") from None
+    if len(raw) > limit:  # a pipe or device that kept giving
+        raise error(too_large) from None
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:

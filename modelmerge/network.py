@@ -454,10 +454,10 @@ def resolve_network(
                     "otherwise, the output is broken. Pass --model pkg.module:Class to verify the real forward, or "
                     "--assume-chain to state it")
         elif not assume_chain:  # even then: a forward may also return hidden features, or reorder units itself
-            risk = ("assumed a plain chain (no record, no --model): the output keeps B's function only if the model "
-                    "runs these layers in this order with elementwise activations between them and returns the last "
-                    "layer's output alone, which a state dict cannot show; pass --model pkg.module:Class to verify "
-                    "the real forward, or --assume-chain to state it")
+            risk = ("assumed a plain chain (no record, no --model): right only if the model runs these layers in "
+                    "this order with elementwise activations between them and returns the last layer's output "
+                    "alone, which a state dict cannot show; pass --model pkg.module:Class to verify the real "
+                    "forward, or --assume-chain to state it")
         else:
             risk = None
         return Network(chosen, source, "chain", shape, n_out, chain, None, None, warnings, risk, inferred)

@@ -298,7 +298,10 @@ CASES = {
     "x_test of another shape": lambda c: (["evaluate", c.a, c.b, "--dataset", c.npz("d.npz", **_digits_like(
         x_test=np.zeros((5, 10), np.float32), y_test=np.zeros(5, np.int64)))], "must match"),
     "data file a folder": lambda c: (c.align("--data", c.folder("d.npz")), "is a folder"),
-    "spec a pipe": lambda c: (c.align("--spec", _fifo(c.dir / "s.json")), "not a regular file"),
+    "spec an endless device": lambda c: (c.align("--spec", "/dev/zero"), "too large"),
+    "pt key not utf-8": lambda c: (c.align(b=c.torch_save({"w\udcff": torch.ones(2)}, "k.pt")), "not valid UTF-8"),
+    "edge cost without unrolled iterations": lambda c: (
+        ["train-aligner", "--zoo", _zoo(c), "-o", c.dir / "al", "--edge-cost", "4", "--unroll", "0"], "--unroll 0"),
     "aligner card not utf-8": lambda c: (c.align("--aligner", _aligner_folder(c, b"\xff\xfe{")), "not UTF-8"),
     "evaluate unknown split": lambda c: (["evaluate", c.a, c.b, "--dataset", "digits", "--split", "dev"],
                                          "--split"),

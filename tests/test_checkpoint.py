@@ -215,6 +215,55 @@ def test_file_names_that_are_not_utf8_read_and_write(tmp_path, state):
     assert back.metadata["modelmerge.input_a"].endswith("a_\\udcff.safetensors")  # the byte, escaped
 
 
+def test_values_are_checked_before_writing_a_slice_at_a_time(tmp_path, state, monkeypatch):
+    """NaN or inf is refused wherever it sits (slices bound the check's memory); a zoo opts out, since its
+    next run retrains a diverged model, and nothing is left at the output path."""
+    monkeypatch.setattr(ckpt, "_CHECK_CHUNK", 7)
+    bad = dict(state)
+    w = bad["0.weight"].clone()
+    w.view(-1)[-1] = float("inf")  # in the last slice
+    bad["0.weight"] = w
+    with pytest.raises(OutputError, match="'0.weight' would hold NaN or infinite"):
+        save_checkpoint(bad, tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
+    save_checkpoint(bad, tmp_path / "z.safetensors", check_values=False)
+    with pytest.raises(OutputError, match="__metadata__"):
+        save_checkpoint({**state, "__metadata__": torch.ones(1)}, tmp_path / "m.safetensors")
+
+
+def test_a_truncated_safetensors_file_is_called_truncated_whatever_its_first_byte(tmp_path, state):
+    """A header length whose first byte is 0x80 (a pickle's first byte too) was called a torch file."""
+    for pad in range(256):
+        path = tmp_path / f"p{pad}.safetensors"
+        save_checkpoint(state, path, {"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.skip("no padding gave a header length starting with 0x80")
+    path.write_bytes(path.read_bytes()[:60])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(path)
+
+
+def test_side_files_with_names_that_are_not_utf8(tmp_path):
+    """Data and aligner files are opened through the same link as checkpoints (safetensors refuses such paths)."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import save_file as save_np
+
+    from modelmerge.data import load_dataset
+    from modelmerge.deepalign.pretrained import get_aligner, load_aligner
+
+    data = tmp_path / os.fsdecode(b"d_\xff.safetensors")
+    save_np({"x": np.zeros((10, 4), np.float32), "y": np.arange(10) % 2}, str(tmp_path / "plain.safetensors"))
+    shutil.copy(tmp_path / "plain.safetensors", data)
+    assert load_dataset(str(data)).x_train.shape[1:] == (4,)
+    al = tmp_path / os.fsdecode(b"al_\xfe.safetensors")
+    shutil.copy(get_aligner("deepalign-mlp-v1").path, al)
+    assert load_aligner(al)[0].config.family == "mlp"
+
+
 def test_a_container_of_several_state_dicts_says_which_one_it_used(tmp_path):
     """timm-style {"state_dict", "state_dict_ema"} or {"model", "ema"}: the standard key is used, and said so."""
     from typer.testing import CliRunner

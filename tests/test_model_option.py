@@ -282,6 +282,40 @@ def test_a_large_output_does_not_lend_its_tolerance_to_a_small_one():
               method="weight-matching")
 
 
+class _Masked(torch.nn.Module):
+    """Returns masked scores (-inf where masked, as attention scores or log-probabilities are) and logits."""
+
+    def __init__(self, scores_first: bool):
+        super().__init__()
+        self.scores_first = scores_first
+        self.fc1, self.fc2 = torch.nn.Linear(6, 9), torch.nn.Linear(9, 7)
+        self.out, self.score = torch.nn.Linear(7, 3), torch.nn.Linear(7, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.fc2(torch.relu(self.fc1(x))))
+        s = self.score(h).masked_fill(torch.tensor([True, False, True, False]), float("-inf"))
+        return (s, self.out(h)) if self.scores_first else (self.out(h), s)
+
+
+@pytest.mark.parametrize("scores_first", [True, False])
+def test_equal_infinities_agree_and_a_broken_masked_head_is_refused(scores_first):
+    """-inf - -inf is NaN: it once let a broken head pass when its output came first, and refused a
+    correct spec when it came last (review of the per-output check)."""
+    from modelmerge.alignment import align
+    from modelmerge.errors import VerificationError
+    from modelmerge.spec import PermutationSpec
+
+    torch.manual_seed(0)
+    a, b = _Masked(scores_first), _Masked(scores_first)
+    good = align(a.state_dict(), b.state_dict(), module=a, method="weight-matching")
+    assert good.verification.forward == "model" and good.verification.max_abs_diff < 1e-5
+    spec = good.network.spec.to_dict()
+    spec["params"]["score.weight"] = [None, None]
+    with pytest.raises(VerificationError, match="differs"):
+        align(a.state_dict(), b.state_dict(), module=a, spec=PermutationSpec.from_dict(spec),
+              method="weight-matching")
+
+
 def test_reset_bn_leaves_the_resolved_module_alone(resnets):
     from modelmerge.data import load_dataset
     from modelmerge.network import resolve_network

@@ -121,6 +121,24 @@ def test_missing_and_invalid_spec_files(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(SpecError, match="not valid JSON"):
         PermutationSpec.load(bad)
+    with pytest.raises(SpecError, match="too large"):  # read at most the limit: it never ends
+        PermutationSpec.load("/dev/zero")
+    with pytest.raises(SpecError, match="is a folder"):
+        PermutationSpec.load(tmp_path)
+
+
+def test_a_spec_read_from_a_pipe():
+    """``--spec <(make_spec)`` is a pipe: it reads as a file does."""
+    import os
+
+    spec = PermutationSpec(groups={"h": 3}, axes={"0.weight": ("h", None), "1.weight": (None, "h")})
+    r, w = os.pipe()
+    os.write(w, spec.to_json().encode())
+    os.close(w)
+    try:
+        assert PermutationSpec.load(f"/dev/fd/{r}") == spec
+    finally:
+        os.close(r)
 
 
 def test_layernorm_mlp_spec_and_conv_without_bias():

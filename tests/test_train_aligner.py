@@ -93,6 +93,8 @@ def test_refusals_that_protect_inputs_and_options_that_would_not_apply(trained, 
     assert json.loads((tmp_path / "e" / "aligner.json").read_text())["config"]["edge_cost"] == 3
     r = runner.invoke(app, [*base, "-o", str(tmp_path / "f"), "--init", str(tmp_path / "e"), "--edge-cost", "5"])
     assert r.exit_code == 1 and "--edge-cost 5" in r.stderr  # it has 3 channels already
+    r = runner.invoke(app, [*base, "-o", str(tmp_path / "g"), "--init", str(tmp_path / "e"), "--edge-cost", "0"])
+    assert r.exit_code == 1 and "--edge-cost 0 (it has 3)" in r.stderr  # not silently kept on
     # an error is the only line: the no-data note waits for training to start
     r = runner.invoke(app, ["train-aligner", "--zoo", str(tiny_zoo), "-o", str(tmp_path / "b"), *TINY, "--resume"])
     assert r.exit_code == 1 and "nothing to resume" in r.stderr and "note" not in r.output

@@ -120,6 +120,9 @@ def train_aligner_command(
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if alpha_min > alpha_max:
         raise ModelMergeError("--alpha-min must not exceed --alpha-max")
+    if edge_cost and unroll == 0 and init is None:  # (with --init, its unroll counts: checked when it is read)
+        raise ModelMergeError("--edge-cost adds a term to the unrolled iterations, and there are none (--unroll 0); "
+                              "raise --unroll or drop --edge-cost")
     if distill > 0 and data is None:
         raise ModelMergeError("--distill refines pairs with task data: pass --data (e.g. --data zoo)")
     if output.exists() and not output.is_dir():
@@ -142,6 +145,9 @@ def train_aligner_command(
                  if getattr(ctx.get_parameter_source(f), "name", None) == "COMMANDLINE"}
         differ = [f"{SHAPE_OPTIONS[f]} {v} (it has {getattr(start, f)})" for f, v in given.items()
                   if v != getattr(start, f)]
+        source = getattr(ctx.get_parameter_source("edge_cost"), "name", None)
+        if source == "COMMANDLINE" and start.edge_cost and edge_cost != start.edge_cost:
+            differ.append(f"--edge-cost {edge_cost} (it has {start.edge_cost})")  # 0 cannot switch it off
         if differ:  # the shape comes from --init: a different value would be ignored
             raise ModelMergeError(f"--init {init} sets the aligner's shape, so {', '.join(differ)} cannot apply; drop "
                                   "them (grow it with --add-layers or --widen instead)")

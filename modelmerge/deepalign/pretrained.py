@@ -137,8 +137,10 @@ def load_aligner(name_or_path: str | Path) -> tuple[DeepAlign, dict]:
     if p.is_file():
         from safetensors import SafetensorError, safe_open
 
+        from modelmerge.checkpoint import utf8_name
+
         try:
-            with safe_open(str(p), framework="pt") as f:
+            with utf8_name(p) as name, safe_open(name, framework="pt") as f:
                 raw = (f.metadata() or {}).get("modelmerge.aligner")
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise ModelMergeError(f"{p} is not a modelmerge aligner (not a readable safetensors file: "

@@ -389,6 +389,9 @@ def _make_model(parts: list[_Part], config: AlignerConfig | None, init, seed: in
         config = AlignerConfig(**{**start.config.to_dict(), "weighted_costs": start.config.weighted_costs or wants,
                                   "layers": start.config.layers + add_layers, "edge_cost": edge_cost})
     base = config or AlignerConfig()
+    if base.edge_cost and not base.unroll:
+        raise ModelMergeError("--edge-cost adds a term to the unrolled iterations, and there are none (--unroll 0); "
+                              "raise --unroll or drop --edge-cost")
     depths = tuple(sorted({len(p.zoo.chain.layers) for p in parts}))
     config = AlignerConfig(**{**base.to_dict(), "family": family, "depths": depths,
                               "conv_taps": tuple(base.conv_taps)})

@@ -160,7 +160,7 @@ def _fill_zoo(record, dataset, n, out: Path, seed, config, chunk, on_step, notes
                        "test_loss": m.test_loss, "test_acc": m.test_acc}
             meta = {META_PREFIX + "arch": record_to_json(record), META_PREFIX + "seed": str(m.seed),
                     META_PREFIX + "dataset": dataset, **{META_PREFIX + k: repr(v) for k, v in numbers.items()}}
-            save_checkpoint(m.state, out / model_file(i), meta, force=True)
+            save_checkpoint(m.state, out / model_file(i), meta, force=True, check_values=False)  # rerun retrains NaN ones
             index["models"].append({"file": model_file(i), "seed": m.seed, **numbers})
         index["models"].sort(key=lambda m: m["seed"])
         _write_index(out, index)
