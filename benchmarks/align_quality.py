@@ -81,6 +81,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=10)
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--seed-base", type=int, default=HELD_OUT_SEED,
+                    help="first model seed (default: the held-out 50000; 70000+ are the dev pairs choices are made on)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="also write every pair's barrier per method to this file")
     args = ap.parse_args()
@@ -88,7 +90,7 @@ def main() -> None:
     record, dataset_name = FAMILIES[args.family]
     methods = args.methods.split(",")
     data = load_dataset(dataset_name)
-    seeds = list(range(HELD_OUT_SEED, HELD_OUT_SEED + 2 * args.pairs))
+    seeds = list(range(args.seed_base, args.seed_base + 2 * args.pairs))
     models = train_models(record, data, seeds, TrainConfig(epochs=args.epochs))
     # BatchNorm families: statistics recomputed on the train split for every model measured
     metric = resolve_network(models[0].state, record=record).metric(data, "test",

@@ -66,7 +66,7 @@ echo "$ZOO_LIST" | grep . | xargs -P "$JOBS" -L 1 sh -c \
 echo "zoos done in $(( $(date +%s) - t0 )) s" >>"$log"
 [ "${ZOO_ONLY:-0}" = 1 ] && exit 0
 # --init brings its own shape (train-aligner refuses shape options that differ from it)
-case " ${ARGS:-} " in *" --init "*) SHAPE="" ;; esac
+case " ${ARGS:-} " in *" --init "*|*" --init="*) SHAPE="" ;; esac
 zoos=""
 for name in $(echo "$ZOO_LIST" | awk 'NF {print $1}'); do zoos="$zoos --zoo $Z/$name"; done
 # shellcheck disable=SC2086
