@@ -239,6 +239,16 @@ def test_growing_options_from_the_command_line(option, value, key, factor, named
     assert r.exit_code == 1 and "another shape" in r.stderr and option in r.stderr
 
 
+def test_resuming_an_edge_cost_run_needs_the_option_again(trained, tiny_zoo, tmp_path):
+    out = tmp_path / "edge"
+    args = ["train-aligner", "--zoo", str(tiny_zoo), "-o", str(out), "--data", "digits", *TINY, "--init", str(trained)]
+    r = runner.invoke(app, [*args, "--edge-cost", "3"])
+    assert r.exit_code == 0, r.output
+    assert load_aligner(out)[0].config.edge_cost == 3
+    r = runner.invoke(app, [*args, "--resume"])  # without the option that grew it: its shape differs
+    assert r.exit_code == 1 and "another shape" in r.stderr and "--edge-cost" in r.stderr
+
+
 def test_without_data_trains_on_l2_and_says_so(tiny_zoo, tmp_path):
     r = runner.invoke(app, ["train-aligner", "--zoo", str(tiny_zoo), "-o", str(tmp_path / "al"), *TINY])
     assert r.exit_code == 0, r.output

@@ -471,7 +471,7 @@ class _Run:
             self.model.load_state_dict(saved["model"])
         except RuntimeError:
             raise ModelMergeError(f"{last} holds an aligner of another shape; resume with the shape options of the "
-                                  "run that wrote it (--init, --add-layers, --widen, --layers, --channels, ...)") from None
+                                  "run that wrote it (--init, --add-layers, --widen, --edge-cost, --layers, --channels, ...)") from None
         self.opt.load_state_dict(saved["optimizer"])
         if self.sched is not None and saved.get("scheduler") is not None:
             self.sched.load_state_dict(saved["scheduler"])
