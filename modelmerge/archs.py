@@ -129,10 +129,9 @@ def record_to_json(record: Mapping) -> str:
 
 
 def record_from_json(text: str) -> dict:
-    try:
-        return validate_record(json.loads(text))
-    except json.JSONDecodeError as e:
-        raise ArchError(f"architecture record is not valid JSON ({e.msg})") from None
+    from modelmerge.errors import parse_json
+
+    return validate_record(parse_json(text, "architecture record", ArchError))
 
 
 def num_outputs(record: Mapping) -> int:

@@ -96,6 +96,25 @@ def read_text(path, what: str, error: type[ModelMergeError] = ModelMergeError, l
     if len(raw) > limit:  # a pipe or device that kept giving
         raise error(too_large) from None
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # (a byte-order mark, as Windows editors write, is dropped)
     except UnicodeDecodeError:
         raise error(f"{what} {path} is not valid JSON (not UTF-8 text: a binary file?); check the path") from None
+
+
+def parse_json(text: str, what: str, error: type[ModelMergeError] = ModelMergeError, fix: str = "") -> object:
+    """``json.loads(text)``, with every way it fails as one ``error`` naming ``what`` (and ``fix``, if given).
+
+    Besides syntax errors: nesting too deep for the parser (RecursionError) and integers longer than
+    Python converts (ValueError), which escaped as tracebacks.
+    """
+    import json
+
+    tail = f"; {fix}" if fix else ""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{what} is not valid JSON (line {e.lineno}: {e.msg}){tail}") from None
+    except RecursionError:
+        raise error(f"{what} is not valid JSON for modelmerge (nested too deeply){tail}") from None
+    except ValueError as e:
+        raise error(f"{what} is not valid JSON for modelmerge ({one_line(e, 120)}){tail}") from None

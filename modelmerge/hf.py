@@ -16,12 +16,11 @@ its real forward on random token ids (or images for vision models).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from torch import nn
 
-from modelmerge.errors import ModelMergeError, read_text
+from modelmerge.errors import ModelMergeError, parse_json, read_text
 
 
 def build(**kwargs) -> nn.Module:
@@ -55,11 +54,7 @@ def build(**kwargs) -> nn.Module:
     path = kwargs.pop("config", None)
     if path is not None:
         text = read_text(Path(path), "the config")
-        try:
-            fields = json.loads(text)
-        except ValueError as e:
-            raise ModelMergeError(f"cannot read the config {path} ({type(e).__name__}); pass a local config.json"
-                                  ) from None
+        fields = parse_json(text, f"the config {path}", fix="pass a local config.json")
         if not isinstance(fields, dict):
             raise ModelMergeError(f"the config {path} is not a JSON object")
     fields.update(kwargs)

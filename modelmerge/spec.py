@@ -28,7 +28,7 @@ from types import MappingProxyType
 
 import torch
 
-from modelmerge.errors import SpecError, preview
+from modelmerge.errors import SpecError, parse_json, preview
 
 SPEC_FORMAT = "modelmerge.spec/1"
 #: one part of a segmented axis: (group or None for fixed, length along the axis)
@@ -298,11 +298,7 @@ class PermutationSpec:
 
         p = Path(path)
         text = read_text(p, "spec file", SpecError)
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SpecError(f"spec file {p} is not valid JSON (line {e.lineno}: {e.msg})") from None
-        return cls.from_dict(data)
+        return cls.from_dict(parse_json(text, f"spec file {p}", SpecError))
 
 
 def _head_set(name: str, hs, groups: Mapping[str, int] | None) -> HeadSet:

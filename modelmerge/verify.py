@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
@@ -87,7 +88,7 @@ def verify_permuted(
             gap = (a - b).abs()[~same]
             # an infinity or NaN on one side only is a difference no tolerance covers
             diff = float(gap.max()) if gap.numel() else 0.0
-            diff = float("inf") if diff != diff else diff
+            diff = float("inf") if math.isnan(diff) else diff
             finite = a[a.isfinite()]
             tol = rtol * (1.0 + (float(finite.abs().max()) if finite.numel() else 0.0))
         else:

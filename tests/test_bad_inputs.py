@@ -298,6 +298,13 @@ CASES = {
     "x_test of another shape": lambda c: (["evaluate", c.a, c.b, "--dataset", c.npz("d.npz", **_digits_like(
         x_test=np.zeros((5, 10), np.float32), y_test=np.zeros(5, np.int64)))], "must match"),
     "data file a folder": lambda c: (c.align("--data", c.folder("d.npz")), "is a folder"),
+    "spec nested too deeply": lambda c: (c.align("--spec", c.write("s.json", "[" * 100000 + "]" * 100000)),
+                                         "nested too deeply"),
+    "spec with a 5000-digit number": lambda c: (c.align("--spec", c.write(
+        "s.json", '{"groups": {"h": ' + "1" * 5000 + '}, "params": {}}')), "not valid JSON for modelmerge"),
+    "model-kwargs nested too deeply": lambda c: (c.align("--model", c.module("mk", "import torch\nNet = torch.nn.Linear\n")
+                                                         + ":Net", "--model-kwargs",
+                                                         '{"d":' + "[" * 3000 + "]" * 3000 + "}"), "--model-kwargs"),
     "spec an endless device": lambda c: (c.align("--spec", "/dev/zero"), "too large"),
     "pt key not utf-8": lambda c: (c.align(b=c.torch_save({"w\udcff": torch.ones(2)}, "k.pt")), "not valid UTF-8"),
     "edge cost without unrolled iterations": lambda c: (

@@ -127,6 +127,14 @@ def test_missing_and_invalid_spec_files(tmp_path):
         PermutationSpec.load(tmp_path)
 
 
+def test_a_spec_saved_with_a_byte_order_mark_reads(tmp_path):
+    """Windows editors write one; it was refused as invalid JSON."""
+    spec = PermutationSpec(groups={"h": 3}, axes={"0.weight": ("h", None), "1.weight": (None, "h")})
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + spec.to_json().encode())
+    assert PermutationSpec.load(path) == spec
+
+
 def test_a_spec_read_from_a_pipe():
     """``--spec <(make_spec)`` is a pipe: it reads as a file does."""
     import os

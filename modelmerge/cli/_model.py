@@ -9,11 +9,10 @@ built module means for alignment is decided by
 from __future__ import annotations
 
 import importlib
-import json
 import sys
 from pathlib import Path
 
-from modelmerge.errors import ModelMergeError, one_line
+from modelmerge.errors import ModelMergeError, one_line, parse_json
 
 
 def import_model_class(target: str):
@@ -55,10 +54,7 @@ def build_model(target: str, kwargs_json: str | None, state):
     from modelmerge.archs import load_strict
 
     cls = import_model_class(target)
-    try:
-        kwargs = json.loads(kwargs_json) if kwargs_json else {}
-    except json.JSONDecodeError as e:
-        raise ModelMergeError(f"--model-kwargs is not valid JSON ({e.msg})") from None
+    kwargs = parse_json(kwargs_json, "--model-kwargs") if kwargs_json else {}
     if not isinstance(kwargs, dict):
         raise ModelMergeError("--model-kwargs must be a JSON object, e.g. '{\"width\": 64}'")
     if not callable(cls):

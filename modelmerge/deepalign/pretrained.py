@@ -15,7 +15,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from modelmerge.deepalign.model import AlignerConfig, DeepAlign
-from modelmerge.errors import ModelMergeError, one_line, read_text
+from modelmerge.errors import ModelMergeError, one_line, parse_json, read_text
 
 
 @dataclass(frozen=True)
@@ -112,10 +112,7 @@ def _model_from_file(path: Path, card: object) -> DeepAlign:
 
 
 def _json(text: str, where: Path) -> object:
-    try:
-        return json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ModelMergeError(f"{where} is not valid JSON; re-train the aligner or restore the file") from None
+    return parse_json(text, str(where), fix="re-train the aligner or restore the file")
 
 
 def load_aligner(name_or_path: str | Path) -> tuple[DeepAlign, dict]:
