@@ -120,6 +120,11 @@ def test_inspect_table_lists_groups_and_fixed(save_sd):
     # results go to stdout (`modelmerge inspect A > f` captured nothing before: found by a black-box
     # sweep); warnings stay on stderr
     assert "features.0.out" in r.stdout and "features.0.out" not in r.stderr
+    # redirected output keeps each group's parameter list on one line (wrapped at 80 columns, its
+    # continuation began at column 0 and broke greps), and plain groups do not say "units; units"
+    members = [line for line in r.stdout.splitlines() if "features.0.weight:0" in line]
+    assert len(members) == 1 and "features.1.running_var:0" in members[0] and len(members[0]) > 80
+    assert "units; units" not in r.stdout
 
 
 # ---------------------------------------------------------------- bad input

@@ -94,7 +94,9 @@ def console():
     keeps them). Progress bars, warnings and errors go to stderr; ``--json`` prints JSON instead."""
     from rich.console import Console
 
-    return Console()
+    # redirected (a file, a pipe), lines are kept whole: wrapped at rich's default 80 columns they broke
+    # greps (a parameter list continued at column 0); no highlighting of numbers inside names either
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 10_000)
 
 
 def print_json(data: Any) -> None:

@@ -59,7 +59,8 @@ def inspect_command(
                 part = f"\\[{start}:{start + length}]" if length != ck.state[p].shape[ax] else ""
                 members.append(f"{p}:{ax}{part}" + (f" x{k}" if k > 1 else ""))
             matrices += ck.state[p].ndim >= 2
-        con.print(f"  [bold]{g}[/]  {n} units; {_structure(g, n, heads.get(g), matrices)}", highlight=False)
+        kind = _structure(g, n, heads.get(g), matrices)
+        con.print(f"  [bold]{g}[/]  {n} units" + (f"; {kind}" if kind else ""), highlight=False)
         con.print("    " + ", ".join(dict.fromkeys(members)), highlight=False)
     con.print(f"fixed (no group): {', '.join(s.fixed) or 'none'}")
     con.print("input and output units are never permuted")
@@ -70,7 +71,8 @@ def inspect_command(
 
 
 def _structure(group: str, n: int, head, matrices: int) -> str:
-    """What kind of group: attention heads (and with which groups they move), a residual stream, or plain units."""
+    """What kind of group: attention heads (and with which groups they move), a residual stream, or ""
+    for plain units."""
     parts = []
     if head is not None:
         _, hs = head
@@ -80,4 +82,4 @@ def _structure(group: str, n: int, head, matrices: int) -> str:
                                                                       else ""))
     if matrices > 2:  # a plain hidden layer's units are in two weight matrices: its own and the next one's
         parts.append(f"shared by {matrices} weight matrices (a residual stream)")
-    return "; ".join(parts) or "units"
+    return "; ".join(parts)  # empty: plain hidden units, which "N units" says already
