@@ -110,8 +110,17 @@ def parse_json(text: str, what: str, error: type[ModelMergeError] = ModelMergeEr
     import json
 
     tail = f"; {fix}" if fix else ""
+
+    def no_duplicates(pairs):
+        seen = {}
+        for k, v in pairs:
+            if k in seen:  # json keeps the last one silently: a hand-edited file's slip
+                raise error(f"{what} names {k!r} twice in one object; keep one{tail}")
+            seen[k] = v
+        return seen
+
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as e:
         raise error(f"{what} is not valid JSON (line {e.lineno}: {e.msg}){tail}") from None
     except RecursionError:

@@ -278,8 +278,21 @@ class PermutationSpec:
         heads = data.get("heads", {})
         if not isinstance(heads, Mapping):
             raise SpecError("spec 'heads' must be a JSON object: name -> {count, groups, rigid}")
-        return cls(groups=groups, axes={p: tuple(ax) for p, ax in params.items()},
+        spec = cls(groups=groups, axes={p: tuple(ax) for p, ax in params.items()},
                    heads={h: _head_set(str(h), hs, None) for h, hs in heads.items()})
+
+        def named(entry) -> set:
+            if isinstance(entry, str):
+                return {entry}
+            if isinstance(entry, (list, tuple)):
+                return set().union(*(named(e) for e in entry)) if entry else set()
+            return set()
+
+        unused = sorted(set(groups) - named(list(spec.axes.values())), key=str)
+        if unused:  # a typo or a leftover: it would be counted as hidden units that nothing holds
+            raise SpecError(f"spec group(s) {preview([repr(g) for g in unused], 3)} act on no parameter axis; "
+                            "remove them or name them in 'params'")
+        return spec
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

@@ -106,6 +106,10 @@ def test_hub_offline_cache_miss_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(ckpt, "_hub_download", offline)
     with pytest.raises(CheckpointError, match="neither in the local hub cache nor reachable"):
         load_checkpoint("someone/repo/weights.safetensors")
+    # a bare repository id tries every standard file, and a revision may be what is missing: both said
+    with pytest.raises(CheckpointError, match=r"none of the hub files someone/repo/\{model.safetensors,"
+                                              r"pytorch_model.bin,model.pt\} at revision 'v1'.*--revision"):
+        load_checkpoint("someone/repo", revision="v1")
 
 
 def test_atomic_save_keeps_metadata_and_leaves_no_temp(tmp_path, state):

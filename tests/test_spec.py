@@ -92,6 +92,7 @@ def test_uninferable_state_points_to_spec(state, match):
         ({"params": {}}, "not a modelmerge spec"),
         ({"format": "other/9", "groups": {}, "params": {}}, "unsupported spec format"),
         ({"groups": {"g": "4"}, "params": {}}, "integer size"),
+        ({"groups": {"g": 4, "unused": 5}, "params": {"w": ["g", None]}}, "'unused' act on no parameter axis"),
     ],
 )
 def test_bad_spec_dicts(data, match):
@@ -125,6 +126,13 @@ def test_missing_and_invalid_spec_files(tmp_path):
         PermutationSpec.load("/dev/zero")
     with pytest.raises(SpecError, match="is a folder"):
         PermutationSpec.load(tmp_path)
+
+
+def test_a_spec_naming_a_key_twice_is_refused(tmp_path):
+    path = tmp_path / "dup.json"
+    path.write_text('{"groups": {"h": 3, "h": 4}, "params": {"0.weight": ["h", null]}}')
+    with pytest.raises(SpecError, match="names 'h' twice"):
+        PermutationSpec.load(path)
 
 
 def test_a_spec_saved_with_a_byte_order_mark_reads(tmp_path):
