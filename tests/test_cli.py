@@ -208,6 +208,14 @@ def test_help_does_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
+@pytest.mark.parametrize("command", ["align", "interpolate", "merge", "evaluate", "inspect", "spec", "zoo",
+                                     "train-aligner", "aligners", "demo"])
+def test_every_command_prints_help_with_examples(command):
+    """docs/usage.md promises examples in every command's --help (four had none: black-box sweep)."""
+    r = run(command, "--help")
+    assert r.exit_code == 0 and "Examples:" in r.output and f"modelmerge {command}" in r.output
+
+
 def test_console_script_main_exit_code(tmp_path):
     r = subprocess.run([sys.executable, "-m", "modelmerge", "inspect", str(tmp_path / "x.safetensors")],
                        capture_output=True, text=True)

@@ -8,6 +8,14 @@ import typer
 
 from modelmerge.cli._common import console, handle_errors, print_json
 
+EXAMPLES = """
+Examples:
+
+  modelmerge aligners
+
+  modelmerge aligners --json
+"""
+
 
 @handle_errors
 def aligners_command(

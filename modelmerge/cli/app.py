@@ -8,11 +8,15 @@ import typer
 
 from modelmerge.cli.align import EXAMPLES as ALIGN_EXAMPLES
 from modelmerge.cli.align import align_command
+from modelmerge.cli.aligners import EXAMPLES as ALIGNERS_EXAMPLES
 from modelmerge.cli.aligners import aligners_command
+from modelmerge.cli.demo import EXAMPLES as DEMO_EXAMPLES
 from modelmerge.cli.demo import demo_command
 from modelmerge.cli.evaluate import EXAMPLES as EVALUATE_EXAMPLES
 from modelmerge.cli.evaluate import evaluate_command
+from modelmerge.cli.inspect import EXAMPLES as INSPECT_EXAMPLES
 from modelmerge.cli.inspect import inspect_command
+from modelmerge.cli.interpolate import EXAMPLES as INTERPOLATE_EXAMPLES
 from modelmerge.cli.interpolate import interpolate_command
 from modelmerge.cli.merge import EXAMPLES as MERGE_EXAMPLES
 from modelmerge.cli.merge import merge_command
@@ -51,12 +55,12 @@ def _root(
 
 
 app.command("align", epilog=ALIGN_EXAMPLES)(align_command)
-app.command("interpolate")(interpolate_command)
+app.command("interpolate", epilog=INTERPOLATE_EXAMPLES)(interpolate_command)
 app.command("merge", epilog=MERGE_EXAMPLES)(merge_command)
-app.command("inspect")(inspect_command)
+app.command("inspect", epilog=INSPECT_EXAMPLES)(inspect_command)
 app.command("spec", epilog=SPEC_EXAMPLES)(spec_command)
 app.command("zoo", epilog=ZOO_EXAMPLES)(zoo_command)
 app.command("evaluate", epilog=EVALUATE_EXAMPLES)(evaluate_command)
-app.command("demo")(demo_command)
+app.command("demo", epilog=DEMO_EXAMPLES)(demo_command)
 app.command("train-aligner", epilog=TRAIN_EXAMPLES)(train_aligner_command)
-app.command("aligners")(aligners_command)
+app.command("aligners", epilog=ALIGNERS_EXAMPLES)(aligners_command)

@@ -9,6 +9,14 @@ import typer
 
 from modelmerge.cli._common import Force, Threads, console, handle_errors, load, save, set_threads
 
+EXAMPLES = """
+Examples:
+
+  modelmerge demo
+
+  modelmerge demo --output-dir ./demo-out --force
+"""
+
 
 @handle_errors
 def demo_command(

@@ -21,6 +21,14 @@ from modelmerge.cli._common import (
     warn,
 )
 
+EXAMPLES = """
+Examples:
+
+  modelmerge inspect a.safetensors
+
+  modelmerge inspect a.pt --model mymodels:ResNet20 --json > spec.json
+"""
+
 
 @handle_errors
 def inspect_command(

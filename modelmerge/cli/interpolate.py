@@ -21,6 +21,14 @@ from modelmerge.cli._common import (
     warn,
 )
 
+EXAMPLES = """
+Examples:
+
+  modelmerge interpolate a.safetensors b_aligned.safetensors -o merged.safetensors --alpha 0.5
+
+  modelmerge interpolate a.safetensors b_aligned.safetensors -o m.safetensors --repair --dataset digits
+"""
+
 
 @handle_errors
 def interpolate_command(
