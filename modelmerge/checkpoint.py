@@ -225,16 +225,23 @@ def utf8_name(path: Path) -> Iterator[str]:
         yield link  # the tensors are memory-mapped: they stay valid after the link is removed
 
 
+def _format_of(head: bytes) -> str | None:
+    """``"safetensors"``, ``"torch"`` or None from a file's first 9 bytes. The safetensors test comes
+    first: its 8-byte header length may start with 0x80, a pickle's first byte."""
+    if len(head) >= 9 and head[8:9] == b"{":  # a header length, then the JSON header
+        return "safetensors"
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # torch.save writes a zip archive (or, before 1.6, a pickle)
+        return "torch"
+    return None
+
+
 def _torch_magic(path: Path) -> bool:
-    """Whether ``path`` starts as torch.save's files do (a zip archive or a pickle)."""
+    """Whether ``path`` starts as torch.save's files do."""
     try:
         with open(path, "rb") as f:
-            head = f.read(9)
+            return _format_of(f.read(9)) == "torch"
     except OSError:
         return False
-    if len(head) == 9 and head[8:9] == b"{":  # a safetensors header length may start with 0x80 too
-        return False
-    return head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
 
 
 def _string_keys(obj: Mapping, source: str) -> dict:
@@ -310,9 +317,10 @@ def _read_torch(path: Path, source: str, notes: list[str]) -> dict[str, torch.Te
         raise CheckpointError(f"{source}: cannot read it ({e.strerror})") from None
     if not head:
         raise CheckpointError(f"{source}: is empty (0 bytes); re-download or re-save it")
-    if len(head) == 9 and head[8:9] == b"{":  # a header length, then the JSON header
+    fmt = _format_of(head)
+    if fmt == "safetensors":
         raise CheckpointError(f"{source}: is a safetensors file with a PyTorch name; rename it to .safetensors")
-    if head[:2] != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive (or, before 1.6, a pickle)
+    if fmt is None:
         raise CheckpointError(f"{source}: is not a PyTorch checkpoint (neither a zip archive nor a pickle); "
                               "pass a .pt/.pth/.bin file written by torch.save, or a .safetensors file")
     try:
@@ -359,10 +367,9 @@ def _sniff_format(path: Path) -> str:
         return "torch"
     with open(path, "rb") as f:
         head = f.read(9)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        return "torch"
-    if len(head) == 9 and head[8:9] == b"{":
-        return "safetensors"
+    fmt = _format_of(head)
+    if fmt is not None:
+        return fmt
     raise CheckpointError(
         f"{path}: unknown checkpoint format (expected .safetensors, .pt, .pth or .bin)"
     )
@@ -399,7 +406,7 @@ def check_kinds(state: Mapping[str, torch.Tensor], source: str) -> None:
 def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
     """Raise CheckpointError naming the first tensor with NaN or infinite values."""
     for name, t in state.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all()):
+        if t.is_floating_point() and t.numel() and not _all_finite(t):
             raise CheckpointError(
                 f"{source}: tensor {name!r} contains NaN or infinite values; "
                 "use a checkpoint from before training diverged"
