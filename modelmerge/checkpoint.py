@@ -524,7 +524,8 @@ def save_checkpoint(
         state: name -> tensor (written as is where possible: only a non-contiguous
             tensor, or one sharing storage with another, is copied).
         output: target ``.safetensors`` path.
-        metadata: string metadata for the header (e.g. provenance).
+        metadata: string metadata for the header (e.g. provenance); ``format: pt`` is added
+            when it has entries but no ``format`` (Hugging Face's loaders need it then).
         inputs: paths that must never be overwritten.
         force: allow replacing an existing (non-input) file.
         check_values: refuse NaN or infinite values (:func:`check_writable_values`); a zoo,
@@ -549,6 +550,8 @@ def save_checkpoint(
     # text that is not valid UTF-8 (a file name's undecodable bytes arrive as lone surrogates) would make
     # a header no reader accepts: such characters are written as escapes
     meta = {_utf8(str(k)): _utf8(str(v)) for k, v in (metadata or {}).items()}
+    if meta and "format" not in meta:  # transformers' from_pretrained (4.x) refuses metadata without it
+        meta = {"format": "pt", **meta}
     with atomic_path(out, replace=force) as tmp:
         if sys.byteorder == "little" and all(t.dtype in _SAFETENSORS_DTYPES for t in tensors.values()):
             _write_safetensors(tmp, tensors, meta)
@@ -718,19 +721,29 @@ def _umask() -> int:
 
 
 def provenance(method: str, *checkpoints: Checkpoint, arch_of: Checkpoint | None = None,
-               **extra: object) -> dict[str, str]:
-    """Metadata recording how an output was made: version, method, input hashes.
+               own_of: Sequence[Checkpoint] = (), **extra: object) -> dict[str, str]:
+    """Metadata recording how an output was made: version, method, input hashes; and the inputs' own.
+
+    The inputs' own entries (those not starting with ``modelmerge.``) that every checkpoint in
+    ``own_of`` holds with one value are kept (:func:`save_checkpoint` adds ``format``).
 
     Args:
         method: what made the output.
         checkpoints: the inputs (A, B), hashed into the metadata.
         arch_of: the input whose architecture record the output carries on (the
             output then runs with the same forward), if any.
+        own_of: the inputs whose own metadata the output keeps (B's for aligned B;
+            all of them for a merge).
         extra: more ``modelmerge.KEY`` entries (non-strings as JSON).
     """
     from modelmerge import __version__
 
-    meta = {META_PREFIX + "version": __version__, META_PREFIX + "method": method}
+    meta = {}
+    if own_of:
+        first, *rest = own_of
+        meta.update({k: v for k, v in first.metadata.items() if not k.startswith(META_PREFIX)
+                     and all(ck.metadata.get(k) == v for ck in rest)})
+    meta.update({META_PREFIX + "version": __version__, META_PREFIX + "method": method})
     if arch_of is not None and arch_of.arch is not None:  # .arch validates: a bad record is an error
         meta[META_PREFIX + "arch"] = arch_of.metadata[META_PREFIX + "arch"]
     for label, ck in zip("ab", checkpoints):

@@ -146,7 +146,7 @@ def test_written_file_reads_back_in_every_dtype_with_the_library(tmp_path):
     assert set(back) == set(state)
     assert all(back[k].dtype == state[k].dtype and torch.equal(back[k], state[k]) for k in state)
     with safe_open(str(out), "pt") as f:
-        assert f.metadata() == {"k": "v"}
+        assert f.metadata() == {"format": "pt", "k": "v"}  # transformers' loaders need "format"
 
 
 def test_output_rules(tmp_path, save_sd, state):

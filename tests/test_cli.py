@@ -55,6 +55,19 @@ def test_align_writes_verified_permuted_b_and_report(pair, tmp_path):
     torch.testing.assert_close(m["0.weight"], 0.5 * a_state["0.weight"] + 0.5 * out_ck.state["0.weight"])
 
 
+def test_outputs_keep_the_inputs_own_metadata_and_say_format_pt(save_sd, tmp_path):
+    # Hugging Face's from_pretrained refuses a safetensors file whose metadata lacks "format"
+    a = save_sd(mlp((12, 16, 5), seed=0).state_dict(), "a.safetensors", {"format": "pt", "shared": "1", "who": "a"})
+    b = save_sd(mlp((12, 16, 5), seed=1).state_dict(), "b.safetensors", {"shared": "1", "who": "b"})
+    out, merged, mix = tmp_path / "o.safetensors", tmp_path / "m.safetensors", tmp_path / "i.safetensors"
+    assert run("align", a, b, "-o", out, "--merged", merged, "--method", "weight-matching").exit_code == 0
+    assert run("interpolate", a, b, "-o", mix).exit_code == 0
+    own = {name: {k: v for k, v in load_checkpoint(p).metadata.items() if not k.startswith("modelmerge.")}
+           for name, p in (("aligned", out), ("merged", merged), ("interpolated", mix))}
+    assert own["aligned"] == {"format": "pt", "shared": "1", "who": "b"}  # B permuted: B's own entries
+    assert own["merged"] == own["interpolated"] == {"format": "pt", "shared": "1"}  # what A and B agree on
+
+
 def test_align_json_goes_to_stdout(pair, tmp_path):
     a, b = pair
     r = run("align", a, b, "-o", tmp_path / "o.safetensors", "--json", "--method", "weight-matching")

@@ -169,7 +169,7 @@ def _write(result, ck_a, ck_b, output, merged, alpha, reset_x, repair_x, force) 
     from modelmerge.repair import Repair, merge_pair
 
     inputs = [ck_a.source, ck_b.source]
-    meta = provenance(result.method, ck_a, ck_b, arch_of=ck_b)
+    meta = provenance(result.method, ck_a, ck_b, arch_of=ck_b, own_of=(ck_b,))
     mixed = None
     if merged is not None:  # computed before anything is written: a failure leaves no file
         fixer = Repair(result.network, [ck_a.state, result.aligned], repair_x) if repair_x is not None else None
@@ -177,7 +177,8 @@ def _write(result, ck_a, ck_b, output, merged, alpha, reset_x, repair_x, force) 
                            repairer=fixer)
     written = [save(result.aligned, output, meta, inputs, force)]
     if mixed is not None:
-        written.append(save(mixed, merged, {**meta, "modelmerge.alpha": str(alpha),
+        mixed_meta = provenance(result.method, ck_a, ck_b, arch_of=ck_b, own_of=(ck_a, ck_b))
+        written.append(save(mixed, merged, {**mixed_meta, "modelmerge.alpha": str(alpha),
                                             "modelmerge.reset_bn": str(reset_x is not None).lower(),
                                             "modelmerge.repair": str(repair_x is not None).lower()}, inputs, force))
     return written

@@ -63,7 +63,7 @@ def demo_command(
     wm = result if result.method == "weight-matching" else align(a.state, b.state, network=network,
                                                                   method="weight-matching", seed=0)
     merged = interpolate(a.state, result.aligned, 0.5)
-    meta = provenance(result.method, a, b, arch_of=a)
+    meta = provenance(result.method, a, b, arch_of=a, own_of=(a, b))
     aligned_path = save(result.aligned, targets[0], meta, [pa, pb], force)
     merged_path = save(merged, targets[1], {**meta, "modelmerge.alpha": "0.5"}, [pa, pb], force)
 

@@ -83,7 +83,7 @@ def interpolate_command(
         merged = merge_pair(ck_a.state, ck_b.state, alpha, network=network, reset_x=reset_x, repairer=fixer)
     else:
         merged = interpolate(ck_a.state, ck_b.state, alpha)
-    meta = provenance("interpolate", ck_a, ck_b, arch_of=ck_a, alpha=str(alpha), reset_bn=str(reset_bn).lower(),
+    meta = provenance("interpolate", ck_a, ck_b, arch_of=ck_a, own_of=(ck_a, ck_b), alpha=str(alpha), reset_bn=str(reset_bn).lower(),
                       repair=str(repair).lower())
     save(merged, output, meta, [a, b], force)
     differ = [k for k, v in ck_a.state.items() if v.dtype != ck_b.state[k].dtype]

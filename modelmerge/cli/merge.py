@@ -137,7 +137,7 @@ def merge_command(
 
         soup = repair_soup(network, soup, result.aligned, shares, repair_x)
     scores = _scores(network, task, cks, soup, shares, reset_bn) if task is not None else None
-    meta = provenance(f"merge-{result.method}", arch_of=cks[0], weights=shares, reset_bn=str(reset_bn).lower(),
+    meta = provenance(f"merge-{result.method}", arch_of=cks[0], own_of=cks, weights=shares, reset_bn=str(reset_bn).lower(),
                       repair=str(repair).lower(),
                       inputs=[{"source": ck.source, "sha256": ck.sha256} for ck in cks])
     written = save(soup, output, meta, list(models), force)
