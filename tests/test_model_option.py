@@ -282,6 +282,36 @@ def test_a_large_output_does_not_lend_its_tolerance_to_a_small_one():
               method="weight-matching")
 
 
+class _Tiny(torch.nn.Module):
+    """A regressor whose outputs are ~1e-6 (small targets)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(10, 32), torch.nn.Linear(32, 2)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x))) * 1e-5
+
+
+def test_small_outputs_are_checked_on_their_own_scale():
+    """A spec that leaves fc2's inputs in place while fc1's units move changes every output completely, yet
+    passed as 'verified' when outputs were ~1e-6: the tolerance had an absolute floor of 1e-4 (black-box
+    sweep). The right answer still verifies."""
+    from modelmerge.alignment import align
+    from modelmerge.errors import VerificationError
+    from modelmerge.spec import PermutationSpec
+
+    torch.manual_seed(0)
+    a, b = _Tiny(), _Tiny()
+    good = align(a.state_dict(), b.state_dict(), module=a, method="weight-matching")
+    assert good.verification.forward == "model" and good.verification.max_abs_diff < 1e-10
+    spec = good.network.spec.to_dict()
+    spec["params"]["fc2.weight"] = [None, None]
+    with pytest.raises(VerificationError, match="outputs differ"):
+        align(a.state_dict(), b.state_dict(), module=a, spec=PermutationSpec.from_dict(spec),
+              method="weight-matching")
+
+
 class _Masked(torch.nn.Module):
     """Returns masked scores (-inf where masked, as attention scores or log-probabilities are) and logits."""
 
