@@ -249,3 +249,25 @@ def test_probe_responses_of_a_dead_unit_have_finite_gradients():
     sum(s.sum() for s in model(to_weight_space(chain, a), to_weight_space(chain, b))).backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_auto_falls_back_to_weight_matching_when_the_aligner_would_not_fit_in_memory(monkeypatch):
+    """The learned aligner's edge features grow with every weight matrix (~1.6 GiB for 2048-wide layers):
+    an MLP wide enough ran the machine out of memory with no word. auto now says so and uses weight
+    matching; --method deep-align refuses in one line."""
+    import modelmerge as mm
+    from modelmerge.methods import learned
+    from modelmerge.network import resolve_network
+
+    a, b = mlp((12, 16, 16, 5), seed=0).state_dict(), mlp((12, 16, 16, 5), seed=1).state_dict()
+    ws = resolve_network(a, assume_chain=True).weight_space(a)
+    model = DeepAlign(AlignerConfig())
+    wider = resolve_network(mlp((12, 64, 64, 5)).state_dict(), assume_chain=True).weight_space(
+        mlp((12, 64, 64, 5)).state_dict())
+    assert model.memory_needed(wider) > model.memory_needed(ws) > 0
+    assert mm.align(a, b).method == "deep-align"  # enough memory: the learned answer
+    monkeypatch.setattr(learned, "available_memory", lambda: 1 << 20)
+    res = mm.align(a, b)
+    assert res.method == "weight-matching" and any("would need" in n for n in res.notes), res.notes
+    with pytest.raises(OutOfFamilyError, match="would need .* GiB"):
+        mm.align(a, b, method="deep-align")

@@ -26,11 +26,34 @@ def _choose(ctx: Context):
         if weights is None:
             return None, None, f"no bundled aligner covers a {net.depth}-layer {net.family.upper()}"
         model, card = load_aligner(weights.name)
+    ws = _weight_spaces(ctx)[0]
     try:
-        model.check_supports(_weight_spaces(ctx)[0])
+        model.check_supports(ws)
     except OutOfFamilyError as e:
         return None, None, str(e).split(";")[0]
+    need, free = model.memory_needed(ws), available_memory()
+    if free is not None and need > free // 2:  # half: the checkpoints and the outputs need the rest
+        return None, None, (f"the learned aligner would need ~{need / 2**30:.1f} GiB for layers this wide, more than "
+                            f"half of the {free / 2**30:.1f} GiB of memory available")
     return model, card, None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable, else free physical pages),
+    or None where the system does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import os
+
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _weight_spaces(ctx: Context):
