@@ -217,7 +217,7 @@ def align(
     seconds.update({"align": t2 - t1, "verify": t3 - t2, "total": t3 - t0})
     objective = chosen.objective or (alignment_objective(a, b, net.spec),
                                      alignment_objective(a, b, net.spec, chosen.perm))
-    warnings = [net.assumption] if net.assumption else []
+    warnings = ([net.assumption] if net.assumption else []) + list(net.risks)
     if verification.forward is None:
         warnings.append("the output was NOT verified: no forward is known for this spec; pass --model "
                         "pkg.module:Class so the permuted model's outputs can be compared")

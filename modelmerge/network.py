@@ -66,6 +66,9 @@ class Network:
         forward_chain: the chain the generic forward runs (``forward_kind == "chain"``): the
             inferred one, whatever the spec (a user's spec is checked against it too).
         vocab: the vocabulary size when the module reads token ids (inputs are integers), else None.
+        risks: what a permuted model may break that its verification cannot see (parameters the
+            traced forward never reads: an auxiliary head, a training-only branch); commands that
+            permute print them as warnings.
     """
 
     spec: PermutationSpec
@@ -80,6 +83,7 @@ class Network:
     assumption: str | None = None
     forward_chain: Chain | None = None
     vocab: int | None = None
+    risks: tuple[str, ...] = ()
 
     # ------------------------------------------------------------ what it is
     @property
@@ -406,6 +410,7 @@ def resolve_network(
     """
     inferred = chain = _try_chain(state, ordered)
     warnings: tuple[str, ...] = ()
+    risks: tuple[str, ...] = ()
     if spec is not None:
         spec.check(state)
         chosen, source = spec, "file"
@@ -416,6 +421,7 @@ def resolve_network(
 
         traced = trace_spec(module, input_shape=input_shape)
         chosen, source, warnings = _saved_keys(traced.spec, state, module), "traced", tuple(traced.warnings)
+        risks = tuple(traced.risks)
         if traced.units and traced.fraction < LOW_COVERAGE:
             low = (f"only {traced.permutable} of {traced.units} hidden units ({traced.fraction:.0%}) can be permuted: "
                    "alignment can do little for this model (see the notes above, or pass --spec)")
@@ -434,7 +440,7 @@ def resolve_network(
     if module is not None:
         shape, n_out = find_input_shape(module, input_shape)
         return Network(chosen, source, "model", shape, n_out, chain, None, module, warnings,
-                       vocab=input_vocab(module, shape))
+                       vocab=input_vocab(module, shape), risks=risks)
     if record is not None:
         from modelmerge.archs import build_for, num_outputs, validate_record
         from modelmerge.archs import input_shape as record_input
@@ -447,6 +453,8 @@ def resolve_network(
         # the generic forward keeps a conv map's size: verify it on CHAIN_SPATIAL per spatial side
         shape = (first.shape[1],) + (CHAIN_SPATIAL,) * (first.ndim - 2)
         n_out = int(last.shape[0]) if inferred.layers[-1].kind == "linear" else None
+        if not assume_chain:
+            _check_layout(inferred)
         risks = [] if assume_chain else [r for r in (_hidden_skip_risk(inferred, state), _flatten_risk(inferred),
                                                      _order_risk(inferred)) if r]
         if risks:
@@ -502,6 +510,26 @@ def _hidden_skip_risk(chain: Chain, state: Mapping[str, torch.Tensor]) -> str | 
     k, j = equal[0]
     return (f"widths {shown} would allow a skip connection (e.g. around "
             f"{f'layer {j}' if k + 1 == j else f'layers {k + 1}..{j}'}) that a state dict cannot show")
+
+
+#: GPT-2's ``Conv1D`` layers (transformers): weights stored ``[in, out]``, transposed from ``nn.Linear``
+_TRANSPOSED_NAMES = ("c_fc", "c_proj", "c_attn", "q_attn")
+
+
+def _check_layout(chain: Chain) -> None:
+    """Refuse a bare chain whose layer names are GPT-2's ``Conv1D`` ones: a square one reads as an
+    ``nn.Linear`` chain and the output would be broken (the transposed layout cannot be seen).
+
+    Raises:
+        SpecError: naming the layer and the fix.
+    """
+    named = [layer.module for layer in chain.layers if layer.module.rsplit(".", 1)[-1] in _TRANSPOSED_NAMES]
+    if named:
+        raise SpecError(
+            f"this bare checkpoint's layer {named[0]!r} is named like GPT-2's Conv1D, which stores its weight as "
+            "[in, out], transposed from nn.Linear; a state dict cannot show which, and reading it the wrong way "
+            "writes a broken model: pass --model (modelmerge.hf:build for transformers models), or --assume-chain "
+            "if these are nn.Linear layers")
 
 
 def _order_risk(chain: Chain) -> str | None:
@@ -566,12 +594,17 @@ def input_vocab(module: nn.Module, shape: tuple[int, ...]) -> int | None:
     return vocab
 
 
+def _is_conv1d_hf(m: nn.Module) -> bool:
+    """transformers' GPT-2 ``Conv1D``: a linear layer whose weight is stored ``[in, out]``."""
+    return type(m).__name__ == "Conv1D" and getattr(getattr(m, "weight", None), "ndim", 0) == 2
+
+
 def find_input_shape(module: nn.Module, given: tuple[int, ...] | None = None) -> tuple[tuple[int, ...], int | None]:
     """A per-example input shape ``module`` accepts, and its output count if it returns ``[B, outputs]``.
 
-    Tries ``given``, else the first Linear's width, the first Conv's channels at
-    common image sizes, or token sequences of common lengths when the first layer
-    is an embedding (inputs are then token ids; see :func:`token_vocab`).
+    Tries ``given``, else the first Linear's (or GPT-2 Conv1D's) width, alone or as a sequence of
+    8, the first Conv's channels at common image sizes, or token sequences of common lengths when
+    the first layer is an embedding (inputs are then token ids; see :func:`token_vocab`).
 
     Raises:
         ModelMergeError: no candidate works; pass --input-shape (the model's own error is in
@@ -579,10 +612,12 @@ def find_input_shape(module: nn.Module, given: tuple[int, ...] | None = None) ->
     """
     candidates = [tuple(given)] if given else []
     first = next((m for m in module.modules()
-                  if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding))), None)
+                  if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)) or _is_conv1d_hf(m)),
+                 None)
     if first is not None and not given:
-        if isinstance(first, nn.Linear):
-            candidates.append((first.in_features,))
+        if isinstance(first, nn.Linear) or _is_conv1d_hf(first):
+            width = first.in_features if isinstance(first, nn.Linear) else first.weight.shape[0]
+            candidates += [(width,), (8, width)]  # one vector, or a sequence of them (a transformer's)
         elif isinstance(first, nn.Embedding):
             candidates += [(s,) for s in (8, 16, 4, 32)]
         else:

@@ -521,6 +521,14 @@ def _link(order: list[str], kinds: Mapping[str, str], modules, state) -> tuple[C
                 blocks.append(1)
             elif prev.kind == "conv" and kind == "linear" and fan_in % c == 0:
                 blocks.append(fan_in // c)
+            elif prev.kind == kind == "conv" and fan_in < c and c % fan_in == 0:
+                # [C, C/g, k, k] after a conv of C channels: a grouped (depthwise when 1) conv, whose channels
+                # cannot move across groups; "!" as no other order may explain it away (see infer_chain)
+                return None, (
+                    f"{len(layers)}!:{params['weight']} reads {fan_in} of the {c} channels {prev.module!r} gives: a "
+                    f"{'depthwise' if fan_in == 1 else 'grouped'} conv (groups={c // fan_in}), which a chain reading "
+                    "of a state dict cannot hold"
+                )
             elif fan_in == c:  # the sizes fit: the order of kinds does not
                 return None, (
                     f"{len(layers)}:{params['weight']} is a {kind} layer after the {prev.kind} layer {prev.module!r}, "
@@ -636,10 +644,12 @@ def infer_chain(state: Mapping[str, torch.Tensor], ordered: bool = False) -> Cha
             elif not numbered and (other := _rival_order(tops, orders[2:], kinds, modules, state)) is not None:
                 chain = replace(chain, rival=(tuple(tops), tuple(other)))  # trusted, but said
             return chain
-        reasons.append(why)
-    # the order that linked the most layers says best why the rest does not fit (the file's order
-    # is often just alphabetical: safetensors sorts keys)
-    best = max(reasons, key=lambda r: int(r.split(":", 1)[0].rstrip("!")))
+        if i < 2 or not all(any(ch.isdigit() for ch in m.split(".")[0]) for m in modules):
+            reasons.append(why)  # numbered top-level names (a Sequential's) fix the order: no shuffled one speaks
+    # a reason no order can explain away ("!": a grouped conv, a GroupNorm) says best why it is no chain;
+    # else the order that linked the most layers (the file's order is often just alphabetical:
+    # safetensors sorts keys)
+    best = max(reasons, key=lambda r: (r.split(":", 1)[0].endswith("!"), int(r.split(":", 1)[0].rstrip("!"))))
     raise SpecError(f"cannot infer a spec: the layers do not form a chain ({best.split(':', 1)[1]}); {_SPEC_HINT}")
 
 

@@ -307,12 +307,15 @@ class TraceResult:
     Attributes:
         spec: the permutation spec.
         warnings: one line per cause of held-fixed units, with how many places and examples.
+        risks: what a permuted model may break where its verification cannot look (parameters the
+            traced forward never reads, which keep their order while the units they read move).
         units: hidden units of the model (outputs of its weight layers but the last).
         permutable: how many of those a permutation may move.
     """
 
     spec: PermutationSpec
     warnings: list[str] = field(default_factory=list)
+    risks: list[str] = field(default_factory=list)
     units: int = 0
     permutable: int = 0
 
@@ -1231,16 +1234,16 @@ class _Tracer:
                                                          tuple(names[g] for g in hs.rigid)) for hs in heads.values()}
         spec = PermutationSpec(groups=groups, axes=axes, heads=heads)
         units, permutable = self._coverage(spec)
-        warnings = _summary(s.why)
+        warnings, risks = _summary(s.why), []
         if self.unread:
             # nothing ties them to the units they read (an auxiliary head, a training-only branch),
             # so they stay as they are while those units may move: say so rather than pass silently
-            warnings.append(
+            risks.append(
                 f"{len(self.unread)} parameter(s) the traced eval-mode forward never reads ({preview(self.unread, 3)}) "
                 "keep their order: any other path through them (an auxiliary head, training mode) is not "
                 "preserved; write a --spec to permute them too"
             )
-        return TraceResult(spec, warnings, units, permutable)
+        return TraceResult(spec, warnings, risks, units, permutable)
 
     def _names(self, roots) -> dict[str, str]:
         """Readable group names: the first layer producing each group (``blocks.0.fc1.out``, ``attn.qkv.out[2]``)."""

@@ -192,6 +192,15 @@ CASES = {
     "resnet-20 option A as .pt": lambda c: (
         ["align", c.torch_save(_resnet20(0), "n0.pt"), c.torch_save(_resnet20(1), "n1.pt"), "-o", c.out],
         "reads like residual blocks"),
+    "GPT-2 Conv1D names as a bare chain": lambda c: (
+        ["align", c.torch_save(_gpt2_mlp(0), "g0.pt"), c.torch_save(_gpt2_mlp(1), "g1.pt"), "-o", c.out],
+        "named like GPT-2's Conv1D"),
+    "depthwise conv as a bare .pt": lambda c: (
+        ["align", c.torch_save(_depthwise(0), "dw0.pt"), c.torch_save(_depthwise(1), "dw1.pt"), "-o", c.out],
+        "a depthwise conv (groups=8)"),
+    "depthwise conv as a bare .safetensors (sorted names)": lambda c: (
+        ["align", c.save(_depthwise(0), "dw0.safetensors"), c.save(_depthwise(1), "dw1.safetensors"), "-o", c.out],
+        "a depthwise conv (groups=8)"),
     # ---------------------------------------------------------------- outputs
     "output is an input": lambda c: (["align", c.a, c.b, "-o", c.b, "--force"], "also an input"),
     "existing output": lambda c: (c.align(b=c.b, a=c.a) if c.write("out.safetensors", b"keep me") else [],
@@ -338,6 +347,24 @@ CASES = {
     "not a zoo": lambda c: (["train-aligner", "--zoo", c.dir, "-o", c.dir / "al"], "not a zoo"),
     "inspect a missing file": lambda c: (["inspect", c.dir / "nope.pt"], "no such file"),
 }
+
+
+def _depthwise(seed):
+    """A MobileNet-like stem, depthwise and pointwise conv, then a classifier (module order); its
+    refusal blamed the wrong layer ('... follows classifier') before naming the depthwise conv."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"stem.weight": (8, 3, 3, 3), "stem.bias": (8,), "block.dw.weight": (8, 1, 3, 3),
+              "block.pw.weight": (16, 8, 1, 1), "block.pw.bias": (16,), "classifier.weight": (5, 16),
+              "classifier.bias": (5,)}
+    return {k: torch.randn(v, generator=g) for k, v in shapes.items()}
+
+
+def _gpt2_mlp(seed):
+    """A GPT-2 MLP block's state dict: Conv1D layers store weights [in, out]; square, so it also reads as a
+    Linear chain (which would be wrong)."""
+    g = torch.Generator().manual_seed(seed)
+    return {"mlp.c_fc.weight": torch.randn(16, 16, generator=g), "mlp.c_fc.bias": torch.randn(16, generator=g),
+            "mlp.c_proj.weight": torch.randn(16, 16, generator=g), "mlp.c_proj.bias": torch.randn(16, generator=g)}
 
 
 def _blocks(seed):

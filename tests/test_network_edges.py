@@ -3,6 +3,7 @@ weight layer is an embedding, state dicts made under inference mode or holding t
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import mlp
 from torch import nn
@@ -125,3 +126,27 @@ def test_a_trusted_file_order_that_another_order_also_fits_is_stated():
     assert resolve_network(state, ordered=True, assume_chain=True).assumption is None
     numbered = {k.replace("bottleneck", "fc1").replace("hidden", "fc2"): v for k, v in state.items()}
     assert "file's order" not in (resolve_network(numbered, ordered=True).assumption or "")
+
+
+class _SequenceFirst(torch.nn.Module):
+    """A Linear first, but the forward needs a sequence ``[B, T, features]`` (pools over T)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        if x.ndim != 3:
+            raise ValueError("expected [batch, time, features]")
+        return self.out(torch.relu(self.fc(x)).mean(1))
+
+
+def test_input_shape_is_found_for_sequence_models_and_gpt2_conv1d_layers():
+    """Only one vector per example was tried after a Linear, and a GPT-2 Conv1D first layer was not
+    recognised at all: both asked for --input-shape (black-box sweep)."""
+    from modelmerge.network import find_input_shape
+
+    assert find_input_shape(_SequenceFirst()) == ((8, 6), 3)
+    transformers = pytest.importorskip("transformers")
+    mlp = transformers.models.gpt2.modeling_gpt2.GPT2MLP(32, transformers.GPT2Config(n_embd=16))
+    assert find_input_shape(mlp)[0] == (16,)

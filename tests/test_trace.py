@@ -6,6 +6,7 @@ import pytest
 import torch
 from archs import ResidualMLP, ResNetish, Untraceable, VGGish, WithConcat
 
+import modelmerge as mm
 from modelmerge.errors import SpecError
 from modelmerge.matching import weight_matching
 from modelmerge.permutation import apply_permutation, invert_permutation, random_permutation
@@ -161,13 +162,18 @@ class WithAuxHead(torch.nn.Module):
         return self.out(torch.relu(self.fc1(x)))
 
 
-def test_parameters_the_forward_never_reads_are_named_in_a_warning():
+def test_parameters_the_forward_never_reads_are_named_as_a_risk():
     """They keep their order while the units they read move, so the head's path breaks; this
-    passed without a word (found by a black-box sweep). Models that read every parameter get no such line."""
+    passed without a word (found by a black-box sweep), then only as a note (a later sweep): it is a
+    risk, which align prints as a warning. Models that read every parameter get no such line."""
     result = trace_spec(WithAuxHead(), input_shape=(10,))
     assert result.spec.axes["aux.weight"] == (None, None) and result.spec.axes["fc1.weight"][0] is not None
-    assert any("never reads (aux.weight, aux.bias)" in w for w in result.warnings)
-    assert not any("never reads" in w for w in trace_spec(ResNetish()).warnings)
+    assert any("never reads (aux.weight, aux.bias)" in w for w in result.risks)
+    assert not any("never reads" in w for w in result.warnings)
+    assert not trace_spec(ResNetish()).risks
+    a, b = WithAuxHead().state_dict(), WithAuxHead().state_dict()
+    res = mm.align(a, b, module=WithAuxHead(), input_shape=(10,), method="weight-matching")
+    assert any("never reads" in w for w in res.warnings) and not any("never reads" in n for n in res.notes)
 
 
 class TiedHead(torch.nn.Module):
@@ -186,5 +192,5 @@ class TiedHead(torch.nn.Module):
 def test_a_tied_tensor_read_under_its_other_name_is_not_called_unread():
     """The export reads it under one name; the other was named as never read (false; black-box sweep)."""
     result = trace_spec(TiedHead(), example=(torch.randint(0, 11, (2, 5)),))
-    assert not any("never reads" in w for w in result.warnings), result.warnings
+    assert not any("never reads" in w for w in result.warnings + result.risks), result.risks
     assert result.spec.axes["head.weight"] == result.spec.axes["embed.weight"]

@@ -290,6 +290,29 @@ def test_hugging_face_checkpoint_saved_without_its_tied_head_aligns_from_the_cli
     assert "lm_head.weight" not in written and set(written) == set(load_file(str(paths[1])))
 
 
+def test_a_transformers_checkpoint_with_other_names_says_how_to_resave_it(tmp_path):
+    """save_pretrained of one transformers version may write names another version's class renames only
+    inside from_pretrained (ViT under 5.x): the strict load failed with 'check --model-kwargs' alone,
+    though the kwargs were right (black-box sweep)."""
+    pytest.importorskip("transformers")
+    import json
+
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from modelmerge.cli.app import app
+
+    kwargs = {"class": "GPT2LMHeadModel", "n_layer": 2, "n_head": 2, "n_embd": 16, "vocab_size": 40,
+              "n_positions": 16}
+    state = {k.replace(".attn.", ".attention."): v.clone() for k, v in _hf("gpt2").state_dict().items()
+             if k != "lm_head.weight"}
+    save_file(state, str(tmp_path / "old.safetensors"))
+    r = CliRunner().invoke(app, ["inspect", str(tmp_path / "old.safetensors"), "--model", "modelmerge.hf:build",
+                                 "--model-kwargs", json.dumps(kwargs)])
+    assert r.exit_code == 1 and "save_pretrained" in r.stderr and "from_pretrained" in r.stderr, r.output
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 HF_MORE = {
     # rotary embeddings fix q/k and the head order; v/o units still move within each head
     "llama": ("LlamaForCausalLM", "LlamaConfig", {"num_key_value_heads": 2}),

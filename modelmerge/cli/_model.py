@@ -82,6 +82,13 @@ def build_model(target: str, kwargs_json: str | None, state):
                 f"a Lightning module its attribute, torch.compile '_orig_mod.') but {target}'s do not; re-save the "
                 "state dict with the prefix removed (e.g. model.module.state_dict())"
             ) from None
+        if type(model).__module__.startswith("transformers."):
+            # transformers renames some saved layouts as from_pretrained loads them (a class's names change
+            # between versions), which a strict load of the raw file does not do
+            raise ModelMergeError(
+                f"{e}; check --model-kwargs, or, for a folder written by save_pretrained with another transformers "
+                "version, re-save each model's state_dict() after from_pretrained (which renames old names) and "
+                "align those files") from None
         raise ModelMergeError(f"{e}; check --model-kwargs") from None
 
 

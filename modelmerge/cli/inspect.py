@@ -72,7 +72,7 @@ def inspect_command(
         con.print("    " + ", ".join(dict.fromkeys(members)), highlight=False)
     con.print(f"fixed (no group): {', '.join(s.fixed) or 'none'}")
     con.print("input and output units are never permuted")
-    for w in network.warnings:
+    for w in (*network.warnings, *network.risks):
         con.print(f"traced: {w}")
     if network.assumption:
         warn(network.assumption)

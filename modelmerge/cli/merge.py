@@ -159,6 +159,8 @@ def merge_command(
         _summary(out)
     for message in network.warnings:  # what the tracer could not follow, as align says it
         warn(f"traced: {message}")
+    for message in network.risks:
+        warn(message)
     if network.assumption:
         warn(network.assumption)
 

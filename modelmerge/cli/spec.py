@@ -53,7 +53,7 @@ def spec_command(
     units = sum(network.spec.groups.values())
     con.print(f"wrote {output}: {network.spec_source} spec, {len(network.spec.groups)} groups, {units} units, "
               f"{len(network.spec.fixed)} fixed parameters")
-    for w in network.warnings:
+    for w in (*network.warnings, *network.risks):
         con.print(f"traced: {w}")
     if network.assumption:
         warn(network.assumption)
