@@ -271,3 +271,26 @@ def test_auto_falls_back_to_weight_matching_when_the_aligner_would_not_fit_in_me
     assert res.method == "weight-matching" and any("would need" in n for n in res.notes), res.notes
     with pytest.raises(OutOfFamilyError, match="would need .* GiB"):
         mm.align(a, b, method="deep-align")
+
+
+def test_random_probes_draw_afresh_in_training_only():
+    """train-aligner --random-probes: a new probe draw per training forward (so the aligner cannot fit
+    one draw, which an unseen input size changes), the fixed draw for every answer."""
+    from modelmerge.network import resolve_network
+
+    a, b = mlp((12, 16, 16, 5), seed=0).state_dict(), mlp((12, 16, 16, 5), seed=1).state_dict()
+    net = resolve_network(a, assume_chain=True)
+    wa, wb = net.weight_space(a), net.weight_space(b)
+    model = DeepAlign(AlignerConfig(readout_hidden=32, output_dims=4))
+    model.random_probes = True
+    model.train()
+    with torch.no_grad():
+        first, second = model(wa, wb)[0], model(wa, wb)[0]
+    assert not torch.equal(first, second)
+    model.eval()
+    fixed = [model(wa, wb)[0] for _ in range(2)]
+    assert torch.equal(*fixed)
+    model.random_probes = False
+    model.train()
+    with torch.no_grad():
+        assert torch.equal(model(wa, wb)[0], fixed[0])  # without the option, training sees the fixed draw too

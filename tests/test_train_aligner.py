@@ -408,13 +408,14 @@ def test_aligner_outside_its_trained_depths_says_so(trained, tmp_path, save_sd):
 def test_v2_shape_onecycle_and_validation_every_step(tiny_zoo, tmp_path):
     out = tmp_path / "v2"
     args = ["train-aligner", "--zoo", str(tiny_zoo), "-o", str(out), "--data", "digits", *TINY,
-            "--readout-hidden", "16", "--output-dims", "4", "--schedule", "onecycle", "--val-every", "1"]
+            "--readout-hidden", "16", "--output-dims", "4", "--schedule", "onecycle", "--val-every", "1",
+            "--random-probes"]
     args[args.index("--epochs") + 1] = "2"
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     card = json.loads((out / "aligner.json").read_text())
     assert card["config"]["readout_hidden"] == 16 and card["config"]["output_dims"] == 4
-    assert card["settings"]["schedule"] == "onecycle"
+    assert card["settings"]["schedule"] == "onecycle" and card["settings"]["random_probes"] is True
     assert [h["step"] for h in card["history"]] == list(range(1, card["steps_run"] + 1))
     assert card["steps"] == card["validation"]["step"] <= card["steps_run"]  # the best step's weights
     last = torch.load(out / "last.pt", weights_only=True)

@@ -85,6 +85,11 @@ def train_aligner_command(
         int, typer.Option("--edge-cost", min=0, help="Channels of a learned edge-matching term in the unrolled "
                           "iterations (0: off; works with --init, starting switched off).")
     ] = 0,
+    random_probes: Annotated[
+        bool, typer.Option("--random-probes", help="Draw the probe inputs afresh at every training step (answers "
+                           "then keep the fixed draw), so the aligner cannot fit one draw: it generalises to input "
+                           "sizes no zoo has.")
+    ] = False,
     distill: Annotated[
         float, typer.Option("--distill", min=0.0, help="Weight of the cross-entropy against refined answers (the LMC "
                             "refinement with the zoo's data, from the best of weight matching and --init) for "
@@ -169,7 +174,7 @@ def train_aligner_command(
                              val_fraction=val_fraction, val_pairs=val_pairs, seed=seed, l2=l2_w, planted=planted_w,
                              alpha_range=(alpha_min, alpha_max), schedule=schedule, val_every=val_every,
                              max_minutes=max_minutes, relative=relative, distill=distill,
-                             distill_pairs=distill_pairs)
+                             distill_pairs=distill_pairs, random_probes=random_probes)
     config = AlignerConfig(channels=channels, layers=layers, probes=probes, unroll=unroll, feature_dim=feature_dim,
                            weighted_costs=weighted_costs, readout_hidden=readout_hidden, output_dims=output_dims,
                            edge_cost=edge_cost)

@@ -129,6 +129,10 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
     return logits.exp()
 
 
+#: the probe draw every answer uses (one for all input sizes; fresh draws only in training with random_probes)
+PROBE_SEED = 1234
+
+
 def hungarian(scores: torch.Tensor) -> torch.Tensor:
     """Hard assignment maximising ``scores [n, n]``: ``perm[i]`` = column matched to row ``i``."""
     rows, cols = linear_sum_assignment(scores.detach().to(torch.float64).cpu().numpy(), maximize=True)
@@ -398,6 +402,9 @@ class DeepAlign(nn.Module):
     def __init__(self, config: AlignerConfig = AlignerConfig()) -> None:
         super().__init__()
         self.config = config
+        # in training mode, a fresh probe draw per forward (set by train-aligner --random-probes): the learned
+        # probe scales and offsets then cannot fit one draw, which an input size no zoo had changes
+        self.random_probes = False
         c = config.channels
         self.tap_stats = nn.Linear(4, c)
         self.tap_conv = nn.ModuleDict({str(t): nn.Linear(t, c, bias=False) for t in config.conv_taps})
@@ -517,7 +524,10 @@ class DeepAlign(nn.Module):
         n, n_in, k = w0.shape[0], w0.shape[2], cfg.probes
         conv = a.kinds[0] == "conv"
         spatial = ((cfg.probe_size,) * (2 if w0.shape[-1] == 9 else 1)) if conv else ()
-        g = torch.Generator().manual_seed(1234)
+        seed = PROBE_SEED
+        if self.training and self.random_probes:
+            seed = int(torch.randint(0, 2**31 - 1, ()))
+        g = torch.Generator().manual_seed(seed)
         base = torch.randn((k, n_in, *spatial), generator=g, dtype=w0.dtype)
         mod = self.probe(enc_a[1][0] + enc_b[1][0])  # (N, n_0, 2K)
         scale = 1.0 + mod[..., :k].transpose(1, 2)  # (N, K, n_0)

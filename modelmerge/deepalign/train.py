@@ -59,7 +59,8 @@ class TrainSettings:
     ``schedule``: ``"constant"`` or ``"onecycle"`` (warm up to ``lr`` over the first 30 %
     of the steps, then cosine down to ``lr / 1e4``). ``val_every``: validate every so many
     steps (0: once per epoch). ``max_minutes``: stop after this much training time
-    (0: no limit), validating once more before stopping.
+    (0: no limit), validating once more before stopping. ``random_probes``: draw the probe
+    inputs afresh at every training step (:attr:`DeepAlign.random_probes`).
     """
 
     epochs: int = 10
@@ -82,6 +83,7 @@ class TrainSettings:
     relative: bool = False
     distill: float = 0.0
     distill_pairs: int = 32
+    random_probes: bool = False
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -347,6 +349,7 @@ def train_aligner(
     if lmc_w == 0 and settings.l2 == 0 and settings.planted == 0:
         raise ModelMergeError("no loss to train with: pass --data for the LMC loss, or set --l2/--planted weights")
     model, init_name = _make_model(parts, config, init, settings.seed, add_layers, widen_by)
+    model.random_probes = settings.random_probes
     run = _Run(model, parts, settings, Path(out_dir), data, lmc_w, command, init_name, rank, world)
     if resume:
         run.resume()
