@@ -31,6 +31,9 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # Tried in order when a hub id names a repository but no file.
 HUB_DEFAULT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt")
+# A checkpoint sharded by save_pretrained: an index naming each tensor's shard file (tried after the above).
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_SHARD_NAME = re.compile(r"-(\d+)-of-(\d+)\.(safetensors|bin|pt|pth)$")
 # Wrappers seen in training checkpoints saved by other code: {"state_dict": {...}, "epoch": 3}.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "weights")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[^\s]+)?$")
@@ -51,6 +54,7 @@ class Checkpoint:
             state dicts in a container was used, entries that were not tensors).
         ordered: the names are in the model's module order (a ``torch.save``d ``state_dict()``
             keeps it; a safetensors file sorts them), so chain inference may trust that order.
+        parts: the shard files of a sharded checkpoint (``path`` is then its index).
     """
 
     state: dict[str, torch.Tensor]
@@ -59,10 +63,14 @@ class Checkpoint:
     source: str = ""
     notes: tuple[str, ...] = ()
     ordered: bool = False
+    parts: tuple[Path, ...] = ()
 
     @cached_property
     def sha256(self) -> str:
-        """sha256 of the file that was read (hex; computed once)."""
+        """sha256 of the file that was read (hex; computed once); of a sharded checkpoint, the sha256 of
+        its shards' sha256 hex digests in the index's order, one per line."""
+        if self.parts:
+            return hashlib.sha256("".join(file_sha256(p) + "\n" for p in self.parts).encode()).hexdigest()
         return file_sha256(self.path) if self.path is not None else ""
 
     @cached_property
@@ -138,9 +146,12 @@ def resolve_source(source: str, revision: str | None = None) -> Path:
     if path.is_dir():
         # a save_pretrained-style folder: its one standard weights file, as for a hub repository
         found = [path / name for name in HUB_DEFAULT_FILES if (path / name).is_file()]
+        if not found:  # sharded: the index names the shards
+            found = [path / name for name in INDEX_FILES if (path / name).is_file()]
         if len(found) == 1:
             return found[0]
-        what = f"both {found[0].name} and {found[1].name}" if found else f"none of {', '.join(HUB_DEFAULT_FILES)}"
+        what = (f"both {found[0].name} and {found[1].name}" if found else
+                f"none of {', '.join(HUB_DEFAULT_FILES + INDEX_FILES)}")
         raise CheckpointError(f"{source} is a folder holding {what}; pass the checkpoint file inside it")
     if path.exists():  # a FIFO, a device, a socket: reading one could block or never end
         raise CheckpointError(f"{source}: is not a regular file (a pipe or device); pass a checkpoint file")
@@ -150,7 +161,7 @@ def resolve_source(source: str, revision: str | None = None) -> Path:
 
     parts = source.removeprefix("hf://").split("/")
     repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
-    candidates = (filename,) if filename else HUB_DEFAULT_FILES
+    candidates = (filename,) if filename else HUB_DEFAULT_FILES + INDEX_FILES
     offline_misses = []
     for name in candidates:
         try:
@@ -430,18 +441,92 @@ def load_checkpoint(source: str | os.PathLike, revision: str | None = None) -> C
     """
     source = str(source)
     path = resolve_source(source, revision)
-    fmt = _sniff_format(path)
     notes: list[str] = []
-    if fmt == "safetensors":
-        state, metadata = _read_safetensors(path, source)
+    parts: tuple[Path, ...] = ()
+    if path.name.lower().endswith(".index.json"):
+        state, metadata, parts = _read_sharded(path, source, revision, notes)
+        fmt = "sharded"
     else:
-        state, metadata = _read_torch(path, source, notes), {}
+        shard = _SHARD_NAME.search(path.name)
+        if shard is not None and int(shard.group(2)) > 1:
+            raise CheckpointError(
+                f"{source}: is shard {int(shard.group(1))} of {int(shard.group(2))} of a sharded checkpoint, a part "
+                f"of the model; pass the folder that holds all shards and its index ({' or '.join(INDEX_FILES)}), "
+                "or the index itself")
+        fmt = _sniff_format(path)
+        state, metadata = _read_one(path, fmt, source, notes)
     if not state:
         raise CheckpointError(f"{source}: holds no tensors; pass a model checkpoint")
     check_kinds(state, source)
     check_finite(state, source)
     return Checkpoint(state=state, metadata=metadata, path=path, source=source, notes=tuple(notes),
-                      ordered=fmt != "safetensors")
+                      ordered=fmt == "torch", parts=parts)
+
+
+def _read_one(path: Path, fmt: str, source: str, notes: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if fmt == "safetensors":
+        return _read_safetensors(path, source)
+    return _read_torch(path, source, notes), {}
+
+
+def _read_sharded(index: Path, source: str, revision: str | None, notes: list[str]):
+    """The state dict of a sharded checkpoint: every shard its index (``weight_map``: tensor name ->
+    shard file, beside the index) names, each holding exactly the tensors the index gives it.
+
+    Returns:
+        ``(state, metadata, shard paths)``; the metadata is the first shard's.
+
+    Raises:
+        CheckpointError: an unreadable index, a missing shard, or shards that disagree with the index.
+    """
+    from modelmerge.errors import ModelMergeError, parse_json, read_text
+
+    try:
+        data = parse_json(read_text(index, f"the index {source}"), f"the index {source}",
+                          fix="re-download the checkpoint")
+    except ModelMergeError as e:
+        raise CheckpointError(str(e)) from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{source}: is not a sharded checkpoint's index (no 'weight_map' of tensor names to "
+                              "shard files); pass a checkpoint file")
+    files = list(dict.fromkeys(weight_map.values()))
+    for name in files:
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointError(f"{source}: names the shard {name!r} outside its folder; re-download the checkpoint")
+    state: dict[str, torch.Tensor] = {}
+    metadata: dict[str, str] = {}
+    paths = []
+    for i, name in enumerate(files):
+        shard = _shard_path(index, name, source, revision)
+        fmt = _sniff_format(shard)
+        part, meta = _read_one(shard, fmt, f"{source} (shard {name})", notes)
+        expected = {k for k, v in weight_map.items() if v == name}
+        if set(part) != expected or set(part) & set(state):
+            wrong = sorted((set(part) ^ expected) | (set(part) & set(state)))
+            raise CheckpointError(f"{source}: the shard {name} does not hold what the index says "
+                                  f"(e.g. {wrong[0]!r}); re-download the checkpoint")
+        state.update(part)
+        metadata = metadata if i else meta
+        paths.append(shard)
+    return state, metadata, tuple(paths)
+
+
+def _shard_path(index: Path, name: str, source: str, revision: str | None) -> Path:
+    """A shard beside its index; for a hub id, fetched beside it (the hub's cache) if not there yet."""
+    local = index.parent / name
+    if local.is_file():
+        return local
+    if _looks_like_hub_id(source) and not Path(source).expanduser().exists():
+        parts = source.removeprefix("hf://").split("/")
+        sub = "/".join(parts[2:-1]) if parts[-1].endswith(".json") else "/".join(parts[2:])
+        try:
+            return Path(_hub_download("/".join(parts[:2]), f"{sub}/{name}" if sub else name, revision))
+        except Exception as e:  # noqa: BLE001 - the hub's many error types: one line either way
+            raise CheckpointError(f"{source}: cannot fetch the shard {name} ({one_line(e)})") from None
+    raise CheckpointError(f"{source}: the shard {name} its index names is missing from {index.parent}; "
+                          "download every shard")
 
 
 def _same_file(a: Path, b: Path) -> bool:

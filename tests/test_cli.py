@@ -262,3 +262,15 @@ def test_interpolating_different_dtypes_says_the_merge_takes_as(tmp_path, save_s
     r = run("interpolate", a, b, "-o", tmp_path / "m.safetensors")
     assert r.exit_code == 0 and "differ in dtype" in r.stderr and "torch.float16 vs torch.bfloat16" in r.stderr
     assert all(t.dtype == torch.float16 for t in load_checkpoint(tmp_path / "m.safetensors").state.values())
+
+
+def test_align_two_sharded_folders(tmp_path):
+    """save_pretrained's sharded layout (an index and its shards) aligns as one model, into one file."""
+    from test_checkpoint import _shard
+
+    folders = [_shard(mlp((12, 16, 16, 5), seed=s).state_dict(), tmp_path / f"m{s}") for s in (0, 1)]
+    out = tmp_path / "o.safetensors"
+    r = run("align", *folders, "-o", out, "--method", "weight-matching", "--assume-chain")
+    assert r.exit_code == 0, r.output
+    whole = load_checkpoint(folders[1]).state
+    assert set(load_checkpoint(out).state) == set(whole) and "verified" in r.output
