@@ -176,9 +176,8 @@ def align(
         raise ModelMergeError(f"--refine {refine}: {why}")
     ranked = method == "auto" and data is not None
     if data is not None:
-        ctx.task()  # the data must fit before any work is done
-        if net.data_note:
-            notes.append(net.data_note)
+        task = ctx.task()  # the data must fit before any work is done
+        notes += [n for n in (net.data_note, task.note) if n]
     t1 = time.perf_counter()
     extra = []
     if ranked:  # auto --data also ranks weight matching's and activation matching's answers

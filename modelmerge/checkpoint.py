@@ -311,10 +311,29 @@ def _unwrap_state_dict(obj: object, source: str, notes: list[str]) -> dict[str, 
                 "and no 'state_dict' or 'model' entry; save `model.state_dict()` alone"
             )
     kind = type(obj).__name__
+    if isinstance(obj, Mapping):
+        inner = [str(k) for k, v in obj.items() if _is_state_dict(v)]
+        if inner:  # e.g. only {"state_dict_ema": {...}}: a name modelmerge does not pick on its own
+            raise CheckpointError(
+                f"{source}: holds state dicts under {preview([repr(k) for k in inner], 3)}, not under a name modelmerge "
+                f"takes on its own ({', '.join(_WRAPPER_KEYS)}); save the one you mean alone, e.g. "
+                f"torch.save(ckpt[{inner[0]!r}], 'weights.pt')")
     raise CheckpointError(
         f"{source}: holds a {kind}, not a state dict of tensors; save `model.state_dict()` "
         "(or a dict with a 'state_dict' entry)"
     )
+
+
+def _is_npz(path: Path) -> bool:
+    """Whether a zip archive is NumPy's (every member a ``.npy``) rather than torch.save's."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+    return bool(names) and all(n.endswith(".npy") for n in names)
 
 
 def _read_torch(path: Path, source: str, notes: list[str]) -> dict[str, torch.Tensor]:
@@ -334,6 +353,10 @@ def _read_torch(path: Path, source: str, notes: list[str]) -> dict[str, torch.Te
     if fmt is None:
         raise CheckpointError(f"{source}: is not a PyTorch checkpoint (neither a zip archive nor a pickle); "
                               "pass a .pt/.pth/.bin file written by torch.save, or a .safetensors file")
+    if head[:2] == b"PK" and _is_npz(path):
+        raise CheckpointError(f"{source}: is a NumPy .npz archive, not a checkpoint (modelmerge reads .npz files as "
+                              "data, --data); save the weights as tensors: torch.save(state_dict, 'weights.pt') or "
+                              "safetensors")
     try:
         with warnings.catch_warnings():  # torch's warnings (TorchScript, pickle protocol) are restated below
             warnings.simplefilter("ignore")
@@ -342,11 +365,7 @@ def _read_torch(path: Path, source: str, notes: list[str]) -> dict[str, torch.Te
         msg = str(e)
         if "Unsupported global" in msg or "GLOBAL" in msg:  # a class or function to import: code
             found = re.search(r"GLOBAL ([\w.]+)", msg)
-            what = f" ({found.group(1)}, e.g. in hyperparameters or callback state)" if found else ""
-            raise CheckpointError(
-                f"{source}: contains pickled Python objects{what}, which modelmerge never unpickles; {resave}, "
-                "e.g. torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pt') in trusted Python"
-            ) from None
+            raise CheckpointError(_pickled_objects_message(source, found.group(1) if found else None)) from None
         if "Weights only load failed" in msg:  # e.g. pickle.dump or an old protocol: not a weights-only pickle
             raise CheckpointError(
                 f"{source}: holds a pickle that weights-only loading cannot read (written by pickle.dump or "
@@ -368,6 +387,27 @@ def _read_torch(path: Path, source: str, notes: list[str]) -> dict[str, torch.Te
             f"({one_line(e)}); re-download or re-save it"
         ) from None
     return _unwrap_state_dict(obj, source, notes)
+
+
+#: pickled functions that run commands or code when a pickle is loaded
+_CODE_CALLS = ("posix.system", "nt.system", "os.system", "builtins.eval", "builtins.exec", "subprocess.",
+               "os.popen", "posix.popen", "builtins.__import__", "runpy.")
+
+
+def _pickled_objects_message(source: str, name: str | None) -> str:
+    """Why a pickle with a global in it is refused, and what to do, by what the global is."""
+    if name is not None and name.startswith(_CODE_CALLS):
+        return (f"{source}: holds a pickled reference to {name}, a function that runs commands or code (loading "
+                "the file could call it), which modelmerge never unpickles: it is not a plain checkpoint; do not "
+                "load it, and get the weights from a source you trust")
+    if name is not None and name.split(".")[0] == "numpy":
+        return (f"{source}: holds NumPy arrays ({name}), which modelmerge never unpickles; save tensors instead, e.g. "
+                "torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, 'weights.pt'), or as safetensors")
+    what = f" ({name})" if name else ""
+    return (f"{source}: contains pickled Python objects{what}: a whole model saved with torch.save(model), or objects "
+            "in hyperparameters or callback state. modelmerge never unpickles them (loading them runs code from the "
+            "file); if you trust the file, re-save its weights in Python: torch.save(model.state_dict(), "
+            "'weights.pt') for a model, torch.save(ckpt['state_dict'], 'weights.pt') for a training checkpoint")
 
 
 def _sniff_format(path: Path) -> str:

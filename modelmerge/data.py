@@ -24,6 +24,8 @@ class Dataset:
         name: dataset name or file path.
         x_train, x_test: float32 ``[N, *input_shape]``.
         y_train, y_test: int64 ``[N]`` class labels in ``[0, num_classes)``.
+        note: how :meth:`shaped` read the inputs, when that is a guess worth saying (flat inputs
+            read as channels-first images).
     """
 
     name: str
@@ -31,6 +33,7 @@ class Dataset:
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+    note: str | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -64,12 +67,21 @@ class Dataset:
             if not plain or math.prod(self.input_shape) != math.prod(shape):
                 raise DataError(f"{self.name} inputs have shape {list(self.input_shape)} but the model expects "
                                 f"{list(shape)}")
+            note = None
+            if len(self.input_shape) == 1 and len(shape) >= 2 and shape[0] > 1:
+                # a flat vector of a multi-channel image could be in either order: say which is assumed
+                note = (f"{self.name}: flat inputs of {self.input_shape[0]} values read as {list(shape)} channels "
+                        f"first (x.reshape(-1, {', '.join(map(str, shape))})); transpose channels-last data first")
             data = Dataset(self.name, self.x_train.reshape(-1, *shape), self.y_train,
-                           self.x_test.reshape(-1, *shape), self.y_test)
+                           self.x_test.reshape(-1, *shape), self.y_test, note)
         else:
             data = self
         if num_outputs is not None and self.num_classes > num_outputs:
-            raise DataError(f"{self.name} has {self.num_classes} classes but the model outputs {num_outputs}")
+            ys = [y for y in (self.y_train, self.y_test) if len(y)]
+            start = min(int(y.min()) for y in ys) if ys else 0
+            hint = (f"; its labels run {start}..{self.num_classes - 1}, and labels are class indices from 0 "
+                    "(subtract 1)" if start == 1 and self.num_classes - 1 == num_outputs else "")
+            raise DataError(f"{self.name} has {self.num_classes} classes but the model outputs {num_outputs}{hint}")
         return data
 
 

@@ -64,6 +64,27 @@ def check_same_architecture(
         )
 
 
+def check_mergeable(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+                    names: tuple[str, str] = ("A", "B")) -> None:
+    """Refuse what a merge, which averages floating-point tensors and copies the others from the first
+    model, would get wrong: a key that is floating-point in one model and not in the other, and integer
+    tensors of several values that differ between them (weights quantized to int8: A's integers would be
+    kept beside averaged scales). Counters (one value, e.g. ``num_batches_tracked``) may differ.
+
+    Raises:
+        MismatchError: naming the first such key and the fix.
+    """
+    for k, ta in a.items():
+        tb = b[k]
+        if ta.is_floating_point() != tb.is_floating_point():
+            raise MismatchError(f"{names[0]}'s {k} is {ta.dtype} but {names[1]}'s is {tb.dtype}: a merge cannot mix "
+                                "integer (quantized) and floating-point weights; dequantize to float first")
+        if not ta.is_floating_point() and ta.numel() > 1 and not torch.equal(ta, tb):
+            raise MismatchError(f"{k} is a {ta.dtype} tensor that differs between {names[0]} and {names[1]} "
+                                "(int8-quantized weights?): a merge averages only floating-point tensors and would "
+                                "keep one model's integers; dequantize both checkpoints to float first")
+
+
 #: the largest |alpha| accepted: far past any useful extrapolation, and float32 overflows past ~3e38
 ALPHA_LIMIT = 1000.0
 
@@ -74,7 +95,7 @@ def interpolate(
     """``(1 - alpha) * A + alpha * B`` per tensor.
 
     Integer and boolean buffers (e.g. BatchNorm's ``num_batches_tracked``) are
-    copied from A. ``alpha = 0`` returns A's values and ``alpha = 1`` B's, exactly.
+    copied from A (those of several values must be equal in B: :func:`check_mergeable`). ``alpha = 0`` returns A's values and ``alpha = 1`` B's, exactly.
 
     Args:
         a, b: state dicts with equal keys and shapes (B already aligned to A), or loaded
@@ -85,7 +106,7 @@ def interpolate(
         A new state dict in A's key order and dtypes.
 
     Raises:
-        MismatchError: keys or shapes differ.
+        MismatchError: keys or shapes differ, or integer tensors do (:func:`check_mergeable`).
         ModelMergeError: alpha is not a finite number within ±:data:`ALPHA_LIMIT`, or a state dict
             is not one of tensors (see :func:`as_state_dict`).
     """
@@ -99,6 +120,7 @@ def interpolate(
         raise ModelMergeError(f"alpha must be a finite number from -{ALPHA_LIMIT:g} to {ALPHA_LIMIT:g} (0 = A, 1 = B; values "
                               f"outside [0, 1] extrapolate), got {alpha}")
     check_same_architecture(a, b)
+    check_mergeable(a, b)
     return {k: mix(ta, b[k], alpha).to(ta.dtype) if ta.is_floating_point() else ta.clone() for k, ta in a.items()}
 
 

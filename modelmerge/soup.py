@@ -30,7 +30,7 @@ import torch
 
 from modelmerge.data import Dataset
 from modelmerge.errors import ModelMergeError, check_count
-from modelmerge.merge import as_state_dict, check_same_architecture
+from modelmerge.merge import as_state_dict, check_mergeable, check_same_architecture
 from modelmerge.network import Network
 from modelmerge.permutation import Permutation, apply_permutation, identity_permutation
 from modelmerge.verify import Verification, verify_permuted
@@ -139,6 +139,7 @@ def merge_many(
     w = check_weights(weights, n)
     for i, s in enumerate(states[1:], start=2):
         check_same_architecture(states[0], s, ("model 1", f"model {i}"))
+        check_mergeable(states[0], s, ("model 1", f"model {i}"))
     spec = network.spec
     t = time.perf_counter()
     if method == "weight-matching":

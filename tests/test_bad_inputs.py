@@ -156,6 +156,12 @@ CASES = {
     "safetensors file named pt": lambda c: (c.align(b=c.write("st.pt", c.b.read_bytes())), "rename it to .safetensors"),
     "output a broken symlink": lambda c: (["interpolate", c.a, c.b, "-o", _dangling(c.dir / "link.safetensors")],
                                           "broken symbolic link"),
+    "interpolate int8-quantized weights": lambda c: (
+        ["interpolate", c.torch_save(_int8(0), "q0.pt"), c.torch_save(_int8(1), "q1.pt"), "-o", c.out],
+        "dequantize both"),
+    "merge int8 weights with float ones": lambda c: (
+        ["interpolate", c.torch_save(_int8(0), "q0.pt"), c.torch_save(
+            {k: v.float() for k, v in _int8(1).items()}, "f1.pt"), "-o", c.out], "cannot mix integer"),
     "interpolate overflowing float16": lambda c: (
         ["interpolate", c.save(_half(1), "h1.safetensors"), c.save(_half(-1), "h2.safetensors"), "-o", c.out,
          "--alpha", "-1"], "NaN or infinite"),
@@ -347,6 +353,18 @@ CASES = {
     "not a zoo": lambda c: (["train-aligner", "--zoo", c.dir, "-o", c.dir / "al"], "not a zoo"),
     "inspect a missing file": lambda c: (["inspect", c.dir / "nope.pt"], "no such file"),
 }
+
+
+def _int8(seed):
+    """Weight-only int8 quantization as other code saves it: int8 matrices beside float scales; a merge
+    copied A's integers beside averaged scales (black-box sweep)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in (("fc1", (16, 12)), ("fc2", (5, 16))):
+        out[f"{name}.weight"] = torch.randint(-127, 128, shape, generator=g, dtype=torch.int8)
+        out[f"{name}.scale"] = torch.rand(shape[0], generator=g) / 100
+        out[f"{name}.bias"] = torch.randn(shape[0], generator=g)
+    return out
 
 
 def _depthwise(seed):

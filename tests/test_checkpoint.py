@@ -400,3 +400,31 @@ def test_a_sharded_hub_checkpoint_fetches_its_index_then_its_shards(tmp_path, st
     ck = load_checkpoint("someone/big-model")
     assert _equal(dict(sorted(ck.state.items())), dict(sorted(state.items())))
     assert calls[-2:] == ["model.safetensors.index.json", "model-00002-of-00002.safetensors"]
+
+
+class _Runs:
+    """Pickles as a call to os.system: what a malicious checkpoint holds (the file is written, never loaded)."""
+
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def test_refused_containers_say_what_they_hold_and_a_safe_fix(tmp_path, state):
+    """Found by a black-box sweep: a pickled os.system call was told to re-load with weights_only=False; NumPy
+    arrays got advice that would keep them arrays; a state dict under 'ema' was 'not a state dict'; an .npz of
+    weights was called corrupt."""
+    import numpy as np
+
+    cases = {
+        "evil.pt": (_Runs(), "a function that runs commands or code"),
+        "arrays.pt": ({k: v.numpy() for k, v in state.items()}, "holds NumPy arrays"),
+        "ema.pth": ({"ema": state}, "holds state dicts under 'ema'"),
+    }
+    for name, (obj, needle) in cases.items():
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(CheckpointError, match=needle) as e:
+            load_checkpoint(tmp_path / name)
+        assert "weights_only=False" not in str(e.value)
+    np.savez(tmp_path / "w.npz", **{k: v.numpy() for k, v in state.items()})
+    with pytest.raises(CheckpointError, match="is a NumPy .npz archive, not a checkpoint"):
+        load_checkpoint(tmp_path / "w.npz")

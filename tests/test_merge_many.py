@@ -95,3 +95,22 @@ def test_bad_input_is_one_line_and_writes_nothing(case, tmp_path, save_sd):
     assert r.exit_code == 1, r.output
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert not out.exists()
+
+
+def test_a_soup_refuses_integer_tensors_that_differ_between_models():
+    """A soup averages floating-point tensors and copies the rest from model 1: integer tensors of several
+    values that differ (int8 weights) would be mixed with averaged floats (black-box sweep)."""
+    from modelmerge.errors import MismatchError
+    from modelmerge.spec import PermutationSpec, infer_spec
+
+    states = [mlp((6, 8, 3), seed=s).state_dict() for s in range(3)]
+    spec = infer_spec(states[0])
+    spec = PermutationSpec(spec.groups, {**spec.axes, "codes": (None,)})
+    for i, s in enumerate(states):
+        s["codes"] = torch.tensor([i, 1, 2], dtype=torch.int8)
+    network = resolve_network(states[0], spec=spec)
+    with pytest.raises(MismatchError, match="codes is a torch.int8 tensor that differs between model 1 and model 2"):
+        merge_many(states, network)
+    for s in states:
+        s["codes"] = torch.tensor([0, 1, 2], dtype=torch.int8)  # equal in every model: copied
+    assert torch.equal(merge_many(states, network).soup["codes"], states[0]["codes"])

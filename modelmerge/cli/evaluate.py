@@ -65,7 +65,7 @@ def evaluate_command(
     from modelmerge.data import load_dataset
     from modelmerge.errors import ModelMergeError
     from modelmerge.evaluate import interpolation_curve
-    from modelmerge.merge import check_same_architecture, interpolate
+    from modelmerge.merge import check_mergeable, check_same_architecture, interpolate
 
     if split not in ("test", "train"):
         raise ModelMergeError(f"--split must be test or train, got {split!r}")
@@ -77,6 +77,7 @@ def evaluate_command(
     set_threads(threads)
     ck_a, ck_b = load(a, revision), load(b, revision)
     check_same_architecture(ck_a.state, ck_b.state)
+    check_mergeable(ck_a.state, ck_b.state)
     network = resolve(ck_a, None, model, model_kwargs, input_shape, assume_chain,
                       spec_needed=repair)  # only REPAIR reads the groups
     task = load_dataset(dataset)
@@ -93,22 +94,21 @@ def evaluate_command(
     with progress_bar("evaluating") as bar:
         curve = interpolation_curve(ck_a.state, ck_b.state, metric, alphas, merge=merge,
                                     on_point=lambda done, total: bar(done, total, "alphas"))
-    note = network.data_note
+    notes = [n for n in (network.data_note, network.shape_data(task).note) if n]
     data = {"a": ck_a.source, "b": ck_b.source, "dataset": dataset, "split": split, "reset_bn": reset_bn,
-            "repair": repair,
-            **curve.to_dict(), "notes": [note] if note else []}
+            "repair": repair, **curve.to_dict(), "notes": notes}
     if plot is not None:
         save_plot(curve, plot, f"{Path(a).name} -> {Path(b).name} ({dataset}, {split})")
         data["plot"] = str(plot)
     if json_out:
         print_json(data)
     else:
-        _table(data, curve, ck_a, ck_b, dataset, split, plot, note)
+        _table(data, curve, ck_a, ck_b, dataset, split, plot, notes)
     if network.assumption:
         warn(network.assumption)
 
 
-def _table(data, curve, ck_a, ck_b, dataset, split, plot, note) -> None:
+def _table(data, curve, ck_a, ck_b, dataset, split, plot, notes) -> None:
     from rich.table import Table
 
     table = Table("alpha", "loss", "accuracy", title=f"interpolation {ck_a.source} -> {ck_b.source} ({dataset} {split})")
@@ -117,7 +117,7 @@ def _table(data, curve, ck_a, ck_b, dataset, split, plot, note) -> None:
     con = console()
     con.print(table)
     con.print(f"loss barrier {curve.barrier:.4f}   AUC {curve.auc:.4f}" + (f"   plot {plot}" if plot else ""))
-    if note:
+    for note in notes:
         con.print(f"note: {note}")
 
 

@@ -59,7 +59,7 @@ def interpolate_command(
         provenance,
     )
     from modelmerge.errors import ModelMergeError, preview
-    from modelmerge.merge import check_same_architecture, interpolate
+    from modelmerge.merge import check_mergeable, check_same_architecture, interpolate
 
     if (reset_bn or repair) and dataset is None:
         raise ModelMergeError(f"{'--reset-bn' if reset_bn else '--repair'} needs --dataset (the data to measure "
@@ -71,6 +71,7 @@ def interpolate_command(
     check_output_path(output, [a, b, dataset], force)
     ck_a, ck_b = load(a, revision), load(b, revision)
     check_same_architecture(ck_a.state, ck_b.state)
+    check_mergeable(ck_a.state, ck_b.state)
     if reset_bn or repair:
         from modelmerge.data import load_dataset
         from modelmerge.repair import Repair, merge_pair, repair_inputs
