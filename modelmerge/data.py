@@ -153,7 +153,8 @@ def teacher() -> Dataset:
 def from_file(path: str | Path) -> Dataset:
     """Load ``x`` and ``y`` arrays from ``.npz`` or ``.safetensors``; split 80/20 (seed 0).
 
-    If the file also has ``x_test`` and ``y_test``, they are the test split.
+    If the file also has ``x_test`` and ``y_test``, they are the test split. ``x_train`` and
+    ``y_train`` (Keras' names) are read as ``x`` and ``y`` when those are absent.
 
     Raises:
         DataError: missing file, missing arrays, or arrays of the wrong shape.
@@ -177,6 +178,9 @@ def from_file(path: str | Path) -> Dataset:
         raise
     except Exception as e:  # numpy/safetensors raise many types for corrupt files
         raise DataError(f"cannot read data file {p} ({type(e).__name__}: {e}); is it corrupt?") from None
+    if "x" not in arrays and "y" not in arrays and "x_train" in arrays and "y_train" in arrays:
+        # Keras' load_data() names: the training split under x_train/y_train
+        arrays["x"], arrays["y"] = arrays.pop("x_train"), arrays.pop("y_train")
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
         raise DataError(f"data file {p} lacks array(s) {', '.join(missing)}; it needs 'x' (inputs) and 'y' (labels)")

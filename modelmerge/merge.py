@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -40,6 +40,19 @@ def as_state_dict(state, name: str = "A", finite: bool = True) -> dict[str, torc
     return {k: t.detach() if t.requires_grad else t for k, t in state.items()}
 
 
+def wrapper_prefix(keys: Sequence[str], names: set[str]) -> str | None:
+    """The prefix (``module.``, ``model.``, ``_orig_mod.``, or several) that every key in ``keys`` has and
+    whose removal gives ``names`` (or a superset), if there is one: a state dict saved from a wrapper."""
+    if not keys or not names:
+        return None
+    parts = keys[0].split(".")
+    for i in range(1, len(parts)):
+        prefix = ".".join(parts[:i]) + "."
+        if all(k.startswith(prefix) for k in keys) and names <= {k[len(prefix):] for k in keys}:
+            return prefix
+    return None
+
+
 def check_same_architecture(
     a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], names: tuple[str, str] = ("A", "B")
 ) -> None:
@@ -52,6 +65,13 @@ def check_same_architecture(
             parts.append(f"only in {names[0]}: {preview(only_a)}")
         if only_b:
             parts.append(f"only in {names[1]}: {preview(only_b)}")
+        for (x, nx), (y, ny) in (((a, names[0]), (b, names[1])), ((b, names[1]), (a, names[0]))):
+            prefix = wrapper_prefix(list(x), set(y))
+            if prefix is not None and len(x) == len(y):  # e.g. one saved from DataParallel ('module.')
+                raise MismatchError(
+                    f"{nx}'s names are {ny}'s with the prefix {prefix!r} (saved from a wrapper: DataParallel adds "
+                    f"'module.', torch.compile '_orig_mod.', a Lightning module its attribute); re-save {nx} with "
+                    "the prefix removed (e.g. model.module.state_dict())")
         raise MismatchError(
             f"{names[0]} and {names[1]} have different parameters ({'; '.join(parts)}); "
             "pass checkpoints of one architecture"

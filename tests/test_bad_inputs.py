@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -510,3 +511,17 @@ def test_signal_during_a_large_write_leaves_no_partial_file(tmp_path, sig):
     if sig == signal.SIGINT:
         assert leftovers == []  # the temporary file is removed on the way out
     assert {p: d for p, d in _files(tmp_path).items() if p in before} == before
+
+
+def test_a_wrapper_prefix_on_one_side_is_named(tmp_path):
+    """A and a DataParallel-saved B ('module.fc1.weight') got 'different parameters' and two key lists
+    (black-box sweep)."""
+    from modelmerge.errors import MismatchError
+    from modelmerge.merge import check_same_architecture
+
+    a = mlp(WIDTHS).state_dict()
+    b = {f"module.{k}": v for k, v in a.items()}
+    for x, y, named in ((a, b, "B's names are A's with the prefix 'module.'"),
+                        (b, a, "A's names are B's with the prefix 'module.'")):
+        with pytest.raises(MismatchError, match=re.escape(named)):
+            check_same_architecture(x, y)

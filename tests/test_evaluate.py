@@ -96,3 +96,16 @@ def test_data_shaping_says_what_it_guesses_and_labels_from_one_get_a_hint():
     assert data.shaped((48,)).note is None
     with pytest.raises(DataError, match="labels run 1..3.*subtract 1"):
         Dataset("l", x, y + 1, x, y + 1).shaped((48,), num_outputs=3)
+
+
+def test_keras_style_data_files_are_read(tmp_path):
+    """x_train/y_train/x_test/y_test (Keras' load_data names) were refused as lacking x and y (black-box sweep)."""
+    import numpy as np
+
+    from modelmerge.data import load_dataset
+
+    rng = np.random.default_rng(0)
+    x, y = rng.random((30, 5)).astype(np.float32), rng.integers(0, 3, 30)
+    np.savez(tmp_path / "k.npz", x_train=x[:20], y_train=y[:20], x_test=x[20:], y_test=y[20:])
+    data = load_dataset(str(tmp_path / "k.npz"))
+    assert torch.equal(data.x_train, torch.as_tensor(x[:20])) and torch.equal(data.y_test, torch.as_tensor(y[20:]))

@@ -71,6 +71,7 @@ def test_cli_soup_report_and_scores(tmp_path, save_sd):
     assert set(data["scores"]) == {"model 1", "model 2", "model 3", "soup", "naive average"}
     assert [data["scores"][f"model {i}"]["source"] for i in (1, 2, 3)] == paths
     assert data["weights"] == pytest.approx([1 / 3] * 3)
+    assert data["reset_bn"] is False and data["repair"] is False and "recomputed" not in r.output
     soup = load_checkpoint(out)
     expected = merge_many([load_checkpoint(p).state for p in paths], resolve_network(soup.state)).soup
     for k, v in expected.items():

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from modelmerge.errors import ModelMergeError, one_line, parse_json
+from modelmerge.merge import wrapper_prefix
 
 
 def import_model_class(target: str):
@@ -74,7 +75,7 @@ def build_model(target: str, kwargs_json: str | None, state):
     try:
         return load_strict(model, state, target)
     except ModelMergeError as e:
-        prefix = _wrapper_prefix(list(state), set(model.state_dict()))
+        prefix = wrapper_prefix(list(state), set(model.state_dict()))
         if prefix is not None:
             # saved from a wrapper: DataParallel ('module.'), Lightning ('model.'), torch.compile ('_orig_mod.')
             raise ModelMergeError(
@@ -90,19 +91,6 @@ def build_model(target: str, kwargs_json: str | None, state):
                 "version, re-save each model's state_dict() after from_pretrained (which renames old names) and "
                 "align those files") from None
         raise ModelMergeError(f"{e}; check --model-kwargs") from None
-
-
-def _wrapper_prefix(keys: list[str], names: set[str]) -> str | None:
-    """The prefix (``module.``, ``model.``, ``_orig_mod.``, or several) that every checkpoint key has and
-    whose removal gives the model's names, if there is one."""
-    if not keys or not names:
-        return None
-    parts = keys[0].split(".")
-    for i in range(1, len(parts)):
-        prefix = ".".join(parts[:i]) + "."
-        if all(k.startswith(prefix) for k in keys) and names <= {k[len(prefix):] for k in keys}:
-            return prefix
-    return None
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:

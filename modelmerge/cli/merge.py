@@ -137,8 +137,8 @@ def merge_command(
 
         soup = repair_soup(network, soup, result.aligned, shares, repair_x)
     scores = _scores(network, task, cks, soup, shares, reset_bn) if task is not None else None
-    meta = provenance(f"merge-{result.method}", arch_of=cks[0], own_of=cks, weights=shares, reset_bn=str(reset_bn).lower(),
-                      repair=str(repair).lower(),
+    meta = provenance(f"merge-{result.method}", arch_of=cks[0], own_of=cks, weights=shares,
+                      reset_bn=str(reset_bn).lower(), repair=str(repair).lower(),
                       inputs=[{"source": ck.source, "sha256": ck.sha256} for ck in cks])
     written = save(soup, output, meta, list(models), force)
     out = {
@@ -148,7 +148,7 @@ def merge_command(
                         for perm in result.perms],
         "verified": [v.describe() for v in result.verifications],
         "max_abs_diff": [v.max_abs_diff if v.forward is not None else None for v in result.verifications],
-        "scores": scores,
+        "scores": scores, "reset_bn": reset_bn, "repair": repair,
         "seconds": {"align": result.seconds, "total": time.perf_counter() - t0}, "output": written,
     }
     if report is not None:
@@ -200,9 +200,10 @@ def _summary(out: dict) -> None:
     diffs = out["max_abs_diff"]
     worst = max(range(len(diffs)), key=lambda i: math.inf if diffs[i] is None else diffs[i])  # unverified first
     table.add_row("verified", f"{len(diffs)} aligned models; worst: {out['verified'][worst]}")
+    reset = " (BatchNorm statistics recomputed)" if out.get("reset_bn") else ""
     for name, s in (out["scores"] or {}).items():
         label = f"{name} ({Path(s['source']).name})" if "source" in s else name
-        table.add_row(label, f"test loss {s['loss']:.4f}, accuracy {s['accuracy']:.4f}")
+        table.add_row(label, f"test loss {s['loss']:.4f}, accuracy {s['accuracy']:.4f}{reset}")
     table.add_row("seconds", ", ".join(f"{k} {v:.3f}" for k, v in out["seconds"].items()))
     table.add_row("wrote", out["output"])
     con.print(table)
