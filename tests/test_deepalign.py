@@ -294,3 +294,15 @@ def test_random_probes_draw_afresh_in_training_only():
     model.train()
     with torch.no_grad():
         assert torch.equal(model(wa, wb)[0], fixed[0])  # without the option, training sees the fixed draw too
+
+
+def test_an_input_size_no_training_zoo_had_is_said():
+    """At input sizes its zoos never had (digits cropped to 36 pixels, pooled to 16), the bundled MLP aligner
+    measured on par with weight matching, not better: the answer says so; at a trained size it does not."""
+    import modelmerge as mm
+
+    for n_in, said in ((36, True), (64, False)):
+        a, b = mlp((n_in, 16, 16, 10), seed=0).state_dict(), mlp((n_in, 16, 16, 10), seed=1).state_dict()
+        res = mm.align(a, b)
+        assert res.method == "deep-align"
+        assert any("32/40/64 inputs, not 36" in n for n in res.notes) == said, res.notes

@@ -65,6 +65,20 @@ def _weight_spaces(ctx: Context):
     return ctx.once("weight_spaces", make)
 
 
+def _trained_inputs(card: dict) -> set[int]:
+    """Input sizes (MLP: features; CNN: channels) of the networks an aligner was trained on, from its card
+    (empty when the card does not say)."""
+    sizes = set()
+    for zoo in card.get("zoos") or []:
+        arch = zoo.get("arch") if isinstance(zoo, dict) else None
+        if not isinstance(arch, dict):
+            continue
+        first = (arch.get("widths") or [None])[0] if "widths" in arch else (arch.get("input_shape") or [None])[0]
+        if isinstance(first, int):
+            sizes.add(first)
+    return sizes
+
+
 def _unavailable(ctx: Context) -> str | None:
     return _load(ctx)[2]
 
@@ -84,6 +98,12 @@ def _run(ctx: Context, start: Answer | None) -> Answer:
     notes = () if ctx.network.depth in depths else (
         f"aligner {card.get('name')!r} was trained on {'/'.join(map(str, depths))}-layer networks, not "
         f"{ctx.network.depth}: its answer is untested at this depth (pass --data to rank it against weight matching)",)
+    inputs, n_in = _trained_inputs(card), ws_a.widths[0]
+    if inputs and n_in not in inputs:
+        what = "input channels" if ws_a.family == "cnn" else "inputs"
+        notes += (f"aligner {card.get('name')!r} was trained on networks with {'/'.join(map(str, sorted(inputs)))} "
+                  f"{what}, not {n_in}: at input sizes no training zoo had, its answers measured on par with weight "
+                  "matching's, not better (docs/pretrained.md; pass --data to rank them against it)",)
     # the learned stage is reading both networks (the weight spaces) plus the forward pass
     return Answer("deep-align", perm, "learned", build_seconds + time.perf_counter() - t, aligner=card.get("name"),
                   notes=notes)
