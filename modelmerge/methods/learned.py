@@ -101,9 +101,9 @@ def _run(ctx: Context, start: Answer | None) -> Answer:
     inputs, n_in = _trained_inputs(card), ws_a.widths[0]
     if inputs and n_in not in inputs:
         what = "input channels" if ws_a.family == "cnn" else "inputs"
-        notes += (f"aligner {card.get('name')!r} was trained on networks with {'/'.join(map(str, sorted(inputs)))} "
-                  f"{what}, not {n_in}: at input sizes no training zoo had, its answers measured on par with weight "
-                  "matching's, not better (docs/pretrained.md; pass --data to rank them against it)",)
+        notes += ((f"aligner {card.get('name')!r} was trained on networks with {'/'.join(map(str, sorted(inputs)))} "
+                   f"{what}, not {n_in}: at input sizes no training zoo had, its answers measured on par with weight "
+                   "matching's, not better (docs/pretrained.md; pass --data to rank them against it)"),)
     # the learned stage is reading both networks (the weight spaces) plus the forward pass
     return Answer("deep-align", perm, "learned", build_seconds + time.perf_counter() - t, aligner=card.get("name"),
                   notes=notes)
