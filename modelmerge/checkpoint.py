@@ -33,7 +33,7 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 HUB_DEFAULT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt")
 # A checkpoint sharded by save_pretrained: an index naming each tensor's shard file (tried after the above).
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-_SHARD_NAME = re.compile(r"-(\d+)-of-(\d+)\.(safetensors|bin|pt|pth)$")
+_SHARD_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.(safetensors|bin)$")  # save_pretrained's shard names
 # Wrappers seen in training checkpoints saved by other code: {"state_dict": {...}, "epoch": 3}.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "weights")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[^\s]+)?$")
@@ -146,8 +146,8 @@ def resolve_source(source: str, revision: str | None = None) -> Path:
     if path.is_dir():
         # a save_pretrained-style folder: its one standard weights file, as for a hub repository
         found = [path / name for name in HUB_DEFAULT_FILES if (path / name).is_file()]
-        if not found:  # sharded: the index names the shards
-            found = [path / name for name in INDEX_FILES if (path / name).is_file()]
+        if not found:  # sharded: the index names the shards (the safetensors one first, as on the hub)
+            found = [path / name for name in INDEX_FILES if (path / name).is_file()][:1]
         if len(found) == 1:
             return found[0]
         what = (f"both {found[0].name} and {found[1].name}" if found else
@@ -601,6 +601,8 @@ def check_output_path(
         if inp is None:
             continue
         where = Path(inp).expanduser()
+        if where.name.lower().endswith(".index.json"):  # a sharded checkpoint: its shards lie beside its index
+            where = where.parent
         if _same_file(out, where) or (where.is_dir() and _same_file(out.parent, where) and out.exists()):
             raise OutputError(
                 f"output {out} is also an input; write to a new file (inputs are never overwritten)"

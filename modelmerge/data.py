@@ -65,13 +65,19 @@ class Dataset:
             plain = len(shape) == 1 or len(self.input_shape) == 1 or (
                 [d for d in shape if d != 1] == [d for d in self.input_shape if d != 1])
             if not plain or math.prod(self.input_shape) != math.prod(shape):
+                last = (len(shape) >= 2 and len(self.input_shape) == len(shape)
+                        and tuple(self.input_shape) == (*shape[1:], shape[0]))
+                hint = (f"; the data looks channels-last: transpose it to channels first, "
+                        f"x.transpose(0, {len(shape)}, {', '.join(str(i) for i in range(1, len(shape)))})"
+                        if last else "")
                 raise DataError(f"{self.name} inputs have shape {list(self.input_shape)} but the model expects "
-                                f"{list(shape)}")
+                                f"{list(shape)}{hint}")
             note = None
             if len(self.input_shape) == 1 and len(shape) >= 2 and shape[0] > 1:
                 # a flat vector of a multi-channel image could be in either order: say which is assumed
-                note = (f"{self.name}: flat inputs of {self.input_shape[0]} values read as {list(shape)} channels "
-                        f"first (x.reshape(-1, {', '.join(map(str, shape))})); transpose channels-last data first")
+                note = (f"{self.name}: flat inputs of {self.input_shape[0]} values read as {list(shape)} in that "
+                        f"axis order (x.reshape(-1, {', '.join(map(str, shape))})); data flattened in another order "
+                        "(channels-last) must be transposed first")
             data = Dataset(self.name, self.x_train.reshape(-1, *shape), self.y_train,
                            self.x_test.reshape(-1, *shape), self.y_test, note)
         else:
@@ -181,6 +187,9 @@ def from_file(path: str | Path) -> Dataset:
     if "x" not in arrays and "y" not in arrays and "x_train" in arrays and "y_train" in arrays:
         # Keras' load_data() names: the training split under x_train/y_train
         arrays["x"], arrays["y"] = arrays.pop("x_train"), arrays.pop("y_train")
+    for key in ("y", "y_test"):  # labels as a column [N, 1] (Keras' CIFAR): one label per example all the same
+        if key in arrays and arrays[key].ndim == 2 and arrays[key].shape[1] == 1:
+            arrays[key] = arrays[key][:, 0]
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
         raise DataError(f"data file {p} lacks array(s) {', '.join(missing)}; it needs 'x' (inputs) and 'y' (labels)")

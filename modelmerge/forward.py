@@ -56,9 +56,10 @@ def chain_forward(chain: Chain, state: Mapping[str, torch.Tensor], x: torch.Tens
         ``[N, out]`` (or ``[N, C_out, *spatial]`` if the chain ends in a conv).
     """
     last = len(chain.layers) - 1
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32  # float64: a round-off reference
     for i, layer in enumerate(chain.layers):
-        w = state[layer.weight].to(torch.float32)
-        b = state[layer.bias].to(torch.float32) if layer.bias is not None else None
+        w = state[layer.weight].to(work)
+        b = state[layer.bias].to(work) if layer.bias is not None else None
         if layer.kind == "linear":
             if x.ndim > 2:
                 dims = x.ndim - 2
@@ -71,7 +72,7 @@ def chain_forward(chain: Chain, state: Mapping[str, torch.Tensor], x: torch.Tens
             conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[w.ndim]
             x = conv(x, w, b, padding="same")
         for norm in layer.norms:
-            x = _norm(x, norm, {k: v.to(torch.float32) if v.is_floating_point() else v
+            x = _norm(x, norm, {k: v.to(work) if v.is_floating_point() else v
                                 for k, v in state.items() if k in norm.params.values()})
         if on_layer is not None and (replaced := on_layer(i, x)) is not None:
             x = replaced

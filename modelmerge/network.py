@@ -129,7 +129,7 @@ class Network:
 
     # ------------------------------------------------------------ running it
     def forward(self, state: Mapping[str, torch.Tensor], x: torch.Tensor, grad: bool = False,
-                batch_stats: bool = False) -> torch.Tensor:
+                batch_stats: bool = False, precise: bool = False) -> torch.Tensor:
         """Outputs of the network with weights ``state`` on inputs ``x [B, *input_shape]``.
 
         Floating-point weights run in float32 (half-precision checkpoints too), as
@@ -142,6 +142,9 @@ class Network:
             batch_stats: BatchNorm layers normalise with ``x``'s statistics instead of the
                 running ones (as after a BatchNorm reset on ``x``); nothing else changes
                 mode (dropout stays off) and ``state`` is not modified.
+            precise: run in float64 (weights and floating inputs) instead of float32: a
+                reference for float32's round-off (a model whose forward makes float32
+                tensors of its own may fail this way).
 
         Raises:
             ModelMergeError: no forward is known, or the user's model failed.
@@ -149,14 +152,16 @@ class Network:
         if self.forward_kind is None:
             raise ModelMergeError("no forward is known for this network: pass --model pkg.module:Class")
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            return self._run(state, x, batch_stats)
+            if precise:
+                x = x.double() if x.is_floating_point() else x
+            return self._run(state, x, batch_stats, torch.float64 if precise else None)
 
-    def _run(self, state, x, batch_stats: bool = False):
+    def _run(self, state, x, batch_stats: bool = False, dtype: torch.dtype | None = None):
         if self.forward_kind == "model":
             if not batch_stats:
-                return self._run_module_eval(state, x)
+                return self._run_module_eval(state, x, dtype)
             return self._run_module_batch_stats(state, x)
-        floats = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        floats = {k: v.to(dtype or torch.float32) if v.is_floating_point() else v for k, v in state.items()}
         if self.forward_kind == "record":
             from modelmerge.stacked import stacked_forward
 
@@ -190,8 +195,10 @@ class Network:
 
         return tied_keys(self.module)
 
-    def _run_module(self, state, x):
+    def _run_module(self, state, x, dtype: torch.dtype | None = None):
         dtypes = self._module_keys
+        if dtype is not None:  # every floating-point parameter and buffer in ``dtype``
+            dtypes = {k: dtype if t.is_floating_point else t for k, t in dtypes.items()}
         params = {k: state[k].to(dtypes[k]) for k in dtypes if k in state}
         for alias, owner in self._twins.items():  # a tied weight saved only under its alias
             if owner not in params and alias in state and owner in dtypes:
@@ -202,9 +209,9 @@ class Network:
             raise ModelMergeError(f"running --model failed ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
-    def _run_module_eval(self, state, x):
+    def _run_module_eval(self, state, x, dtype: torch.dtype | None = None):
         with eval_mode(self.module):
-            return self._run_module(state, x)
+            return self._run_module(state, x, dtype)
 
     def _run_module_batch_stats(self, state, x):
         # only the BatchNorm layers switch to training mode, on copies of their running statistics

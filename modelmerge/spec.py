@@ -521,11 +521,13 @@ def _link(order: list[str], kinds: Mapping[str, str], modules, state) -> tuple[C
                 blocks.append(1)
             elif prev.kind == "conv" and kind == "linear" and fan_in % c == 0:
                 blocks.append(fan_in // c)
-            elif prev.kind == kind == "conv" and fan_in < c and c % fan_in == 0:
-                # [C, C/g, k, k] after a conv of C channels: a grouped (depthwise when 1) conv, whose channels
-                # cannot move across groups; "!" as no other order may explain it away (see infer_chain)
+            elif prev.kind == kind == "conv" and c % fan_in == 0 and fan_in < min(
+                    state[p["weight"]].shape[0] for q, p in modules.items() if kinds[q] == "conv"):
+                # [C, C/g, k, k] reading fewer channels than any conv of the file gives: a grouped (depthwise
+                # when 1) conv, whose channels cannot move across groups. "?": said in preference to other
+                # orders' reasons once none links (see infer_chain), but another order may still link
                 return None, (
-                    f"{len(layers)}!:{params['weight']} reads {fan_in} of the {c} channels {prev.module!r} gives: a "
+                    f"{len(layers)}?:{params['weight']} reads {fan_in} of the {c} channels {prev.module!r} gives: a "
                     f"{'depthwise' if fan_in == 1 else 'grouped'} conv (groups={c // fan_in}), which a chain reading "
                     "of a state dict cannot hold"
                 )
@@ -646,10 +648,10 @@ def infer_chain(state: Mapping[str, torch.Tensor], ordered: bool = False) -> Cha
             return chain
         if i < 2 or not all(any(ch.isdigit() for ch in m.split(".")[0]) for m in modules):
             reasons.append(why)  # numbered top-level names (a Sequential's) fix the order: no shuffled one speaks
-    # a reason no order can explain away ("!": a grouped conv, a GroupNorm) says best why it is no chain;
+    # a reason that names the cause ("!": a GroupNorm; "?": a grouped conv) says best why it is no chain;
     # else the order that linked the most layers (the file's order is often just alphabetical:
     # safetensors sorts keys)
-    best = max(reasons, key=lambda r: (r.split(":", 1)[0].endswith("!"), int(r.split(":", 1)[0].rstrip("!"))))
+    best = max(reasons, key=lambda r: (r.split(":", 1)[0][-1:] in "!?", int(r.split(":", 1)[0].rstrip("!?"))))
     raise SpecError(f"cannot infer a spec: the layers do not form a chain ({best.split(':', 1)[1]}); {_SPEC_HINT}")
 
 

@@ -428,3 +428,20 @@ def test_refused_containers_say_what_they_hold_and_a_safe_fix(tmp_path, state):
     np.savez(tmp_path / "w.npz", **{k: v.numpy() for k, v in state.items()})
     with pytest.raises(CheckpointError, match="is a NumPy .npz archive, not a checkpoint"):
         load_checkpoint(tmp_path / "w.npz")
+
+
+def test_shards_of_an_index_input_are_never_overwritten_and_shard_like_names_load(tmp_path, state):
+    """From a review: an index passed as input did not protect its shards from -o ... --force; 'fold-1-of-5.pt'
+    (k-fold) was refused as a shard; a folder with both indexes (as hub snapshots hold) was refused."""
+    import shutil
+
+    folder = _shard(state, tmp_path / "s")
+    index = folder / "model.safetensors.index.json"
+    with pytest.raises(OutputError, match="also an input"):
+        check_output_path(folder / "model-00001-of-00002.safetensors", [index], force=True)
+    torch.save(state, tmp_path / "fold-1-of-5.pt")
+    assert _equal(load_checkpoint(tmp_path / "fold-1-of-5.pt").state, state)
+    bins = _shard(state, tmp_path / "b", "bin")
+    for f in bins.iterdir():
+        shutil.copy(f, folder / f.name)  # now both indexes and both shard sets
+    assert load_checkpoint(folder).path.name == "model.safetensors.index.json"

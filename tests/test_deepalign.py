@@ -306,3 +306,15 @@ def test_an_input_size_no_training_zoo_had_is_said():
         res = mm.align(a, b)
         assert res.method == "deep-align"
         assert any("32/40/64 inputs, not 36" in n for n in res.notes) == said, res.notes
+
+
+def test_a_cgroup_memory_limit_bounds_the_available_memory(tmp_path):
+    """A container's limit is what kills it, and MemAvailable does not see it (a review)."""
+    from modelmerge.methods.learned import _cgroup_room
+
+    assert _cgroup_room(str(tmp_path)) is None  # no limit files: no limit
+    (tmp_path / "memory.max").write_text("max\n")
+    assert _cgroup_room(str(tmp_path)) is None
+    (tmp_path / "memory.max").write_text(f"{4 << 30}\n")
+    (tmp_path / "memory.current").write_text(f"{1 << 30}\n")
+    assert _cgroup_room(str(tmp_path)) == 3 << 30

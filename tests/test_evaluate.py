@@ -91,7 +91,7 @@ def test_data_shaping_says_what_it_guesses_and_labels_from_one_get_a_hint():
 
     x, y = torch.rand(20, 3 * 4 * 4), torch.arange(20) % 3
     data = Dataset("d", x, y, x, y)
-    assert "channels first" in data.shaped((3, 4, 4)).note
+    assert "read as [3, 4, 4] in that axis order" in data.shaped((3, 4, 4)).note
     assert Dataset("g", x[:, :16], y, x[:, :16], y).shaped((1, 4, 4)).note is None  # one channel: one order
     assert data.shaped((48,)).note is None
     with pytest.raises(DataError, match="labels run 1..3.*subtract 1"):
@@ -109,3 +109,20 @@ def test_keras_style_data_files_are_read(tmp_path):
     np.savez(tmp_path / "k.npz", x_train=x[:20], y_train=y[:20], x_test=x[20:], y_test=y[20:])
     data = load_dataset(str(tmp_path / "k.npz"))
     assert torch.equal(data.x_train, torch.as_tensor(x[:20])) and torch.equal(data.y_test, torch.as_tensor(y[20:]))
+
+
+def test_keras_column_labels_are_read_and_channels_last_images_get_a_hint(tmp_path):
+    """Keras' CIFAR layout: labels [N, 1] were refused; [N, 32, 32, 3] images for a [3, 32, 32] model got a bare
+    shape error (a review)."""
+    import numpy as np
+
+    from modelmerge.data import load_dataset
+    from modelmerge.errors import DataError
+
+    rng = np.random.default_rng(0)
+    x, y = rng.random((12, 4, 4, 3)).astype(np.float32), rng.integers(0, 3, (12, 1))
+    np.savez(tmp_path / "c.npz", x_train=x[:8], y_train=y[:8], x_test=x[8:], y_test=y[8:])
+    data = load_dataset(str(tmp_path / "c.npz"))
+    assert data.y_train.shape == (8,)
+    with pytest.raises(DataError, match=r"channels-last: transpose it to channels first, x.transpose\(0, 3, 1, 2\)"):
+        data.shaped((3, 4, 4))

@@ -312,6 +312,30 @@ def test_small_outputs_are_checked_on_their_own_scale():
               method="weight-matching")
 
 
+def test_a_correct_answer_verifies_when_outputs_are_small_differences_of_large_terms():
+    """Outputs ~2e-3 left after an output bias cancels units of size 1000 round off by ~5e-7 in float32, past
+    1e-4 of their size: a correct permutation was refused (a review). The tolerance now also covers float32's
+    measured round-off of the same forward (against float64), for chains, records and models alike."""
+    from modelmerge.network import resolve_network
+    from modelmerge.permutation import apply_permutation, random_permutation
+    from modelmerge.verify import _round_off, verify_permuted
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512), torch.nn.ReLU(),
+                            torch.nn.Linear(512, 4))
+    sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    sd["4.weight"] *= 0.01
+    sd["2.weight"][:8], sd["2.bias"][:8] = 0.0, 1000.0
+    record = {"family": "mlp", "widths": [64, 512, 512, 4], "activation": "relu"}
+    for net in (resolve_network(sd, assume_chain=True), resolve_network(sd, record=record),
+                resolve_network(sd, module=m, input_shape=(64,))):
+        x = net.random_inputs(32, torch.Generator().manual_seed(0))
+        state = {**sd, "4.bias": sd["4.bias"] - net.forward(sd, x).mean(0)}  # the output bias cancels them
+        assert _round_off(net, state, x, [net.forward(state, x)])[0] > 0  # the float64 reference ran
+        permuted = apply_permutation(state, net.spec, random_permutation(net.spec, torch.Generator().manual_seed(1)))
+        assert verify_permuted(state, permuted, net).max_abs_diff > 1e-4 * float(net.forward(state, x).abs().max())
+
+
 class _Masked(torch.nn.Module):
     """Returns masked scores (-inf where masked, as attention scores or log-probabilities are) and logits."""
 

@@ -235,3 +235,16 @@ def test_a_conv_followed_by_a_scale_without_statistics_is_refused(make):
     assert infer_chain(bn.state_dict()).layers[0].norms[0].module == "1"
     ln = nn.Sequential(nn.Linear(3, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 4))
     assert infer_chain(ln.state_dict()).layers[0].norms[0].module == "1"
+
+
+def test_a_sorted_plain_cnn_is_not_taken_for_a_grouped_conv():
+    """safetensors sorts '10.weight' right after '0': a conv reading 32 channels after one giving 64 looked
+    grouped in that order and the refusal came before the numbered order was tried (a review)."""
+    from modelmerge.spec import infer_chain
+
+    widths = [3, 64, 64, 64, 64, 32, 128]
+    net = torch.nn.Sequential(*[m for i in range(6) for m in (torch.nn.Conv2d(widths[i], widths[i + 1], 3),
+                                                              torch.nn.ReLU())],
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(128, 10))
+    state = dict(sorted(net.state_dict().items()))
+    assert [layer.module for layer in infer_chain(state).layers] == ["0", "2", "4", "6", "8", "10", "14"]

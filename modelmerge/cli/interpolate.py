@@ -53,7 +53,8 @@ def interpolate_command(
     revision: Revision = None,
     force: Force = False,
 ) -> None:
-    """Write (1-alpha)*A + alpha*B per tensor (integer buffers are copied from A)."""
+    """Write (1-alpha)*A + alpha*B per tensor (integer buffers are copied from A; integer tensors that
+    differ between A and B, such as int8-quantized weights, are refused)."""
     from modelmerge.checkpoint import (
         check_output_path,
         provenance,

@@ -39,8 +39,16 @@ def _choose(ctx: Context):
 
 
 def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux's MemAvailable, else free physical pages),
-    or None where the system does not say."""
+    """Bytes of memory available to a new allocation: Linux's MemAvailable (else free physical pages),
+    and no more than a container's cgroup limit leaves; None where the system does not say."""
+    found = _meminfo()
+    limit = _cgroup_room()
+    if limit is not None:
+        found = limit if found is None else min(found, limit)
+    return found
+
+
+def _meminfo() -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -54,6 +62,24 @@ def available_memory() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def _cgroup_room(root: str = "/sys/fs/cgroup") -> int | None:
+    """What a cgroup memory limit (v2 ``memory.max``, v1 ``memory.limit_in_bytes``) leaves beside the usage,
+    or None without a limit (MemAvailable ignores it, and a container is killed at it)."""
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            with open(f"{root}/{limit_file}") as f:
+                text = f.read().strip()
+            if text == "max" or int(text) >= 1 << 60:  # no limit (v1 writes a huge number)
+                continue
+            with open(f"{root}/{usage_file}") as f:
+                used = int(f.read().strip())
+            return max(int(text) - used, 0)
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def _weight_spaces(ctx: Context):
