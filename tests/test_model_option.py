@@ -264,22 +264,28 @@ class _LoudAndQuiet(torch.nn.Module):
         return h.sum(-1) * 1e4, self.out(h)
 
 
-def test_a_large_output_does_not_lend_its_tolerance_to_a_small_one():
-    """A spec that breaks the logits (fc2's units move, out's inputs do not) must be refused even though
-    the summed output, 1e4 times larger, is unchanged (one shared tolerance once passed it: black-box sweep)."""
+def _refused_when_held_fixed(a, b, key, match):
+    """Weight matching's verified answer for modules ``a`` and ``b``, after checking that a spec holding
+    ``key``'s axes fixed (its units' moves not followed there) is refused with ``match``."""
     from modelmerge.alignment import align
     from modelmerge.errors import VerificationError
     from modelmerge.spec import PermutationSpec
 
-    torch.manual_seed(0)
-    a, b = _LoudAndQuiet(), _LoudAndQuiet()
     good = align(a.state_dict(), b.state_dict(), module=a, method="weight-matching")
-    assert good.verification.forward == "model"
     spec = good.network.spec.to_dict()
-    spec["params"]["out.weight"] = [None, None]
-    with pytest.raises(VerificationError, match="output 2 of 2 differs"):
+    spec["params"][key] = [None, None]
+    with pytest.raises(VerificationError, match=match):
         align(a.state_dict(), b.state_dict(), module=a, spec=PermutationSpec.from_dict(spec),
               method="weight-matching")
+    return good
+
+
+def test_a_large_output_does_not_lend_its_tolerance_to_a_small_one():
+    """A spec that breaks the logits (fc2's units move, out's inputs do not) must be refused even though
+    the summed output, 1e4 times larger, is unchanged (one shared tolerance once passed it: black-box sweep)."""
+    torch.manual_seed(0)
+    good = _refused_when_held_fixed(_LoudAndQuiet(), _LoudAndQuiet(), "out.weight", "output 2 of 2 differs")
+    assert good.verification.forward == "model"
 
 
 class _Tiny(torch.nn.Module):
@@ -297,19 +303,9 @@ def test_small_outputs_are_checked_on_their_own_scale():
     """A spec that leaves fc2's inputs in place while fc1's units move changes every output completely, yet
     passed as 'verified' when outputs were ~1e-6: the tolerance had an absolute floor of 1e-4 (black-box
     sweep). The right answer still verifies."""
-    from modelmerge.alignment import align
-    from modelmerge.errors import VerificationError
-    from modelmerge.spec import PermutationSpec
-
     torch.manual_seed(0)
-    a, b = _Tiny(), _Tiny()
-    good = align(a.state_dict(), b.state_dict(), module=a, method="weight-matching")
+    good = _refused_when_held_fixed(_Tiny(), _Tiny(), "fc2.weight", "outputs differ")
     assert good.verification.forward == "model" and good.verification.max_abs_diff < 1e-10
-    spec = good.network.spec.to_dict()
-    spec["params"]["fc2.weight"] = [None, None]
-    with pytest.raises(VerificationError, match="outputs differ"):
-        align(a.state_dict(), b.state_dict(), module=a, spec=PermutationSpec.from_dict(spec),
-              method="weight-matching")
 
 
 def test_a_correct_answer_verifies_when_outputs_are_small_differences_of_large_terms(monkeypatch):
@@ -357,19 +353,9 @@ class _Masked(torch.nn.Module):
 def test_equal_infinities_agree_and_a_broken_masked_head_is_refused(scores_first):
     """-inf - -inf is NaN: it once let a broken head pass when its output came first, and refused a
     correct spec when it came last (review of the per-output check)."""
-    from modelmerge.alignment import align
-    from modelmerge.errors import VerificationError
-    from modelmerge.spec import PermutationSpec
-
     torch.manual_seed(0)
-    a, b = _Masked(scores_first), _Masked(scores_first)
-    good = align(a.state_dict(), b.state_dict(), module=a, method="weight-matching")
+    good = _refused_when_held_fixed(_Masked(scores_first), _Masked(scores_first), "score.weight", "differs")
     assert good.verification.forward == "model" and good.verification.max_abs_diff < 1e-5
-    spec = good.network.spec.to_dict()
-    spec["params"]["score.weight"] = [None, None]
-    with pytest.raises(VerificationError, match="differs"):
-        align(a.state_dict(), b.state_dict(), module=a, spec=PermutationSpec.from_dict(spec),
-              method="weight-matching")
 
 
 def test_reset_bn_leaves_the_resolved_module_alone(resnets):
