@@ -7,7 +7,7 @@ number measured today can be measured again tomorrow.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +24,8 @@ class Dataset:
         name: dataset name or file path.
         x_train, x_test: float32 ``[N, *input_shape]``.
         y_train, y_test: int64 ``[N]`` class labels in ``[0, num_classes)``.
-        note: how :meth:`shaped` read the inputs, when that is a guess worth saying (flat inputs
-            read as channels-first images).
+        note: how the inputs were read, when that is a guess worth saying (flat inputs read as
+            channels-first images by :meth:`shaped`; 8-bit pixels read as 0..255 by :func:`from_file`).
     """
 
     name: str
@@ -45,7 +45,8 @@ class Dataset:
 
     def flat(self) -> Dataset:
         """The same data with each input flattened (for MLPs)."""
-        return Dataset(self.name, self.x_train.flatten(1), self.y_train, self.x_test.flatten(1), self.y_test)
+        return Dataset(self.name, self.x_train.flatten(1), self.y_train, self.x_test.flatten(1), self.y_test,
+                       self.note)
 
     def shaped(self, input_shape: tuple[int, ...], num_outputs: int | None = None) -> Dataset:
         """The same data with each input reshaped to ``input_shape`` (e.g. flattened for an MLP).
@@ -72,12 +73,13 @@ class Dataset:
                         if last else "")
                 raise DataError(f"{self.name} inputs have shape {list(self.input_shape)} but the model expects "
                                 f"{list(shape)}{hint}")
-            note = None
+            note = self.note
             if len(self.input_shape) == 1 and len(shape) >= 2 and shape[0] > 1:
                 # a flat vector of a multi-channel image could be in either order: say which is assumed
-                note = (f"{self.name}: flat inputs of {self.input_shape[0]} values read as {list(shape)} in that "
+                said = (f"{self.name}: flat inputs of {self.input_shape[0]} values read as {list(shape)} in that "
                         f"axis order (x.reshape(-1, {', '.join(map(str, shape))})); data flattened in another order "
                         "(channels-last) must be transposed first")
+                note = f"{note}; {said}" if note else said
             data = Dataset(self.name, self.x_train.reshape(-1, *shape), self.y_train,
                            self.x_test.reshape(-1, *shape), self.y_test, note)
         else:
@@ -222,6 +224,13 @@ def from_file(path: str | Path) -> Dataset:
         have, lack = ("x_test", "y_test") if "x_test" in arrays else ("y_test", "x_test")
         raise DataError(f"data file {p} has {have} but no {lack}; give both (a test split) or neither "
                         "(an 80/20 split of x and y)")
+    note = None
+    if x.dtype == np.uint8 and x.size and int(x.max()) > 1:
+        # 8-bit images are usually scaled to [0, 1] (or standardised) before a model sees them; reading them
+        # raw gives such a model inputs up to 255x too large: every metric, REPAIR statistic and refinement
+        # step then measures something else, with no error to show it
+        note = (f"{p}: inputs are 8-bit integers up to {int(x.max())}, read as those values; for a model trained "
+                "on inputs scaled to [0, 1], save x / 255 (as float32) instead")
     if "x_test" in arrays:
         _check(arrays["x_test"], arrays["y_test"], "x_test/y_test")
         if arrays["x_test"].shape[1:] != x.shape[1:]:
@@ -229,8 +238,9 @@ def from_file(path: str | Path) -> Dataset:
                             f"x's have {list(x.shape[1:])}; they must match")
         f = torch.float32
         return Dataset(str(p), torch.as_tensor(x, dtype=f), torch.as_tensor(y, dtype=torch.long),
-                       torch.as_tensor(arrays["x_test"], dtype=f), torch.as_tensor(arrays["y_test"], dtype=torch.long))
-    return _split(str(p), x, y)
+                       torch.as_tensor(arrays["x_test"], dtype=f), torch.as_tensor(arrays["y_test"], dtype=torch.long),
+                       note)
+    return replace(_split(str(p), x, y), note=note)
 
 
 def _safetensors_arrays(p: Path) -> dict[str, np.ndarray]:

@@ -274,3 +274,23 @@ def test_align_two_sharded_folders(tmp_path):
     assert r.exit_code == 0, r.output
     whole = load_checkpoint(folders[1]).state
     assert set(load_checkpoint(out).state) == set(whole) and "verified" in r.output
+
+
+def test_eight_bit_image_data_is_said_to_be_read_as_0_to_255(pair, tmp_path):
+    """8-bit images (MNIST as saved by most loaders) were read as 0..255 without a word, while most models
+    are trained on x / 255: every metric, statistic and refinement step then read inputs 255x too large."""
+    import numpy as np
+
+    a, b = pair
+    g = np.random.default_rng(0)
+    x8, y = g.integers(0, 256, (40, 12), dtype=np.uint8), g.integers(0, 5, 40)
+    np.savez(tmp_path / "u8.npz", x=x8, y=y)
+    np.savez(tmp_path / "f.npz", x=(x8 / 255).astype(np.float32), y=y)
+    said = runner.invoke(app, ["evaluate", str(a), str(b), "--dataset", str(tmp_path / "u8.npz"), "--assume-chain"])
+    assert said.exit_code == 0, said.output
+    assert "8-bit integers up to" in " ".join(said.output.split()) and "x / 255" in said.output
+    quiet = runner.invoke(app, ["evaluate", str(a), str(b), "--dataset", str(tmp_path / "f.npz"), "--assume-chain"])
+    assert quiet.exit_code == 0 and "8-bit" not in quiet.output
+    from modelmerge.data import load_dataset
+
+    assert "8-bit" in load_dataset(str(tmp_path / "u8.npz")).flat().shaped((12,)).note  # kept when reshaped
