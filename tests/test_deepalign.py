@@ -318,3 +318,47 @@ def test_a_cgroup_memory_limit_bounds_the_available_memory(tmp_path):
     (tmp_path / "memory.max").write_text(f"{4 << 30}\n")
     (tmp_path / "memory.current").write_text(f"{1 << 30}\n")
     assert _cgroup_room(str(tmp_path)) == 3 << 30
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_unrolled_costs_are_weight_matchings_per_layer_terms(kind):
+    """The unrolled iterations' cost (precomputed constants, batched products) is, per hidden layer,
+    ``W_A,in P_{l-1} W_B,in^T + W_A,out^T P_{l+1} W_B,out + b_A b_B^T`` summed over kernel taps and
+    flattened positions, standardised; weighted terms and first-layer importance too."""
+    from torch import nn
+
+    from modelmerge.deepalign.model import _CrossCosts, _standardise
+    from modelmerge.spec import infer_chain
+    from modelmerge.weightspace import stacked_weight_space
+
+    def net(seed):
+        torch.manual_seed(seed)
+        if kind == "mlp":
+            return mlp((7, 5, 6, 4, 3), seed=seed).double().state_dict()
+        return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(),
+                             nn.Flatten(), nn.Linear(5 * 16, 6), nn.ReLU(), nn.Linear(6, 3)).double().state_dict()
+
+    states = [net(s) for s in (0, 1, 2, 3)]  # two pairs, stacked
+    chain = infer_chain(states[0])
+    a = stacked_weight_space(chain, {k: torch.stack([states[0][k], states[2][k]]) for k in states[0]})
+    b = stacked_weight_space(chain, {k: torch.stack([states[1][k], states[3][k]]) for k in states[0]})
+    g = torch.Generator().manual_seed(0)
+    soft = [torch.rand(2, n, n, generator=g, dtype=torch.float64) for n in a.widths[1:-1]]
+    importance = torch.rand(2, a.widths[0], generator=g, dtype=torch.float64)
+    weights = torch.tensor([0.7, 1.3, 0.4], dtype=torch.float64)
+    wa, wb = a.weights, b.weights
+    last = len(wa) - 1
+    for imp, wts in ((None, None), (importance, weights)):
+        got = _CrossCosts(a, b, imp)(soft, wts)
+        for l in range(1, last + 1):
+            p_in = torch.diag_embed(imp) if (l == 1 and imp is not None) else (
+                torch.eye(a.widths[0], dtype=torch.float64).expand(2, -1, -1) if l == 1 else soft[l - 2])
+            p_out = torch.eye(a.widths[-1], dtype=torch.float64).expand(2, -1, -1) if l == last else soft[l]
+            c_in = sum(wa[l - 1][..., t] @ p_in @ wb[l - 1][..., t].transpose(1, 2) for t in range(wa[l - 1].shape[-1]))
+            c_out = sum(wa[l][..., t].transpose(1, 2) @ p_out @ wb[l][..., t] for t in range(wa[l].shape[-1]))
+            c_bias = a.biases[l - 1][:, :, None] * b.biases[l - 1][:, None, :]
+            ref = (_standardise(c_in + c_out + c_bias) if wts is None else _standardise(
+                wts[0] * _standardise(c_in) + wts[1] * _standardise(c_out) + wts[2] * _standardise(c_bias)))
+            assert torch.allclose(got[l - 1], ref, atol=1e-10), (kind, l)
+    if kind == "cnn":  # the test covers kernel taps and a flattening layer's positions
+        assert wa[0].shape[-1] == 9 and wa[2].shape[-1] == 16
