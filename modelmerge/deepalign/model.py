@@ -701,11 +701,11 @@ class DeepAlign(nn.Module):
         if self.config.weighted_costs:
             importance = F.softplus(self.input_importance(v0))[..., 0]  # (N, n_0), symmetric in A and B
         for fa, fb, za, zb, oa, ob in feats:
-            s = self.log_scale.exp() * _standardise(torch.einsum("nid,njd->nij", fa, fb))
+            s = self.log_scale.exp() * _standardise(torch.bmm(fa, fb.transpose(1, 2)))
             if za is not None:  # correlation of probe responses (activation matching on probes)
-                s = s + self.probe_scale.exp() * _standardise(torch.einsum("nis,njs->nij", za, zb))
+                s = s + self.probe_scale.exp() * _standardise(torch.bmm(za, zb.transpose(1, 2)))
             if oa is not None:  # correlation of how the units feed the (shared) outputs
-                s = s + self.output_scale.exp() * _standardise(torch.einsum("nio,njo->nij", oa, ob))
+                s = s + self.output_scale.exp() * _standardise(torch.bmm(oa, ob.transpose(1, 2)))
             scores.append(s)
         cross = _CrossCosts(a, b, importance) if self.config.unroll else None
         for t in range(self.config.unroll):
