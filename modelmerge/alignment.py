@@ -252,6 +252,7 @@ def _first_method(method: str, refine: str, ctx, notes: list[str]) -> str:
     why = methods.get("align", "deep-align").unavailable(ctx)
     if why is None:
         return "deep-align"
-    then = " (and its LMC refinement on --data; the best is kept)" if ctx.data is not None and refine == "lmc" else ""
+    then = (" and, on --data, activation matching, the LMC refinement of the better of the two, and the lowest "
+            "merge loss of the three" if ctx.data is not None and refine == "lmc" else "")
     notes.append(f"auto: {why}; using weight matching{then}")
     return "weight-matching"

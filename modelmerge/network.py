@@ -466,8 +466,8 @@ def resolve_network(
                                                      _order_risk(inferred)) if r]
         if risks:
             risk = (f"assumed a plain chain (no record, no --model): {'; '.join(risks)}; if the model does "
-                    "otherwise, the output is broken. Pass --model pkg.module:Class to verify the real forward, or "
-                    "--assume-chain to state it")
+                    "otherwise, what is written or measured from this reading is wrong. Pass --model "
+                    "pkg.module:Class to verify the real forward, or --assume-chain to state it")
         elif not assume_chain:  # even then: a forward may also return hidden features, or reorder units itself
             risk = ("assumed a plain chain (no record, no --model): right only if the model runs these layers in "
                     "this order with elementwise activations between them and returns the last layer's output "

@@ -294,3 +294,46 @@ def test_eight_bit_image_data_is_said_to_be_read_as_0_to_255(pair, tmp_path):
     from modelmerge.data import load_dataset
 
     assert "8-bit" in load_dataset(str(tmp_path / "u8.npz")).flat().shaped((12,)).note  # kept when reshaped
+
+
+def test_interpolate_takes_assume_chain_as_its_refusal_says_and_prints_what_it_assumed(save_sd, tmp_path):
+    """interpolate --repair refused residual-looking bare checkpoints by naming --assume-chain, which it did
+    not accept; and it printed neither the plain-chain assumption nor the data's notes (docs sweep)."""
+    import numpy as np
+
+    def blocks(seed):
+        g = torch.Generator().manual_seed(seed)
+        return {"blocks.0.fc.weight": torch.randn(16, 12, generator=g), "blocks.0.fc.bias": torch.randn(16, generator=g),
+                "blocks.1.fc.weight": torch.randn(16, 16, generator=g), "blocks.1.fc.bias": torch.randn(16, generator=g),
+                "head.weight": torch.randn(5, 16, generator=g), "head.bias": torch.randn(5, generator=g)}
+
+    a, b = save_sd(blocks(0), "a.safetensors"), save_sd(blocks(1), "b.safetensors")
+    g = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=g.integers(0, 256, (40, 12), dtype=np.uint8), y=g.integers(0, 5, 40))
+    base = ["interpolate", str(a), str(b), "--repair", "--dataset", str(tmp_path / "d.npz")]
+    refused = runner.invoke(app, [*base, "-o", str(tmp_path / "m.safetensors")])
+    assert refused.exit_code == 1 and "--assume-chain" in refused.output
+    ok = runner.invoke(app, [*base, "-o", str(tmp_path / "m.safetensors"), "--assume-chain"])
+    assert ok.exit_code == 0, ok.output
+    assert "REPAIRed" in ok.output and "8-bit" in " ".join(ok.output.split())
+    at_a = runner.invoke(app, [*base, "-o", str(tmp_path / "m0.safetensors"), "--assume-chain", "--alpha", "0"])
+    assert at_a.exit_code == 0 and "REPAIRed" not in at_a.output and "the merge is A itself" in at_a.output
+    # without --repair/--reset-bn nothing reads the network: --assume-chain is refused like --model
+    plain = runner.invoke(app, ["interpolate", str(a), str(b), "-o", str(tmp_path / "p.safetensors"), "--assume-chain"])
+    assert plain.exit_code == 1 and "--assume-chain" in plain.output
+
+
+def test_options_that_would_do_nothing_are_refused_or_said(pair, tmp_path):
+    """--refine-steps without a refinement and --max-iter when no weight matching ran were dropped
+    silently, though the design says no option is (docs sweep)."""
+    a, b = pair
+    out = str(tmp_path / "o.safetensors")
+    steps = runner.invoke(app, ["align", str(a), str(b), "-o", out, "--refine-steps", "5", "--assume-chain"])
+    assert steps.exit_code == 1 and "--refine-steps" in steps.output and not (tmp_path / "o.safetensors").exists()
+    sweeps = runner.invoke(app, ["align", str(a), str(b), "-o", out, "--max-iter", "5", "--assume-chain",
+                                 "--method", "deep-align", "--json"])
+    assert sweeps.exit_code == 0, sweeps.output
+    assert any("--max-iter 5 had no effect" in n for n in json.loads(sweeps.stdout)["notes"])
+    used = runner.invoke(app, ["align", str(a), str(b), "-o", out, "--max-iter", "5", "--assume-chain", "--force",
+                               "--method", "weight-matching", "--json"])
+    assert used.exit_code == 0 and not any("--max-iter" in n for n in json.loads(used.stdout)["notes"])

@@ -31,6 +31,9 @@ from modelmerge.cli._common import (
     write_json,
 )
 
+#: align()'s defaults (not imported from it: `--help` stays free of torch)
+MAX_ITER, REFINE_STEPS = 100, 100
+
 EXAMPLES = """
 Examples:
 
@@ -64,8 +67,10 @@ def align_command(
                                  "optimisation; needs --data). Default: lmc for auto with --data, else none.")
     ] = None,
     data: Annotated[
-        str | None, typer.Option("--data", help="digits | mnist1d | teacher | FILE: for --refine lmc, and for auto to "
-                                 "also try weight matching and LMC refinement and keep the best merge.")
+        str | None, typer.Option("--data", help="digits | mnist1d | teacher | FILE (train split): auto then also "
+                                 "tries weight matching and activation matching, refines the best by LMC and keeps "
+                                 "the lowest merge loss; also read by --refine lmc, --method activation-matching, "
+                                 "--reset-bn and --repair.")
     ] = None,
     spec: SpecFile = None,
     model: ModelOpt = None,
@@ -82,10 +87,10 @@ def align_command(
     report: Annotated[Path | None, typer.Option("--report", help="Write the JSON report here.")] = None,
     json_out: JsonOut = False,
     seed: Seed = 0,
-    max_iter: Annotated[int, typer.Option("--max-iter", min=1, help="Weight-matching sweeps at most.")] = 100,
+    max_iter: Annotated[int, typer.Option("--max-iter", min=1, help="Weight-matching sweeps at most.")] = MAX_ITER,
     refine_steps: Annotated[int, typer.Option("--refine-steps", min=1, help="LMC refinement steps at most (--refine lmc, "
                                               "auto --data); each is one weight-matching projection; stops after half as "
-                                              "many without a better answer.")] = 100,
+                                              "many without a better answer.")] = REFINE_STEPS,
     revision: Revision = None,
     threads: Threads = None,
     force: Force = False,
@@ -96,7 +101,7 @@ def align_command(
     from modelmerge.data import load_dataset
 
     _check_options([a, b, data, spec, aligner], output, merged, report, alpha, method, refine, data, reset_bn, repair,
-                   seed, force)
+                   seed, force, refine_steps)
     set_threads(threads)
     ck_a, ck_b = load(a, revision), load(b, revision)
     network = resolve(ck_a, spec, model, model_kwargs, input_shape, assume_chain)
@@ -116,6 +121,9 @@ def align_command(
                        on_progress=lambda done, total: wm_bar(done, total, "group visits"))
     written = _write(result, ck_a, ck_b, output, merged, alpha, dataset, repair_x, force)
     data = result.report()
+    if max_iter != MAX_ITER and "weight_matching" not in result.seconds and refine != "wm":
+        data["notes"].append(f"--max-iter {max_iter} had no effect: no weight matching ran (the answer is "
+                             f"{result.method}'s)")
     data["seconds"]["total"] = time.perf_counter() - t0
     data["inputs"] = {"a": ck_a.source, "b": ck_b.source, "a_sha256": ck_a.sha256, "b_sha256": ck_b.sha256}
     # how the files were read (which of several state dicts, entries dropped), as stderr said it
@@ -131,8 +139,8 @@ def align_command(
         warn(message)
 
 
-def _check_options(inputs, output, merged, report, alpha, method, refine, data, reset_bn, repair, seed, force
-                   ) -> None:
+def _check_options(inputs, output, merged, report, alpha, method, refine, data, reset_bn, repair, seed, force,
+                   refine_steps=REFINE_STEPS) -> None:
     """Refuse bad option combinations and unsafe outputs (over any file read: ``inputs``) before any work."""
     from modelmerge.alignment import METHODS, REFINES
     from modelmerge.checkpoint import check_output_path
@@ -144,6 +152,10 @@ def _check_options(inputs, output, merged, report, alpha, method, refine, data, 
         raise ModelMergeError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
     if refine is not None and refine not in REFINES:
         raise ModelMergeError(f"unknown --refine {refine!r}; choose one of {', '.join(REFINES)}")
+    lmc = refine == "lmc" or (refine is None and method == "auto" and data is not None)
+    if refine_steps != REFINE_STEPS and not lmc:
+        raise ModelMergeError("--refine-steps sets the LMC refinement's steps, which runs with --refine lmc or auto "
+                              "--data; drop it or add one of those")
     if reset_bn and (merged is None or data is None):
         raise ModelMergeError("--reset-bn needs --merged (the model to reset) and --data (the data to reset on)")
     if repair and (merged is None or data is None):
@@ -194,7 +206,7 @@ def _summary(data: dict, result) -> None:
     table.add_column()
     table.add_row("method", data["method"] + (f" (aligner {data['aligner']})" if data.get("aligner") else ""))
     table.add_row("spec", f"{data['spec']['source']}: {len(spec.groups)} groups, {units} hidden units, "
-                  f"{len(spec.fixed)} fixed parameters")
+                  f"{len(spec.fixed)} fixed parameter{'' if len(spec.fixed) == 1 else 's'}")
     obj = data["objective"]
     table.add_row("objective", f"{obj['before']:.4g} -> {obj['after']:.4g}  (sum <A, P(B)>)")
     import torch

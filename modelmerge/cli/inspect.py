@@ -71,7 +71,11 @@ def inspect_command(
         con.print(f"  [bold]{g}[/]  {n} units" + (f"; {kind}" if kind else ""), highlight=False)
         con.print("    " + ", ".join(dict.fromkeys(members)), highlight=False)
     con.print(f"fixed (no group): {', '.join(s.fixed) or 'none'}")
-    con.print("input and output units are never permuted")
+    if network.spec_source == "file":  # a user's spec is read as written: say what it must leave alone
+        con.print("input and output units must be in no group (a --spec that permutes them gets answers that "
+                  "change the outputs, which verification refuses)")
+    else:
+        con.print("input and output units are never permuted")
     for w in (*network.warnings, *network.risks):
         con.print(f"traced: {w}")
     if network.assumption:

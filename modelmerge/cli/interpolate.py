@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from modelmerge.cli._common import (
+    AssumeChain,
     Force,
     InputShape,
     ModelKwargs,
@@ -50,6 +51,7 @@ def interpolate_command(
     model: ModelOpt = None,
     model_kwargs: ModelKwargs = None,
     input_shape: InputShape = None,
+    assume_chain: AssumeChain = False,
     revision: Revision = None,
     force: Force = False,
 ) -> None:
@@ -66,9 +68,9 @@ def interpolate_command(
         raise ModelMergeError(f"{'--reset-bn' if reset_bn else '--repair'} needs --dataset (the data to measure "
                               "statistics on)")
     if not (reset_bn or repair) and (dataset is not None or model is not None or model_kwargs is not None
-                                     or input_shape is not None):
-        raise ModelMergeError("--dataset, --model, --model-kwargs and --input-shape are used by --reset-bn and "
-                              "--repair only; drop them or add one of those")
+                                     or input_shape is not None or assume_chain):
+        raise ModelMergeError("--dataset, --model, --model-kwargs, --input-shape and --assume-chain are used by "
+                              "--reset-bn and --repair only; drop them or add one of those")
     check_output_path(output, [a, b, dataset], force)
     ck_a, ck_b = load(a, revision), load(b, revision)
     check_same_architecture(ck_a.state, ck_b.state)
@@ -77,13 +79,14 @@ def interpolate_command(
         from modelmerge.data import load_dataset
         from modelmerge.repair import Repair, merge_pair, repair_inputs
 
-        network = resolve(ck_a, None, model, model_kwargs, input_shape, spec_needed=repair)
+        network = resolve(ck_a, None, model, model_kwargs, input_shape, assume_chain, spec_needed=repair)
         data = load_dataset(dataset)
         reset_x = network.bn_inputs(data) if reset_bn else None
         fixer = Repair(network, [ck_a.state, ck_b.state], repair_inputs(network, network.shape_data(data).x_train)
                        ) if repair else None
         merged = merge_pair(ck_a.state, ck_b.state, alpha, network=network, reset_x=reset_x, repairer=fixer)
     else:
+        network = data = None
         merged = interpolate(ck_a.state, ck_b.state, alpha)
     meta = provenance("interpolate", ck_a, ck_b, arch_of=ck_a, own_of=(ck_a, ck_b), alpha=str(alpha), reset_bn=str(reset_bn).lower(),
                       repair=str(repair).lower())
@@ -98,4 +101,12 @@ def interpolate_command(
                     + (f"; {len(copied)} integer/bool buffer(s) copied from A, never interpolated "
                        f"({preview(copied, 3)})" if copied else "")
                     + (f", BatchNorm statistics recomputed on {dataset}" if reset_bn else "")
-                    + (f", unit statistics REPAIRed on {dataset}" if repair else ""))
+                    + ((f", unit statistics REPAIRed on {dataset}" if alpha not in (0.0, 1.0) else
+                        f"; --repair changed nothing: at alpha {alpha:g} the merge is {'A' if alpha == 0 else 'B'} "
+                        "itself, whose statistics are the targets") if repair else ""))
+    if network is not None:
+        for note in (network.data_note, network.shape_data(data).note):
+            if note:
+                console().print(f"note: {note}")
+        if network.assumption:
+            warn(network.assumption)
