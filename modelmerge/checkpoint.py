@@ -186,7 +186,7 @@ def resolve_source(source: str, revision: str | None = None) -> Path:
     if offline_misses:
         at = f" at revision {revision!r}" if revision else ""
         what = (f"the hub file {repo_id}/{offline_misses[0]}{at} is" if len(offline_misses) == 1 else
-                f"none of the hub files {repo_id}/{{{','.join(offline_misses)}}}{at} is")
+                f"the hub files {repo_id}/{{{','.join(offline_misses)}}}{at} are")
         raise CheckpointError(
             f"{source}: no such local file, and {what} neither in the local hub cache nor reachable (no network, "
             f"or HF_HUB_OFFLINE=1); check the path{' and --revision' if revision else ''}, or download it first"

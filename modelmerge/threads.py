@@ -43,11 +43,15 @@ def resolve_threads(threads: int | None = None, default: int | None = 1) -> int:
         The number of threads, at least 1.
 
     Raises:
-        ModelMergeError: ``threads`` is given and is not a positive integer.
+        ModelMergeError: ``threads`` is given, or ``MODELMERGE_THREADS`` is set, and is not a positive integer.
     """
     if threads is None:
         env = os.environ.get(ENV, "").strip()
-        threads = int(env) if env.isdigit() and int(env) > 0 else (default or os.cpu_count() or 1)
+        if env and not (env.isdigit() and int(env) > 0):  # a typo would otherwise pass for the default
+            from modelmerge.errors import ModelMergeError
+
+            raise ModelMergeError(f"{ENV}={env!r} is not a positive integer; set it to one (e.g. 1) or unset it")
+        threads = int(env) if env else (default or os.cpu_count() or 1)
     _check(threads)
     return threads
 

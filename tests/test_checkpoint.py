@@ -107,9 +107,9 @@ def test_hub_offline_cache_miss_is_one_clear_error(monkeypatch):
     with pytest.raises(CheckpointError, match="neither in the local hub cache nor reachable"):
         load_checkpoint("someone/repo/weights.safetensors")
     # a bare repository id tries every standard file, and a revision may be what is missing: both said
-    with pytest.raises(CheckpointError, match=r"none of the hub files someone/repo/\{model.safetensors,"
+    with pytest.raises(CheckpointError, match=r"the hub files someone/repo/\{model.safetensors,"
                                               r"pytorch_model.bin,model.pt,model.safetensors.index.json,"
-                                              r"pytorch_model.bin.index.json\} at revision 'v1'.*--revision"):
+                                              r"pytorch_model.bin.index.json\} at revision 'v1' are neither.*--revision"):
         load_checkpoint("someone/repo", revision="v1")
 
 

@@ -98,9 +98,13 @@ def test_resolution_rule(monkeypatch):
     assert resolve_threads(None) == 1  # alignment default
     assert resolve_threads(None, default=None) == (os.cpu_count() or 1)  # zoo: all cores
     assert resolve_threads(3) == 3
-    for bad_env in ("0", "-2", "many", ""):
+    monkeypatch.setenv("MODELMERGE_THREADS", "")
+    assert resolve_threads(None, default=1) == 1  # empty: unset
+    for bad_env in ("0", "-2", "many"):  # were ignored silently, so a typo passed for the default (docs sweep)
         monkeypatch.setenv("MODELMERGE_THREADS", bad_env)
-        assert resolve_threads(None, default=1) == 1  # ignored, as before
+        with pytest.raises(ModelMergeError, match="MODELMERGE_THREADS=.*not a positive integer"):
+            resolve_threads(None, default=1)
+        assert resolve_threads(2) == 2  # the option wins without reading it
     with pytest.raises(ModelMergeError):
         resolve_threads(0)
     with pytest.raises(ModelMergeError), limit_threads(0):
