@@ -19,7 +19,9 @@ import argparse
 import math
 import os
 import platform
+import shlex
 import statistics
+import sys
 from datetime import date
 
 import torch
@@ -126,8 +128,7 @@ def main() -> None:
             json.dump({"barriers": {m: rows[m]["barrier"] for m in methods}, "summary": summary}, f)
     print(f"\n### {args.family} — {date.today()} — {platform.machine()}, {os.cpu_count()} cores, "
           f"{args.threads} thread(s), torch {torch.__version__}")
-    print(f"command: `python benchmarks/align_quality.py --family {args.family} --pairs {args.pairs}"
-          + (f" --aligner {args.aligner}" if args.aligner else "") + f" --threads {args.threads}`\n")
+    print("command: `python benchmarks/align_quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]) + "`\n")
     print(f"held-out seeds {seeds[0]}..{seeds[-1]}; test accuracy of the models "
           f"{min(m.test_acc for m in models):.3f}..{max(m.test_acc for m in models):.3f}\n")
     print("| method | barrier (mean ± se) | vs WM | AUC (mean ± se) | wins vs WM | align s / pair |")

@@ -21,7 +21,12 @@ from modelmerge.errors import ModelMergeError
 F = TypeVar("F", bound=Callable[..., Any])
 
 Force = Annotated[bool, typer.Option("--force", help="Overwrite existing output files (never inputs).")]
-Seed = Annotated[int, typer.Option("--seed", help="Random seed, 0..2^32-1 (group visiting order, verification inputs).")]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed, 0..2^32-1 (weight matching's group visiting order, "
+                                   "the refinement's batches, verification inputs).")]
+ZooSeed = Annotated[int, typer.Option("--seed", help="First model's seed, 0..2^32-1: model i gets SEED+i (its "
+                                      "initialisation and data order).")]
+TrainSeed = Annotated[int, typer.Option("--seed", help="Random seed, 0..2^32-1 (the aligner's initialisation, the "
+                                        "training pairs, validation pairs and split).")]
 SpecFile = Annotated[
     Path | None,
     typer.Option("--spec", help="Permutation spec JSON (see docs/spec-format.md); inferred when omitted.",

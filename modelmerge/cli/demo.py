@@ -88,7 +88,7 @@ def demo_command(
     con.print(table)
     factor = naive.barrier / max(aligned.barrier, 1e-12)
     con.print(f"endpoints: A accuracy {naive.accuracies[0]:.3f}, B accuracy {naive.accuracies[-1]:.3f}")
-    con.print(f"{result.method} cut the loss barrier {factor:.1f}x in {seconds:.2f} s "
+    con.print(f"{result.method} cut the loss barrier {factor:.1f}x in {seconds:.2f} s, verification included "
               f"({result.verification.describe()})")
     for note in result.notes:
         con.print(f"note: {note}")

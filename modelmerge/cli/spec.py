@@ -27,7 +27,7 @@ Examples:
 
   modelmerge spec a.safetensors --model mymodels:ResNet20 -o resnet20.spec.json
 
-  modelmerge spec a.safetensors -o spec.json        (inferred from the state dict)
+  modelmerge spec a.safetensors -o spec.json        # inferred from the state dict
 """
 
 
@@ -52,7 +52,7 @@ def spec_command(
     con = console()
     units = sum(network.spec.groups.values())
     con.print(f"wrote {output}: {network.spec_source} spec, {len(network.spec.groups)} groups, {units} units, "
-              f"{len(network.spec.fixed)} fixed parameters")
+              f"{len(network.spec.fixed)} fixed parameter{'' if len(network.spec.fixed) == 1 else 's'}")
     for w in (*network.warnings, *network.risks):
         con.print(f"traced: {w}")
     if network.assumption:

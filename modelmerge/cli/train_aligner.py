@@ -9,7 +9,14 @@ from typing import Annotated
 
 import typer
 
-from modelmerge.cli._common import Seed, Threads, console, handle_errors, progress_bar, set_threads
+from modelmerge.cli._common import (
+    Threads,
+    TrainSeed,
+    console,
+    handle_errors,
+    progress_bar,
+    set_threads,
+)
 
 EXAMPLES = """
 Examples:
@@ -48,7 +55,8 @@ def train_aligner_command(
                             "networks held out for validation (at least 2 networks).")] = 0.1,
     val_pairs: Annotated[int, typer.Option("--val-pairs", min=1, help="Held-out pairs for validation, drawn from "
                          "the held-out networks (with repeats when they form fewer).")] = 16,
-    l2: Annotated[float, typer.Option("--l2", min=0.0, help="Weight of the L2 auxiliary loss.")] = 0.0,
+    l2: Annotated[float, typer.Option("--l2", min=0.0, help="Weight of the L2 auxiliary loss (without --data, "
+                                      "--l2 and --planted both 0 train with --l2 1).")] = 0.0,
     planted: Annotated[float, typer.Option("--planted", min=0.0, help="Weight of the planted-permutation loss.")] = 0.0,
     alpha_min: Annotated[float, typer.Option("--alpha-min", min=0.0, max=1.0)] = 0.0,
     alpha_max: Annotated[float, typer.Option("--alpha-max", min=0.0, max=1.0)] = 1.0,
@@ -87,8 +95,8 @@ def train_aligner_command(
     ] = 0,
     random_probes: Annotated[
         bool, typer.Option("--random-probes", help="Draw the probe inputs afresh at every training step (answers "
-                           "then keep the fixed draw), so the aligner cannot fit one draw: it generalises to input "
-                           "sizes no zoo has.")
+                           "keep the fixed draw), so the aligner cannot fit one draw, which is indexed by input "
+                           "position (measured: a trade of some accuracy on the zoos' data for some on other data).")
     ] = False,
     distill: Annotated[
         float, typer.Option("--distill", min=0.0, help="Weight of the cross-entropy against refined answers (the LMC "
@@ -97,7 +105,7 @@ def train_aligner_command(
     ] = 0.0,
     distill_pairs: Annotated[int, typer.Option("--distill-pairs", min=1, help="Refined pairs per zoo for --distill.")
                              ] = 32,
-    seed: Seed = 0,
+    seed: TrainSeed = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT/last.pt.")] = False,
     init: Annotated[
         str | None, typer.Option("--init", help="Start from an aligner's weights and shape (bundled name or "

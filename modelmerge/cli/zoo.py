@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from modelmerge.cli._common import (
-    Seed,
     Threads,
+    ZooSeed,
     console,
     fail,
     handle_errors,
@@ -59,7 +59,7 @@ def zoo_command(
     activation: Annotated[str, typer.Option("--activation", help="relu | gelu | tanh | silu | leaky_relu")] = "relu",
     dataset: Annotated[str, typer.Option("--dataset", help="digits | mnist1d | teacher | FILE.npz/.safetensors")] = "digits",
     n: Annotated[int, typer.Option("-n", "--num-models", min=1, help="How many models.")] = 10,
-    seed: Seed = 0,
+    seed: ZooSeed = 0,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 30,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
     lr: Annotated[float, typer.Option("--lr", min=0.0)] = 1e-3,
