@@ -89,6 +89,9 @@ def test_cli_interpolate_and_evaluate_with_repair(tmp_path, save_sd):
 
     curve = json.loads(r.stdout)
     assert curve["repair"] is True and len(curve["losses"]) == 3
+    # the table says what it shows (it did not: a REPAIRed curve read as the plain one)
+    r = runner.invoke(app, ["evaluate", str(pa), str(pb), "--dataset", "digits", "--repair", "--alphas", "3"])
+    assert r.exit_code == 0 and "each merge REPAIRed" in " ".join(r.output.split())
 
 
 @pytest.mark.parametrize("args, needle", [

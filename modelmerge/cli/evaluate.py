@@ -111,7 +111,9 @@ def evaluate_command(
 def _table(data, curve, ck_a, ck_b, dataset, split, plot, notes) -> None:
     from rich.table import Table
 
-    table = Table("alpha", "loss", "accuracy", title=f"interpolation {ck_a.source} -> {ck_b.source} ({dataset} {split})")
+    how = ", ".join(w for w, on in (("BatchNorm reset", data["reset_bn"]), ("REPAIRed", data["repair"])) if on)
+    table = Table("alpha", "loss", "accuracy", title=f"interpolation {ck_a.source} -> {ck_b.source} ({dataset} {split}"
+                  + (f"; each merge {how}" if how else "") + ")")
     for al, lo, ac in zip(curve.alphas, curve.losses, curve.accuracies):
         table.add_row(f"{al:.2f}", f"{lo:.4f}", f"{ac:.4f}")
     con = console()

@@ -203,7 +203,8 @@ def _summary(out: dict) -> None:
     reset = " (BatchNorm statistics recomputed)" if out.get("reset_bn") else ""
     for name, s in (out["scores"] or {}).items():
         label = f"{name} ({Path(s['source']).name})" if "source" in s else name
-        table.add_row(label, f"test loss {s['loss']:.4f}, accuracy {s['accuracy']:.4f}{reset}")
+        fixed = reset + (" (REPAIRed)" if name == "soup" and out.get("repair") else "")
+        table.add_row(label, f"test loss {s['loss']:.4f}, accuracy {s['accuracy']:.4f}{fixed}")
     table.add_row("seconds", ", ".join(f"{k} {v:.3f}" for k, v in out["seconds"].items()))
     table.add_row("wrote", out["output"])
     con.print(table)
