@@ -42,7 +42,32 @@ SHAPES = {
     "depth2-bn-32": ({"channels": [32], "hidden": [], "batchnorm": True}, "digits"),
     "depth6-8-16-16-32": ({"channels": [8, 16, 16, 32], "hidden": [64]}, "digits"),
     "depth6-bn-16-16-32-32": ({"channels": [16, 16, 32, 32], "hidden": [32], "batchnorm": True}, "digits"),
+    # inputs no CNN zoo had (every zoo is 1-channel digits 8x8 or mnist1d 40): larger images, 3 channels
+    "pool-16-32@16x16": ({"channels": [16, 32], "hidden": [64], "input_shape": [1, 16, 16]}, "digits@16x16"),
+    "bn-16-32@16x16": ({"channels": [16, 32], "hidden": [64], "batchnorm": True, "input_shape": [1, 16, 16]},
+                       "digits@16x16"),
+    "pool-16-32@3ch": ({"channels": [16, 32], "hidden": [64], "input_shape": [3, 8, 8]}, "digits@3ch"),
 }
+
+
+def dataset(name: str):
+    """A dataset by name; ``digits@16x16`` is digits upsampled bilinearly to 16x16, ``digits@3ch`` digits as
+    three channels of different contrast and offset (inputs no CNN zoo had)."""
+    import torch.nn.functional as F
+
+    from modelmerge.data import Dataset
+
+    base, _, variant = name.partition("@")
+    data = load_dataset(base)
+    if not variant:
+        return data
+    if variant == "16x16":
+        f = lambda x: F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+    elif variant == "3ch":
+        f = lambda x: torch.cat([x, 1.0 - x, 0.5 * x + 0.25], 1)
+    else:
+        raise SystemExit(f"unknown dataset variant {variant!r}")
+    return Dataset(name, f(data.x_train), data.y_train, f(data.x_test), data.y_test)
 
 
 def barrier(a, aligned, metric) -> float:
@@ -65,8 +90,8 @@ def main() -> None:
     print("|---|---|" + "---|" * len(names))
     means = {n: [] for n in names}
     for shape in args.shapes.split(","):
-        changes, dataset = SHAPES[shape]
-        record, data = {**BASE, **changes}, load_dataset(dataset)
+        changes, data_name = SHAPES[shape]
+        record, data = {**BASE, **changes}, dataset(data_name)
         seeds = list(range(args.seed, args.seed + 2 * args.pairs))
         states = [m.state for m in train_models(record, data, seeds, TrainConfig(epochs=args.epochs))]
         net = resolve_network(states[0], record=record)
