@@ -9,6 +9,7 @@ over an input and never over an existing file unless asked to.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -121,10 +122,48 @@ def _looks_like_hub_id(source: str) -> bool:
 
 
 def _hub_download(repo_id: str, filename: str, revision: str | None) -> str:
-    """Fetch one file through huggingface_hub (cache, token, HF_HUB_OFFLINE apply)."""
+    """Fetch one file through huggingface_hub (cache, token, HF_HUB_OFFLINE apply).
+
+    When the hub's host cannot even be resolved (no network and no proxy), only the local cache
+    is read: huggingface_hub would otherwise retry every candidate file for ~25 s, printing each
+    retry (measured: 2 minutes and 30 lines for a bare repository id). Its retry messages are
+    kept off the terminal either way; a failure ends in one error naming the cause.
+    """
+    import logging
+
     from huggingface_hub import hf_hub_download
 
-    return hf_hub_download(repo_id=repo_id, filename=filename, revision=revision)
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    try:
+        return hf_hub_download(repo_id=repo_id, filename=filename, revision=revision,
+                               local_files_only=not _hub_resolvable())
+    finally:
+        hub_logger.setLevel(level)
+
+
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+@functools.lru_cache(maxsize=1)
+def _hub_resolvable() -> bool:
+    """Whether the hub endpoint's host name resolves (True behind a proxy, which resolves it itself)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in _PROXY_VARS):
+        return True
+    host = urlparse(constants.ENDPOINT).hostname
+    if not host:
+        return True
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
 
 
 def resolve_source(source: str, revision: str | None = None) -> Path:

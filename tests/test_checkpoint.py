@@ -445,3 +445,42 @@ def test_shards_of_an_index_input_are_never_overwritten_and_shard_like_names_loa
     for f in bins.iterdir():
         shutil.copy(f, folder / f.name)  # now both indexes and both shard sets
     assert load_checkpoint(folder).path.name == "model.safetensors.index.json"
+
+
+def test_an_unresolvable_hub_reads_only_the_cache(monkeypatch, save_sd, state):
+    """With no network, a hub id (or a mistyped path that looks like one) took 2 minutes of huggingface_hub
+    retries and ~30 printed lines before its error; now an unresolvable hub host means cache only."""
+    import socket
+
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cached = save_sd(state, "model.safetensors")
+    seen = []
+
+    def download(repo_id, filename, revision=None, local_files_only=False):
+        seen.append((filename, local_files_only))
+        if filename == "model.safetensors" and repo_id == "someone/cached":
+            return str(cached)
+        if local_files_only:
+            raise LocalEntryNotFoundError("not in the cache")
+        raise AssertionError("the network must not be tried")
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    for var in ckpt._PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    ckpt._hub_resolvable.cache_clear()
+    try:
+        with pytest.raises(CheckpointError, match="neither in the local hub cache nor reachable"):
+            load_checkpoint("someone/repo")
+        assert seen and all(local for _, local in seen)
+        assert _equal(load_checkpoint("someone/cached").state, state)  # the cache still serves
+        monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # behind a proxy the name is the proxy's to resolve
+        ckpt._hub_resolvable.cache_clear()
+        assert ckpt._hub_resolvable()
+    finally:
+        ckpt._hub_resolvable.cache_clear()
