@@ -29,6 +29,8 @@ import os
 from collections.abc import Iterator
 
 ENV = "MODELMERGE_THREADS"
+#: more threads than any machine has: larger counts overflow torch's setter (a traceback, not an error)
+MAX_THREADS = 4096
 
 
 def resolve_threads(threads: int | None = None, default: int | None = 1) -> int:
@@ -47,10 +49,12 @@ def resolve_threads(threads: int | None = None, default: int | None = 1) -> int:
     """
     if threads is None:
         env = os.environ.get(ENV, "").strip()
-        if env and not (env.isdigit() and int(env) > 0):  # a typo would otherwise pass for the default
+        if env and not (env.isascii() and env.isdigit() and 0 < int(env) <= MAX_THREADS):  # a typo would
+            # otherwise pass for the default ("³".isdigit() holds, but int() refuses it)
             from modelmerge.errors import ModelMergeError
 
-            raise ModelMergeError(f"{ENV}={env!r} is not a positive integer; set it to one (e.g. 1) or unset it")
+            raise ModelMergeError(f"{ENV}={env!r} is not a thread count from 1 to {MAX_THREADS}; set it to one "
+                                  "(e.g. 1) or unset it")
         threads = int(env) if env else (default or os.cpu_count() or 1)
     _check(threads)
     return threads
@@ -110,8 +114,8 @@ def limit_threads(n: int = 1) -> Iterator[int]:
 def _check(n) -> None:
     from modelmerge.errors import ModelMergeError
 
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ModelMergeError(f"the thread count must be a positive integer, got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_THREADS:
+        raise ModelMergeError(f"the thread count must be an integer from 1 to {MAX_THREADS}, got {n!r}")
 
 
 def _load_pools():

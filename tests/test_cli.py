@@ -317,7 +317,7 @@ def test_interpolate_takes_assume_chain_as_its_refusal_says_and_prints_what_it_a
     assert ok.exit_code == 0, ok.output
     assert "REPAIRed" in ok.output and "8-bit" in " ".join(ok.output.split())
     at_a = runner.invoke(app, [*base, "-o", str(tmp_path / "m0.safetensors"), "--assume-chain", "--alpha", "0"])
-    assert at_a.exit_code == 0 and "REPAIRed" not in at_a.output and "the merge is A itself" in at_a.output
+    assert at_a.exit_code == 0 and "REPAIRed" not in at_a.output and "the merge has A's weights" in at_a.output
     # without --repair/--reset-bn nothing reads the network: --assume-chain is refused like --model
     plain = runner.invoke(app, ["interpolate", str(a), str(b), "-o", str(tmp_path / "p.safetensors"), "--assume-chain"])
     assert plain.exit_code == 1 and "--assume-chain" in plain.output
@@ -337,3 +337,16 @@ def test_options_that_would_do_nothing_are_refused_or_said(pair, tmp_path):
     used = runner.invoke(app, ["align", str(a), str(b), "-o", out, "--max-iter", "5", "--assume-chain", "--force",
                                "--method", "weight-matching", "--json"])
     assert used.exit_code == 0 and not any("--max-iter" in n for n in json.loads(used.stdout)["notes"])
+
+
+def test_merge_says_how_it_read_its_data(pair, tmp_path):
+    """merge --data scored soups on 8-bit data read as 0..255 without the note align and evaluate give (review)."""
+    import numpy as np
+
+    a, b = pair
+    g = np.random.default_rng(0)
+    np.savez(tmp_path / "u8.npz", x=g.integers(0, 256, (40, 12), dtype=np.uint8), y=g.integers(0, 5, 40))
+    r = runner.invoke(app, ["merge", str(a), str(b), "-o", str(tmp_path / "s.safetensors"), "--data",
+                            str(tmp_path / "u8.npz"), "--method", "weight-matching", "--assume-chain", "--json"])
+    assert r.exit_code == 0, r.output
+    assert any("8-bit integers" in n for n in json.loads(r.stdout)["notes"])

@@ -100,13 +100,16 @@ def test_resolution_rule(monkeypatch):
     assert resolve_threads(3) == 3
     monkeypatch.setenv("MODELMERGE_THREADS", "")
     assert resolve_threads(None, default=1) == 1  # empty: unset
-    for bad_env in ("0", "-2", "many"):  # were ignored silently, so a typo passed for the default (docs sweep)
+    # were ignored silently, so a typo passed for the default (docs sweep); "³" and a huge count gave tracebacks
+    for bad_env in ("0", "-2", "many", "³", "99999999999999999999"):
         monkeypatch.setenv("MODELMERGE_THREADS", bad_env)
-        with pytest.raises(ModelMergeError, match="MODELMERGE_THREADS=.*not a positive integer"):
+        with pytest.raises(ModelMergeError, match="MODELMERGE_THREADS=.*not a thread count"):
             resolve_threads(None, default=1)
         assert resolve_threads(2) == 2  # the option wins without reading it
     with pytest.raises(ModelMergeError):
         resolve_threads(0)
+    with pytest.raises(ModelMergeError, match="from 1 to"):
+        resolve_threads(2**32)  # torch's setter overflows on it
     with pytest.raises(ModelMergeError), limit_threads(0):
         pass
 

@@ -25,6 +25,9 @@ Seed = Annotated[int, typer.Option("--seed", help="Random seed, 0..2^32-1 (weigh
                                    "the refinement's batches, verification inputs).")]
 ZooSeed = Annotated[int, typer.Option("--seed", help="First model's seed, 0..2^32-1: model i gets SEED+i (its "
                                       "initialisation and data order).")]
+MergeSeed = Annotated[int, typer.Option("--seed", help="Random seed, 0..2^32-1 (the order in which MergeMany visits "
+                                        "the models and each model's groups, REPAIR's input sample, verification "
+                                        "inputs).")]
 TrainSeed = Annotated[int, typer.Option("--seed", help="Random seed, 0..2^32-1 (the aligner's initialisation, the "
                                         "training pairs, validation pairs and split).")]
 SpecFile = Annotated[

@@ -122,8 +122,8 @@ def align_command(
     written = _write(result, ck_a, ck_b, output, merged, alpha, dataset, repair_x, force)
     data = result.report()
     if max_iter != MAX_ITER and "weight_matching" not in result.seconds and refine != "wm":
-        data["notes"].append(f"--max-iter {max_iter} had no effect: no weight matching ran (the answer is "
-                             f"{result.method}'s)")
+        data["notes"].append(f"--max-iter {max_iter} had no effect: it bounds weight matching as a method or "
+                             f"--refine wm, and the answer is {result.method}'s")
     data["seconds"]["total"] = time.perf_counter() - t0
     data["inputs"] = {"a": ck_a.source, "b": ck_b.source, "a_sha256": ck_a.sha256, "b_sha256": ck_b.sha256}
     # how the files were read (which of several state dicts, entries dropped), as stderr said it

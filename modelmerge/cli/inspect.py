@@ -72,8 +72,9 @@ def inspect_command(
         con.print("    " + ", ".join(dict.fromkeys(members)), highlight=False)
     con.print(f"fixed (no group): {', '.join(s.fixed) or 'none'}")
     if network.spec_source == "file":  # a user's spec is read as written: say what it must leave alone
-        con.print("input and output units must be in no group (a --spec that permutes them gets answers that "
-                  "change the outputs, which verification refuses)")
+        con.print("input and output units must be in no group: a --spec that permutes them gets answers that "
+                  "change the outputs, which verification refuses where a forward is known (a record, --model or "
+                  "a bare chain) and cannot see otherwise")
     else:
         con.print("input and output units are never permuted")
     for w in (*network.warnings, *network.risks):

@@ -102,8 +102,8 @@ def interpolate_command(
                        f"({preview(copied, 3)})" if copied else "")
                     + (f", BatchNorm statistics recomputed on {dataset}" if reset_bn else "")
                     + ((f", unit statistics REPAIRed on {dataset}" if alpha not in (0.0, 1.0) else
-                        f"; --repair changed nothing: at alpha {alpha:g} the merge is {'A' if alpha == 0 else 'B'} "
-                        "itself, whose statistics are the targets") if repair else ""))
+                        f"; --repair changed nothing: at alpha {alpha:g} the merge has {'A' if alpha == 0 else 'B'}'s "
+                        "weights, whose unit statistics are REPAIR's targets") if repair else ""))
     if network is not None:
         for note in (network.data_note, network.shape_data(data).note):
             if note:

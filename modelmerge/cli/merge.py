@@ -13,10 +13,10 @@ from modelmerge.cli._common import (
     Force,
     InputShape,
     JsonOut,
+    MergeSeed,
     ModelKwargs,
     ModelOpt,
     Revision,
-    Seed,
     SpecFile,
     Threads,
     console,
@@ -75,7 +75,7 @@ def merge_command(
     max_iter: Annotated[int, typer.Option("--max-iter", min=1, help="MergeMany sweeps at most.")] = 20,
     report: Annotated[Path | None, typer.Option("--report", help="Write the JSON report here.")] = None,
     json_out: JsonOut = False,
-    seed: Seed = 0,
+    seed: MergeSeed = 0,
     revision: Revision = None,
     threads: Threads = None,
     force: Force = False,
@@ -150,6 +150,8 @@ def merge_command(
         "max_abs_diff": [v.max_abs_diff if v.forward is not None else None for v in result.verifications],
         "scores": scores, "reset_bn": reset_bn, "repair": repair,
         "seconds": {"align": result.seconds, "total": time.perf_counter() - t0}, "output": written,
+        # how the data was read (e.g. 8-bit pixels as 0..255), as align and evaluate say it
+        "notes": [n for n in (network.data_note, task.note) if n] if task is not None else [],
     }
     if report is not None:
         write_json(report, out, list(models), force)
@@ -208,3 +210,5 @@ def _summary(out: dict) -> None:
     table.add_row("seconds", ", ".join(f"{k} {v:.3f}" for k, v in out["seconds"].items()))
     table.add_row("wrote", out["output"])
     con.print(table)
+    for note in out["notes"]:
+        con.print(f"note: {note}")
