@@ -55,7 +55,9 @@ def _root(
 
 
 app.command("align", epilog=ALIGN_EXAMPLES)(align_command)
-app.command("interpolate", epilog=INTERPOLATE_EXAMPLES, short_help="Write (1-alpha)*A + alpha*B per tensor (integer tensors that differ are refused).")(interpolate_command)
+app.command("interpolate", epilog=INTERPOLATE_EXAMPLES,  # (its docstring's line break would show in the list)
+            short_help="Write (1-alpha)*A + alpha*B per tensor (integer tensors that differ are refused).",
+            )(interpolate_command)
 app.command("merge", epilog=MERGE_EXAMPLES)(merge_command)
 app.command("inspect", epilog=INSPECT_EXAMPLES)(inspect_command)
 app.command("spec", epilog=SPEC_EXAMPLES)(spec_command)

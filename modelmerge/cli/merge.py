@@ -150,7 +150,7 @@ def merge_command(
         "max_abs_diff": [v.max_abs_diff if v.forward is not None else None for v in result.verifications],
         "scores": scores, "reset_bn": reset_bn, "repair": repair,
         "seconds": {"align": result.seconds, "total": time.perf_counter() - t0}, "output": written,
-        # how the data was read (e.g. 8-bit pixels as 0..255), as align and evaluate say it
+        # how the data was read (e.g. 8-bit pixels as 0..255), as align, evaluate and interpolate say it
         "notes": [n for n in (network.data_note, task.note) if n] if task is not None else [],
     }
     if report is not None:
