@@ -362,3 +362,24 @@ def test_unrolled_costs_are_weight_matchings_per_layer_terms(kind):
             assert torch.allclose(got[l - 1], ref, atol=1e-10), (kind, l)
     if kind == "cnn":  # the test covers kernel taps and a flattening layer's positions
         assert wa[0].shape[-1] == 9 and wa[2].shape[-1] == 16
+
+
+def test_one_hidden_layer_skips_the_unrolled_sinkhorns(monkeypatch):
+    """With one hidden layer no soft permutation enters the unrolled costs (its neighbours are the fixed
+    inputs and outputs), so the forward skips the Sinkhorns; deeper networks still run one per iteration."""
+    from modelmerge.deepalign import model as m
+    from modelmerge.spec import infer_chain
+    from modelmerge.weightspace import stacked_weight_space
+
+    calls = []
+    real = m._sinkhorn_layers
+    monkeypatch.setattr(m, "_sinkhorn_layers", lambda logits: calls.append(len(logits)) or real(logits))
+    aligner = _aligner(v2=True)
+    for widths, expected in (([5, 7, 3], []), ([5, 7, 6, 3], [2] * aligner.config.unroll)):
+        a, b = _pair(widths, seed=4)
+        chain = infer_chain(a)
+        wa, wb = (stacked_weight_space(chain, {k: v[None] for k, v in s.items()}) for s in (a, b))
+        calls.clear()
+        with torch.no_grad():
+            scores = aligner(wa, wb)
+        assert calls == expected and all(torch.isfinite(s).all() for s in scores)

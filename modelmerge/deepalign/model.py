@@ -708,8 +708,11 @@ class DeepAlign(nn.Module):
                 s = s + self.output_scale.exp() * _standardise(torch.bmm(oa, ob.transpose(1, 2)))
             scores.append(s)
         cross = _CrossCosts(a, b, importance) if self.config.unroll else None
+        # with one hidden layer its neighbours are the fixed inputs and outputs: no soft permutation
+        # enters any cost, so the Sinkhorns are skipped (the same scores, ~a tenth of a 2-layer MLP's forward)
+        needs_soft = len(a.weights) > 2
         for t in range(self.config.unroll):
-            soft = _sinkhorn_layers([s * self.unroll_temp[t].exp() for s in scores])
+            soft = _sinkhorn_layers([s * self.unroll_temp[t].exp() for s in scores]) if needs_soft else None
             if self.config.weighted_costs:
                 weights = self.term_weights[t]
             costs = cross(soft, weights)
