@@ -383,3 +383,18 @@ def test_one_hidden_layer_skips_the_unrolled_sinkhorns(monkeypatch):
         with torch.no_grad():
             scores = aligner(wa, wb)
         assert calls == expected and all(torch.isfinite(s).all() for s in scores)
+
+
+def test_answers_are_ordinary_tensors_after_the_inference_mode_forward():
+    """The forward runs in inference mode (fewer per-operation costs); its answers must still be ordinary
+    tensors: callers index, clone and modify permutations in place outside it."""
+    from modelmerge.spec import infer_chain
+    from modelmerge.weightspace import stacked_weight_space
+
+    a, b = _pair([5, 7, 6, 3], seed=5)
+    chain = infer_chain(a)
+    wa, wb = (stacked_weight_space(chain, {k: v[None] for k, v in s.items()}) for s in (a, b))
+    perms = _aligner(v2=True).align(wa, wb)
+    assert [p.shape[0] for p in perms] == [7, 6] and not any(p.is_inference() for p in perms)
+    perms[0][0] = perms[0][0]  # in place: refused on inference tensors
+    assert sorted(perms[1].tolist()) == list(range(6))

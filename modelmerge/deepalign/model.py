@@ -722,7 +722,6 @@ class DeepAlign(nn.Module):
                 scores = [s + w * c for s, c in zip(scores, _edge_costs(*codes, soft))]
         return scores
 
-    @torch.no_grad()
     def align(self, a: WeightSpace, b: WeightSpace) -> list[torch.Tensor]:
         """Hungarian answer for one pair (weight spaces of one network each): per hidden layer,
         ``perm[i]`` = B's unit for A's unit ``i``.
@@ -735,7 +734,12 @@ class DeepAlign(nn.Module):
         if a.signature() != b.signature():
             raise ModelMergeError("the two networks differ in shape; pass two checkpoints of one architecture")
         dtype = next(self.parameters()).dtype
-        return [hungarian(s[0]) for s in self(a.to(dtype), b.to(dtype))]
+        # inference mode, not just no_grad: no view or version tracking per operation (0.89x the time of
+        # a digits-CNN forward, which is ~1,600 small operations); the answers are built outside it, so
+        # they are ordinary tensors that callers may modify in place
+        with torch.inference_mode():
+            scores = self(a.to(dtype), b.to(dtype))
+        return [hungarian(s[0]) for s in scores]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -152,7 +152,7 @@ def load_zoo_for_training(folder: str | Path) -> Zoo:
 
 def align_stacked(model: DeepAlign, zoo: Zoo, a: Mapping, b: Mapping) -> list[torch.Tensor]:
     """Hard answers for stacked pairs: per hidden layer ``[N, n]``."""
-    with torch.no_grad():
+    with torch.inference_mode():  # (see DeepAlign.align; the answers are built outside it)
         logits = model(stacked_weight_space(zoo.chain, a), stacked_weight_space(zoo.chain, b))
     return [torch.stack([hungarian(x) for x in s]) for s in logits]
 
