@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from modelmerge.data import Dataset
-from modelmerge.errors import ModelMergeError, preview
+from modelmerge.errors import ModelMergeError, one_line, preview
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "leaky_relu": nn.LeakyReLU}
 FAMILIES = ("mlp", "cnn")
@@ -158,8 +158,11 @@ def build_for(record: Mapping, state: Mapping[str, torch.Tensor]) -> nn.Module:
     Raises:
         ArchError: the record is malformed or the state dict does not fit it.
     """
-    with torch.device("meta"):
-        shapes = build(record)
+    try:
+        with torch.device("meta"):
+            shapes = build(record)
+    except (RuntimeError, ValueError, OverflowError) as e:  # e.g. widths whose sizes overflow torch's storage
+        raise ArchError(f"the architecture record describes a model that cannot be built ({one_line(e)})") from None
     _compare(shapes.state_dict(), state, "its architecture record")
     return load_strict(build(record), state, "its architecture record")
 

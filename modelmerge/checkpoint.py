@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
@@ -192,6 +193,9 @@ def resolve_source(source: str, revision: str | None = None) -> Path:
         what = (f"both {found[0].name} and {found[1].name}" if found else
                 f"none of {', '.join(HUB_DEFAULT_FILES + INDEX_FILES)}")
         raise CheckpointError(f"{source} is a folder holding {what}; pass the checkpoint file inside it")
+    if path.is_symlink() and not path.exists():
+        raise CheckpointError(f"{source}: is a symbolic link to nothing (a broken link or a loop of links); "
+                              "point it at the checkpoint, or pass the file itself")
     if path.exists():  # a FIFO, a device, a socket: reading one could block or never end
         raise CheckpointError(f"{source}: is not a regular file (a pipe or device); pass a checkpoint file")
     if not _looks_like_hub_id(source):
@@ -251,7 +255,21 @@ def _read_safetensors(path: Path, source: str) -> tuple[dict[str, torch.Tensor],
             f"{source}: cannot read as safetensors, the file is truncated or corrupt "
             f"({one_line(e)}); re-download or re-save it"
         ) from None
+    _check_header_names(path, source)
     return state, metadata
+
+
+def _check_header_names(path: Path, source: str) -> None:
+    """Refuse a safetensors header that names a tensor twice: the reader keeps the last entry silently,
+    so a hand-built or tampered file could swap tensors with no error (a review built one whose two
+    biases came out swapped)."""
+    from modelmerge.errors import parse_json
+
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = f.read(size).decode("utf-8", errors="replace")  # the reader above accepted its size
+    parse_json(header, f"{source}: its safetensors header", CheckpointError,
+               fix="the file is corrupt or hand-edited; re-save it from the model")
 
 
 @contextmanager
@@ -611,8 +629,27 @@ def _shard_path(index: Path, name: str, source: str, revision: str | None) -> Pa
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: a loop of symbolic links (Python < 3.13)
         return False
+
+
+def resolved(path: str | os.PathLike) -> Path:
+    """``path`` made absolute with its links followed, or just absolute where they loop."""
+    p = Path(path).expanduser()
+    try:
+        return p.resolve()
+    except (OSError, RuntimeError):
+        return p.absolute()
+
+
+def _loops(path: Path) -> bool:
+    try:
+        path.resolve(strict=False)
+    except RuntimeError:
+        return True
+    except OSError as e:
+        return e.errno == 40  # ELOOP (Python >= 3.13 raises it as OSError)
+    return False
 
 
 def check_output_path(
@@ -653,6 +690,8 @@ def check_output_path(
     if out.is_symlink() and not out.exists() and not force:
         raise OutputError(f"output {out} already exists as a broken symbolic link (to {os.readlink(out)}); "
                           "pass --force to replace the link, or choose another name")
+    if out.is_symlink() and not out.exists() and _loops(out):  # --force cannot write through a loop
+        raise OutputError(f"output {out} is a loop of symbolic links; remove it or choose another name")
     parent = out.parent if str(out.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
         raise OutputError(f"cannot write {out}: {parent} is a file, not a folder; choose another path")
@@ -865,18 +904,20 @@ def _link_exclusive(tmp: str, out: Path) -> None:
 def write_json_atomic(path: str | os.PathLike, data: object, replace: bool = True) -> None:
     """Write ``data`` as indented JSON through :func:`atomic_path` (no partial file on failure)."""
     with atomic_path(path, replace) as tmp:
-        Path(tmp).write_text(json.dumps(_clean(data), indent=2) + "\n")
+        Path(tmp).write_text(json.dumps(clean_json(data), indent=2) + "\n")
 
 
-def _clean(obj: object) -> object:
-    """``obj`` with every string valid UTF-8 (a file name's undecodable bytes escaped, as in metadata):
-    JSON with lone surrogates is refused by strict parsers."""
+def clean_json(obj: object) -> object:
+    """``obj`` with every string valid UTF-8 (a file name's undecodable bytes escaped, as in metadata)
+    and every non-finite float null: strict JSON parsers refuse lone surrogates, ``NaN`` and ``Infinity``."""
     if isinstance(obj, str):
         return _utf8(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
     if isinstance(obj, Mapping):
-        return {_clean(k): _clean(v) for k, v in obj.items()}
+        return {clean_json(k): clean_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [clean_json(v) for v in obj]
     return obj
 
 

@@ -37,8 +37,9 @@ def excess_over_line(alphas: Sequence[float], values: Sequence[float]) -> np.nda
     """``L(α) - ((1-α) L(α_0) + α L(α_1))``, with the ends at the first and last α."""
     a = np.asarray(alphas, dtype=float)
     v = np.asarray(values, dtype=float)
-    line = (1 - a) * v[0] + a * v[-1]
-    return v - line
+    with np.errstate(invalid="ignore", over="ignore"):  # an infinite loss gives NaN here, which callers report
+        line = (1 - a) * v[0] + a * v[-1]
+        return v - line
 
 
 def loss_barrier(alphas: Sequence[float], losses: Sequence[float]) -> float:
@@ -50,7 +51,8 @@ def barrier_auc(alphas: Sequence[float], losses: Sequence[float]) -> float:
     """Area between the curve and the straight line (trapezoid rule)."""
     ex = excess_over_line(alphas, losses)
     a = np.asarray(alphas, dtype=float)
-    return float(np.sum((ex[1:] + ex[:-1]) * np.diff(a)) / 2.0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return float(np.sum((ex[1:] + ex[:-1]) * np.diff(a)) / 2.0)
 
 
 def interpolation_curve(

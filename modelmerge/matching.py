@@ -526,9 +526,11 @@ def _improve(g: str, n: int, cost: torch.Tensor, updates: list[int], members: li
         return False  # every row already takes its maximum: nothing can gain
     try:
         _, cols = linear_sum_assignment(_reduced(cost, work))
-    except ValueError:  # scipy's "matrix contains invalid numeric entries": NaN or infinite weights
-        raise ModelMergeError(f"group {g}'s matching costs are not finite: A or B holds NaN or infinite "
-                              "values; use checkpoints from before training diverged") from None
+    except ValueError:  # scipy's "matrix contains invalid numeric entries"
+        raise ModelMergeError(f"group {g}'s matching costs are not finite: products of A's and B's weights "
+                              "overflow float32 (weights near 1e19 or larger; NaN and infinite values are "
+                              "refused on loading); rescale the checkpoints or use ones from before training "
+                              "diverged") from None
     cols = torch.as_tensor(cols, dtype=torch.long)
     if torch.equal(cols, current):
         return False
@@ -665,6 +667,9 @@ def solve_structured(spec: PermutationSpec, gains: Mapping[str, torch.Tensor]) -
     out: dict[str, torch.Tensor] = {}
     for g, gain in gains.items():
         name = spec.head_of(g)
+        if not torch.isfinite(gain).all():
+            raise ModelMergeError(f"group {g}'s matching gains are not finite: the activations or weights overflow "
+                                  "float32 (inputs or weights too large); rescale the data or the checkpoints")
         if name is None:
             _, cols = linear_sum_assignment(gain.detach().to(torch.float64).cpu().numpy(), maximize=True)
             out[g] = torch.as_tensor(cols, dtype=torch.long)

@@ -141,7 +141,18 @@ def interpolate(
                               f"outside [0, 1] extrapolate), got {alpha}")
     check_same_architecture(a, b)
     check_mergeable(a, b)
-    return {k: mix(ta, b[k], alpha).to(ta.dtype) if ta.is_floating_point() else ta.clone() for k, ta in a.items()}
+    return {k: narrow(mix(ta, b[k], alpha), ta.dtype) if ta.is_floating_point() else ta.clone() for k, ta in a.items()}
+
+
+def narrow(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` cast to ``dtype``, with values beyond a float8's range made NaN: torch saturates them to
+    its largest value (float8 e4m3 has no infinity), which would write a wrong merge silently, while
+    NaN is refused by the output check (:func:`~modelmerge.checkpoint.check_writable_values`)."""
+    if t.dtype != dtype and torch.finfo(dtype).bits == 8 and t.numel():
+        beyond = t.abs() > torch.finfo(dtype).max
+        if bool(beyond.any()):
+            t = t.masked_fill(beyond, float("nan"))
+    return t.to(dtype)
 
 
 def mix(a: torch.Tensor, b: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:

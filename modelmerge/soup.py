@@ -30,7 +30,7 @@ import torch
 
 from modelmerge.data import Dataset
 from modelmerge.errors import ModelMergeError, check_count
-from modelmerge.merge import as_state_dict, check_mergeable, check_same_architecture
+from modelmerge.merge import as_state_dict, check_mergeable, check_same_architecture, narrow
 from modelmerge.network import Network
 from modelmerge.permutation import Permutation, apply_permutation, identity_permutation
 from modelmerge.verify import Verification, verify_permuted
@@ -92,7 +92,7 @@ def average(states: Sequence[State], weights: Sequence[float]) -> dict[str, torc
             continue
         work = torch.float64 if t.dtype == torch.float64 else torch.float32  # (float8 has no promotion rules)
         acc = sum(w * s[k].to(work) for w, s in zip(weights, states))
-        out[k] = acc.to(t.dtype)
+        out[k] = narrow(acc, t.dtype)
     return out
 
 

@@ -353,7 +353,75 @@ CASES = {
         ["train-aligner", "--zoo", _zoo(c, {"format": "modelmerge.zoo/1"}), "-o", c.dir / "al"], "'models'"),
     "not a zoo": lambda c: (["train-aligner", "--zoo", c.dir, "-o", c.dir / "al"], "not a zoo"),
     "inspect a missing file": lambda c: (["inspect", c.dir / "nope.pt"], "no such file"),
+    # ---------------------------------------------------------------- a hostile-file sweep (twelfth session)
+    # A and B with different records were all run as A's model (wrong metrics, one record written)
+    "records disagree": lambda c: (["interpolate", c.save(mlp(WIDTHS, seed=0).state_dict(), "ra.safetensors",
+                                                          _record("relu")),
+                                    c.save(mlp(WIDTHS, seed=1).state_dict(), "rb.safetensors", _record("tanh")),
+                                    "-o", c.out], "different architecture records (activation"),
+    # interpolate copied A's record into its output unchecked: a file modelmerge then refused
+    "record that does not fit, interpolated": lambda c: (
+        ["interpolate", c.save(mlp(WIDTHS, seed=0).state_dict(), "ra.safetensors", _record("relu", [12, 8, 16, 5])),
+         c.b, "-o", c.out], "does not fit its architecture record"),
+    "record too large to build": lambda c: (
+        ["inspect", c.save(mlp(WIDTHS).state_dict(), "r.safetensors", {"modelmerge.arch": json.dumps(
+            {"family": "cnn", "input_shape": [10**6] * 3, "channels": [10**6], "num_classes": 10})})],
+        "cannot be built"),
+    # torch saturates float8 e4m3 (no infinity) at 448: a far extrapolation was written clamped
+    "float8 e4m3 overflow": lambda c: (
+        ["interpolate", c.save(_e4m3(1), "fa.safetensors"), c.save(_e4m3(-1), "fb.safetensors"), "-o", c.out,
+         "--alpha", "2"], "would hold NaN or infinite values"),
+    "symlink loop as input": lambda c: (c.align(b=_loop(c.dir)), "loop of links"),
+    "symlink loop as output": lambda c: (["interpolate", c.a, c.b, "-o", _loop(c.dir), "--force"],
+                                         "loop of symbolic links"),
+    # finite but huge weights: the learned aligner's float32 overflowed into scipy's traceback
+    "weights too large for the learned aligner": lambda c: (
+        c.align("--method", "deep-align", a=c.save(_huge(0), "ha.safetensors"), b=c.save(_huge(1), "hb.safetensors")),
+        "affinities are not finite"),
+    # the reader kept the last of two entries of one name: tensors swapped silently
+    "a tensor named twice in the header": lambda c: (c.align(b=_named_twice(c.dir / "twice.safetensors")),
+                                                     "names '0.bias' twice"),
 }
+
+
+def _record(activation, widths=WIDTHS):
+    return {"modelmerge.arch": json.dumps({"family": "mlp", "widths": list(widths), "activation": activation})}
+
+
+def _e4m3(sign):
+    state = {k: v.clone() for k, v in mlp(WIDTHS, seed=0).state_dict().items()}
+    state["4.bias"][0] = 384.0 * sign  # 2 * (-384) - 384 = -1152, beyond e4m3's 448
+    return {k: v.to(torch.float8_e4m3fn) for k, v in state.items()}
+
+
+def _loop(folder):
+    (folder / "loop1.safetensors").symlink_to(folder / "loop2.safetensors")
+    (folder / "loop2.safetensors").symlink_to(folder / "loop1.safetensors")
+    return folder / "loop1.safetensors"
+
+
+def _huge(seed):
+    state = {k: v.clone() for k, v in mlp(WIDTHS, seed=seed).state_dict().items()}
+    state["0.bias"][0] = 1e38
+    return state
+
+
+def _named_twice(path):
+    """A valid 12-16-16-5 file whose header then names 0.bias and 2.bias again with each other's data:
+    the reader keeps the last entries, so the two 16-value biases come out swapped."""
+    import struct
+
+    state = mlp(WIDTHS, seed=1).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    entries = ", ".join(f'"{k}": {json.dumps(v)}' for k, v in header.items())
+    swapped = (f'"0.bias": {json.dumps(header["2.bias"])}, "2.bias": {json.dumps(header["0.bias"])}')
+    text = ("{" + entries + ", " + swapped + "}").encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    return path
 
 
 def _int8(seed):

@@ -350,3 +350,34 @@ def test_merge_says_how_it_read_its_data(pair, tmp_path):
                             str(tmp_path / "u8.npz"), "--method", "weight-matching", "--assume-chain", "--json"])
     assert r.exit_code == 0, r.output
     assert any("8-bit integers" in n for n in json.loads(r.stdout)["notes"])
+
+
+def test_an_overflowing_curve_is_said_and_its_json_stays_strict(save_sd, tmp_path):
+    """Weights near float32's limit gave infinite losses, a NaN barrier and `Infinity` in --json output
+    (invalid JSON), exit 0 and no word (hostile-file sweep)."""
+    states = [mlp((12, 16, 16, 5), seed=s).state_dict() for s in (0, 1)]
+    for st in states:
+        st["0.bias"][0] = 1e38
+        st["2.weight"] *= 1e10  # the next layer's products overflow
+    a, b = save_sd(states[0], "a.safetensors"), save_sd(states[1], "b.safetensors")
+    g = torch.Generator().manual_seed(0)
+    import numpy as np
+
+    np.savez(tmp_path / "d.npz", x=torch.rand(40, 12, generator=g).numpy(), y=np.arange(40) % 5)
+    r = runner.invoke(app, ["evaluate", str(a), str(b), "--dataset", str(tmp_path / "d.npz"), "--assume-chain",
+                            "--alphas", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    curve = json.loads(r.stdout, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert curve["barrier"] is None and None in curve["losses"]
+    assert "loss is not finite at alpha" in " ".join(r.stderr.split())
+
+
+def test_merge_says_when_it_narrows_a_models_dtype(save_sd, tmp_path):
+    """merge wrote every tensor in model 1's dtype without a word (bfloat16 first: the float32 models lost
+    precision), while interpolate warned (hostile-file sweep)."""
+    paths = [save_sd({k: v.to(torch.bfloat16) if i == 0 else v for k, v in mlp((12, 16, 16, 5), seed=i)
+                      .state_dict().items()}, f"m{i}.safetensors") for i in range(3)]
+    r = runner.invoke(app, ["merge", *map(str, paths), "-o", str(tmp_path / "s.safetensors"), "--method",
+                            "weight-matching", "--assume-chain"])
+    assert r.exit_code == 0, r.output
+    assert "differ in dtype" in " ".join(r.stderr.split()) and "model 1 torch.bfloat16" in r.stderr

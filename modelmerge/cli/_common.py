@@ -108,7 +108,10 @@ def console():
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    """``data`` as indented, strict JSON on stdout (non-finite numbers as null, as in written reports)."""
+    from modelmerge.checkpoint import clean_json
+
+    sys.stdout.write(json.dumps(clean_json(data), indent=2, allow_nan=False) + "\n")
 
 
 def write_json(path: Path, data: Any, inputs: list[str], force: bool) -> None:
@@ -198,6 +201,53 @@ def load(source, revision: str | None = None):
     return ck
 
 
+def check_records(cks) -> None:
+    """Refuse checkpoints whose architecture records disagree: a command runs all of them with the
+    first one's forward and writes one record into its output, so the other would be measured (and
+    labelled) as a model it is not. A checkpoint without a record does not count.
+
+    Raises:
+        MismatchError: naming the two files and the first field that differs.
+    """
+    from modelmerge.errors import MismatchError
+
+    first = next((ck for ck in cks if ck.arch is not None), None)
+    for ck in cks:
+        if first is None or ck.arch is None or ck.arch == first.arch:
+            continue
+        keys = sorted(set(first.arch) | set(ck.arch))
+        k = next(k for k in keys if first.arch.get(k) != ck.arch.get(k))
+        raise MismatchError(
+            f"{first.source} and {ck.source} carry different architecture records ({k}: "
+            f"{first.arch.get(k)!r} vs {ck.arch.get(k)!r}); they would all be run as the first one's model. "
+            "Pass checkpoints of one model, or re-save one without its 'modelmerge.arch' metadata if the "
+            "record is wrong")
+
+
+def check_record_fits(ck) -> None:
+    """Refuse a checkpoint whose architecture record does not describe its tensors (a command that
+    copies the record into its output would otherwise write a file modelmerge then refuses).
+
+    Raises:
+        ArchError: naming the file, the keys that do not fit and the fix.
+    """
+    from modelmerge.archs import ArchError, build_for
+
+    if ck.arch is None:
+        return
+    try:
+        build_for(ck.arch, ck.state)
+    except ArchError as e:
+        raise _record_error(ck, e) from None
+
+
+def _record_error(ck, e: Exception) -> Exception:
+    from modelmerge.archs import ArchError
+
+    return ArchError(f"{ck.source}: {e}; re-save it without its 'modelmerge.arch' metadata, or with a record "
+                     "that describes it")
+
+
 def warn(message: str) -> None:
     """One warning line on stderr (after the work: an error stays the only line when there is one)."""
     sys.stderr.write("modelmerge: warning: " + " ".join(str(message).split()) + "\n")
@@ -225,7 +275,12 @@ def resolve(ck, spec_file: Path | None = None, model: str | None = None,
     if model is None:
         if model_kwargs is not None or input_shape is not None:
             raise ModelMergeError("--model-kwargs and --input-shape need --model")
-        return resolve_network(state, spec=given, record=record, assume_chain=assume_chain, ordered=ck.ordered)
+        from modelmerge.archs import ArchError
+
+        try:
+            return resolve_network(state, spec=given, record=record, assume_chain=assume_chain, ordered=ck.ordered)
+        except ArchError as e:
+            raise _record_error(ck, e) from None
     from modelmerge.cli._model import build_model, parse_shape
 
     shape = parse_shape(input_shape)

@@ -19,6 +19,7 @@ from modelmerge.cli._common import (
     Seed,
     SpecFile,
     Threads,
+    check_records,
     console,
     handle_errors,
     load,
@@ -104,6 +105,7 @@ def align_command(
                    seed, force, refine_steps)
     set_threads(threads)
     ck_a, ck_b = load(a, revision), load(b, revision)
+    check_records([ck_a, ck_b])
     network = resolve(ck_a, spec, model, model_kwargs, input_shape, assume_chain)
     task = load_dataset(data) if reset_bn or repair else None  # align() loads it itself when it reads it
     dataset = network.bn_inputs(task) if reset_bn else None  # checked before any work
@@ -143,7 +145,7 @@ def _check_options(inputs, output, merged, report, alpha, method, refine, data, 
                    refine_steps=REFINE_STEPS) -> None:
     """Refuse bad option combinations and unsafe outputs (over any file read: ``inputs``) before any work."""
     from modelmerge.alignment import METHODS, REFINES
-    from modelmerge.checkpoint import check_output_path
+    from modelmerge.checkpoint import check_output_path, resolved
     from modelmerge.errors import ModelMergeError, OutputError, check_seed
     from modelmerge.merge import ALPHA_LIMIT
 
@@ -165,7 +167,7 @@ def _check_options(inputs, output, merged, report, alpha, method, refine, data, 
     if merged is not None and not -ALPHA_LIMIT <= alpha <= ALPHA_LIMIT:  # NaN fails this too
         raise ModelMergeError(f"--alpha must be a finite number from -{ALPHA_LIMIT:g} to {ALPHA_LIMIT:g}, got {alpha}")
     outputs = [output] + [p for p in (merged, report) if p is not None]
-    if len({Path(p).expanduser().resolve() for p in outputs}) < len(outputs):
+    if len({resolved(p) for p in outputs}) < len(outputs):
         raise OutputError("-o, --merged and --report must be different files")
     check_output_path(output, inputs, force)
     if merged is not None:

@@ -16,6 +16,7 @@ from modelmerge.cli._common import (
     ModelOpt,
     Revision,
     Threads,
+    check_records,
     console,
     handle_errors,
     load,
@@ -76,6 +77,7 @@ def evaluate_command(
         _require_matplotlib()
     set_threads(threads)
     ck_a, ck_b = load(a, revision), load(b, revision)
+    check_records([ck_a, ck_b])
     check_same_architecture(ck_a.state, ck_b.state)
     check_mergeable(ck_a.state, ck_b.state)
     network = resolve(ck_a, None, model, model_kwargs, input_shape, assume_chain,
@@ -106,6 +108,13 @@ def evaluate_command(
         _table(data, curve, ck_a, ck_b, dataset, split, plot, notes)
     if network.assumption:
         warn(network.assumption)
+    import math
+
+    bad = [al for al, lo in zip(curve.alphas, curve.losses) if not math.isfinite(lo)]
+    if bad:  # (JSON writes them as null)
+        warn(f"the loss is not finite at alpha {', '.join(f'{al:g}' for al in bad[:5])}"
+             f"{' and more' if len(bad) > 5 else ''}: the model's outputs overflow there (weights or inputs too "
+             "large), so the barrier and AUC are undefined")
 
 
 def _table(data, curve, ck_a, ck_b, dataset, split, plot, notes) -> None:

@@ -14,6 +14,8 @@ from modelmerge.cli._common import (
     ModelKwargs,
     ModelOpt,
     Revision,
+    check_record_fits,
+    check_records,
     console,
     handle_errors,
     load,
@@ -73,6 +75,7 @@ def interpolate_command(
                               "--reset-bn and --repair only; drop them or add one of those")
     check_output_path(output, [a, b, dataset], force)
     ck_a, ck_b = load(a, revision), load(b, revision)
+    check_records([ck_a, ck_b])
     check_same_architecture(ck_a.state, ck_b.state)
     check_mergeable(ck_a.state, ck_b.state)
     if reset_bn or repair:
@@ -87,6 +90,7 @@ def interpolate_command(
         merged = merge_pair(ck_a.state, ck_b.state, alpha, network=network, reset_x=reset_x, repairer=fixer)
     else:
         network = data = None
+        check_record_fits(ck_a)  # the output carries A's record: it must describe these tensors
         merged = interpolate(ck_a.state, ck_b.state, alpha)
     meta = provenance("interpolate", ck_a, ck_b, arch_of=ck_a, own_of=(ck_a, ck_b), alpha=str(alpha), reset_bn=str(reset_bn).lower(),
                       repair=str(repair).lower())

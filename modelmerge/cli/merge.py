@@ -19,6 +19,7 @@ from modelmerge.cli._common import (
     Revision,
     SpecFile,
     Threads,
+    check_records,
     console,
     handle_errors,
     load,
@@ -103,7 +104,9 @@ def merge_command(
                               "statistics on)")
     if aligner is not None and method in ("weight-matching", "activation-matching"):
         raise ModelMergeError(f"--aligner is read by --method auto and deep-align, not {method}")
-    if report is not None and Path(report).expanduser().resolve() == Path(output).expanduser().resolve():
+    from modelmerge.checkpoint import resolved
+
+    if report is not None and resolved(report) == resolved(output):
         raise OutputError("-o and --report must be different files")
     read = [*models, data, spec, aligner]
     check_output_path(output, read, force)
@@ -111,6 +114,7 @@ def merge_command(
         check_output_path(report, read, force, suffix=".json")
     set_threads(threads)
     cks = [load(m, revision) for m in models]
+    check_records(cks)
     network = resolve(cks[0], spec, model, model_kwargs, input_shape, assume_chain)
     dataset = task = bn_x = repair_x = None
     if data is not None:
@@ -165,6 +169,13 @@ def merge_command(
         warn(message)
     if network.assumption:
         warn(network.assumption)
+    first = cks[0].state
+    differ = [(k, i) for i, ck in enumerate(cks[1:], start=2) for k, v in ck.state.items() if v.dtype != first[k].dtype]
+    if differ:  # averaged in float32, written in model 1's dtypes: say so rather than narrow the others silently
+        k, i = differ[0]
+        warn(f"the models differ in dtype ({k}: model 1 {first[k].dtype}, model {i} {cks[i - 1].state[k].dtype}"
+             f"{f', and {len(differ) - 1} more' if len(differ) > 1 else ''}); the soup was computed in at least "
+             "float32 and written in model 1's dtypes")
 
 
 def _scores(network, task, cks, soup, shares, reset_bn) -> dict:

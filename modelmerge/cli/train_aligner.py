@@ -142,8 +142,10 @@ def train_aligner_command(
         raise OutputError(f"-o {output} is a file; train-aligner writes a folder (aligner.safetensors, aligner.json)")
     if (output / ALIGNER_FILE).exists() and not (resume or force):
         raise OutputError(f"{output} already holds an aligner; pass --resume to continue it or --force to retrain")
+    from modelmerge.checkpoint import resolved
+
     for folder in zoo:
-        if folder.expanduser().resolve() == output.expanduser().resolve():
+        if resolved(folder) == resolved(output):
             raise OutputError(f"-o {output} is a --zoo folder (an input); write the aligner to another folder")
     from modelmerge.deepalign.train import check_zoo
 

@@ -134,7 +134,14 @@ PROBE_SEED = 1234
 
 
 def hungarian(scores: torch.Tensor) -> torch.Tensor:
-    """Hard assignment maximising ``scores [n, n]``: ``perm[i]`` = column matched to row ``i``."""
+    """Hard assignment maximising ``scores [n, n]``: ``perm[i]`` = column matched to row ``i``.
+
+    Raises:
+        ModelMergeError: the scores are not finite (weights so large that the aligner's float32 overflows).
+    """
+    if not torch.isfinite(scores).all():
+        raise ModelMergeError("the learned aligner's affinities are not finite: the weights are too large for its "
+                              "float32 arithmetic; rescale the checkpoints, or use --method weight-matching")
     rows, cols = linear_sum_assignment(scores.detach().to(torch.float64).cpu().numpy(), maximize=True)
     out = np.empty_like(cols)
     out[rows] = cols
