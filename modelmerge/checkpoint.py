@@ -705,6 +705,8 @@ def check_output_path(
         raise OutputError(
             f"cannot write {out}: folder {parent} is not writable ({e.strerror}); choose another folder"
         ) from None
+    if out.name.lower() == suffix:  # a bare ".safetensors" is a hidden file without a suffix to Python
+        raise OutputError(f"output {out} has no name before {suffix}; give one, e.g. out{suffix}")
     if out.suffix.lower() != suffix:
         what = {".safetensors": "modelmerge writes checkpoints as safetensors only", ".json": "a JSON file",
                 ".png": "a PNG image"}.get(suffix, f"a {suffix} file")

@@ -185,6 +185,10 @@ def from_file(path: str | Path) -> Dataset:
     except DataError:
         raise
     except Exception as e:  # numpy/safetensors raise many types for corrupt files
+        if isinstance(e, ValueError) and "allow_pickle" in str(e):  # a sound file of object arrays (pickles)
+            raise DataError(f"data file {p} holds object arrays (pickled Python objects, never loaded here); save "
+                            "numeric arrays instead, e.g. np.savez(path, x=x.astype(np.float32), "
+                            "y=y.astype(np.int64))") from None
         raise DataError(f"cannot read data file {p} ({type(e).__name__}: {e}); is it corrupt?") from None
     if "x" not in arrays and "y" not in arrays and "x_train" in arrays and "y_train" in arrays:
         # Keras' load_data() names: the training split under x_train/y_train

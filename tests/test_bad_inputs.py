@@ -379,6 +379,11 @@ CASES = {
         c.align("--method", "deep-align", a=c.save(_huge(0), "ha.safetensors"), b=c.save(_huge(1), "hb.safetensors")),
         "affinities are not finite"),
     # the reader kept the last of two entries of one name: tensors swapped silently
+    "data of object arrays": lambda c: (
+        c.align("--data", c.npz("obj.npz", x=np.array([np.zeros(12)] * 40, dtype=object), y=np.arange(40) % 5)),
+        "object arrays"),
+    "an output named only by its suffix": lambda c: (["interpolate", c.a, c.b, "-o", c.dir / ".safetensors"],
+                                                     "no name before .safetensors"),
     "a tensor named twice in the header": lambda c: (c.align(b=_named_twice(c.dir / "twice.safetensors")),
                                                      "names '0.bias' twice"),
 }
