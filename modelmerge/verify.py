@@ -138,6 +138,12 @@ def verify_permuted(
         assumed = " under the assumed plain-chain forward (pass --model for the real one)" \
             if network.forward_kind == "chain" else ""
         where = f"output {which + 1} of {len(y0)} differs" if len(y0) > 1 else "outputs differ"
+        if any(t.is_floating_point() and not bool(t.isfinite().all()) for t in y0):
+            # NaN and infinities from overflow: what differs is the overflow, not the spec's reading
+            raise VerificationError(
+                f"the permuted model's {where} from the original's by {diff:.3g}, and the original's outputs are "
+                "not finite on the verification inputs: its weights or activations overflow float32, so no "
+                "answer can be verified; rescale the checkpoints (or use ones from before training diverged)")
         raise VerificationError(
             f"the permuted model's {where} from the original's by {diff:.3g} (tolerance {tol:.3g})"
             f"{assumed}; the spec does not describe this network, pass a correct --spec"

@@ -384,6 +384,10 @@ CASES = {
         "object arrays"),
     "an output named only by its suffix": lambda c: (["interpolate", c.a, c.b, "-o", c.dir / ".safetensors"],
                                                      "no name before .safetensors"),
+    # outputs overflowing float32 were blamed on the spec ("pass a correct --spec")
+    "outputs that overflow float32": lambda c: (
+        c.align("--method", "weight-matching", a=c.save(_scaled(0, 1e15), "ha.safetensors"),
+                b=c.save(_scaled(1, 1e15), "hb.safetensors")), "original's outputs are not finite"),
     "a tensor named twice in the header": lambda c: (c.align(b=_named_twice(c.dir / "twice.safetensors")),
                                                      "names '0.bias' twice"),
 }
@@ -409,6 +413,10 @@ def _huge(seed):
     state = {k: v.clone() for k, v in mlp(WIDTHS, seed=seed).state_dict().items()}
     state["0.bias"][0] = 1e38
     return state
+
+
+def _scaled(seed, factor):
+    return {k: v * factor for k, v in mlp(WIDTHS, seed=seed).state_dict().items()}
 
 
 def _named_twice(path):
