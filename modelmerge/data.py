@@ -185,7 +185,10 @@ def from_file(path: str | Path) -> Dataset:
     except DataError:
         raise
     except Exception as e:  # numpy/safetensors raise many types for corrupt files
-        if isinstance(e, ValueError) and "allow_pickle" in str(e):  # a sound file of object arrays (pickles)
+        import zipfile
+
+        # a sound .npz of object arrays (pickles); numpy says the same of a file that is no .npz at all
+        if isinstance(e, ValueError) and "allow_pickle" in str(e) and zipfile.is_zipfile(p):
             raise DataError(f"data file {p} holds object arrays (pickled Python objects, never loaded here); save "
                             "numeric arrays instead, e.g. np.savez(path, x=x.astype(np.float32), "
                             "y=y.astype(np.int64))") from None
