@@ -158,13 +158,22 @@ def build_for(record: Mapping, state: Mapping[str, torch.Tensor]) -> nn.Module:
     Raises:
         ArchError: the record is malformed or the state dict does not fit it.
     """
+    check_fits(record, state)
+    return load_strict(build(record), state, "its architecture record")
+
+
+def check_fits(record: Mapping, state: Mapping[str, torch.Tensor]) -> None:
+    """Check that ``state`` has exactly the record's keys and shapes, building it on the meta device only.
+
+    Raises:
+        ArchError: the record is malformed, cannot be built, or the state dict does not fit it.
+    """
     try:
         with torch.device("meta"):
             shapes = build(record)
     except (RuntimeError, ValueError, OverflowError) as e:  # e.g. widths whose sizes overflow torch's storage
         raise ArchError(f"the architecture record describes a model that cannot be built ({one_line(e)})") from None
     _compare(shapes.state_dict(), state, "its architecture record")
-    return load_strict(build(record), state, "its architecture record")
 
 
 def _compare(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], what: str) -> None:

@@ -231,12 +231,12 @@ def check_record_fits(ck) -> None:
     Raises:
         ArchError: naming the file, the keys that do not fit and the fix.
     """
-    from modelmerge.archs import ArchError, build_for
+    from modelmerge.archs import ArchError, check_fits
 
     if ck.arch is None:
         return
     try:
-        build_for(ck.arch, ck.state)
+        check_fits(ck.arch, ck.state)
     except ArchError as e:
         raise _record_error(ck, e) from None
 
